@@ -1,0 +1,3 @@
+from catchtag.cli import main
+
+main()
