@@ -1,0 +1,112 @@
+"""The plain reference: the method computed from eager attention maps, in float64, straight from the spec.
+
+Slow and memory-hungry on purpose (full T x T maps for every layer, python loops over prompts and heads);
+it exists so tests can hold every fast path to it. It shares no code with the engine: which rows see
+which columns comes from the tokenizer's padding mask, causality and the config's sliding windows, and
+the residual-stream tag goes through the model's own output projection module.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+REF_NAME = "catchtag_reference"
+
+
+def _recording_eager(records: list):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+        n_rep = query.shape[1] // value.shape[1]
+        records.append(dict(module=module, weights=weights.detach().double(),
+                            values=value.detach().double().repeat_interleave(n_rep, dim=1),
+                            out=out.detach().double().transpose(1, 2)))  # (B,H,T,D)
+        return out, weights
+
+    return attention
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding window of each layer (None: global), read from the config."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n
+
+
+def _orth(vectors: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (columns) of the span of the given row vectors."""
+    if len(vectors) == 0:
+        return np.zeros((0, 0))
+    u, s, _ = np.linalg.svd(vectors.T, full_matrices=False)
+    rank = int((s > s.max() * max(vectors.shape) * np.finfo(float).eps).sum()) if s.size and s.max() > 0 else 0
+    return u[:, :rank]
+
+
+@torch.no_grad()
+def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, positions="last"):
+    """Per (prompt, layer, head): column scores, sinks, VE, R^2, and residual-stream full/tag/non-tag
+    activations at the last real token (positions="last") of every prompt. Also returns the logits."""
+    records: list = []
+    AttentionInterface.register(REF_NAME, _recording_eager(records))
+    AttentionMaskInterface.register(REF_NAME, eager_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(REF_NAME)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
+    windows = layer_windows(model.config)
+    pad = attention_mask.bool().cpu().numpy()
+    rows = []
+    for layer, rec in enumerate(records):
+        A = rec["weights"].cpu().numpy()  # (B,H,T,T)
+        V = rec["values"].cpu().numpy()
+        O = rec["out"].cpu().numpy()
+        module = rec["module"]
+        B, H, T, _ = A.shape
+        for b in range(B):
+            valid = np.flatnonzero(pad[b])
+            i_idx, j_idx = np.meshgrid(valid, valid, indexing="ij")
+            sees = i_idx >= j_idx
+            if windows[layer] is not None:
+                sees &= (i_idx - j_idx) < windows[layer]
+            counts = sees.sum(axis=0)
+            last = valid[-1]
+            for h in range(H):
+                a = A[b, h][np.ix_(valid, valid)]
+                scores = np.where(counts >= min_rows, (a * sees).sum(axis=0) / np.maximum(counts, 1), np.nan)
+                sinks = [int(p) for p in np.flatnonzero(np.nan_to_num(scores, nan=-1) > eps)]
+                o = O[b, h][valid]
+                tag = np.zeros_like(o)
+                for p in sinks:
+                    tag += a[:, p:p + 1] * V[b, h, valid[p]][None, :]
+                oc = o - o.mean(axis=0)
+                nc = (o - tag) - (o - tag).mean(axis=0)
+                basis = _orth(np.stack([V[b, h, valid[p]] for p in sinks])) if sinks else np.zeros((o.shape[1], 0))
+                total = (oc ** 2).sum()
+                ve = float(((oc @ basis) ** 2).sum() / total) if sinks and total > 0 else 0.0
+                r2 = float(1 - (nc ** 2).sum() / total) if sinks and total > 0 else 0.0
+                full_r = _through_output_projection(module, h, H, o[-1])
+                tag_r = _through_output_projection(module, h, H, tag[-1])
+                rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2,
+                                 full=full_r, tag=tag_r, nontag=full_r - tag_r, last=int(last)))
+    return rows, logits
+
+
+def _through_output_projection(module, h, H, vec):
+    """Residual-stream contribution of one head-space vector: run the module's own output projection on an
+    input that is zero except in head h's slice, minus its bias."""
+    proj = next(getattr(module, a) for a in ("o_proj", "out_proj", "dense", "c_proj") if hasattr(module, a))
+    D = vec.shape[0]
+    x = torch.zeros(1, H * D, dtype=proj.weight.dtype, device=proj.weight.device)
+    x[0, h * D:(h + 1) * D] = torch.as_tensor(vec, dtype=proj.weight.dtype)
+    zero = torch.zeros_like(x)
+    return (proj(x) - proj(zero)).double().cpu().numpy()[0]

