@@ -1,0 +1,177 @@
+"""Prompts from files and built-in corpora, tokenised, checked and cut to length.
+
+DATA forms: a .txt file (one prompt per line, or ``chunk`` to cut the whole text into N-token prompts),
+a .jsonl file with a ``text`` field, or ``builtin:NAME`` (see BUILTINS). Prompt ids are the prompts'
+order in the data, so they are stable across runs (resuming relies on that).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from catchtag.errors import CatchtagError
+
+
+@dataclass
+class Prompt:
+    prompt_id: int
+    input_ids: list[int]
+    text: str = ""
+
+
+def prose_corpus() -> str:
+    """English prose that ships with Python itself: the reference manual's topic pages (pydoc_data),
+    with headings and indented code/grammar blocks removed and wrapped lines joined into paragraphs."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        block: list[str] = []
+        for line in topics[key].splitlines() + [""]:
+            if not line.strip() or line.startswith("   ") or re.fullmatch(r"[*=\-~^]{3,}", line.strip()):
+                if block:
+                    para = " ".join(block)
+                    if len(para) > 80 and not para.rstrip().endswith("::"):
+                        paragraphs.append(para)
+                    block = []
+                continue
+            block.append(line.strip())
+    return "\n\n".join(paragraphs)
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], str]]] = {
+    "prose": ("English prose: the Python reference manual's topic pages (ships with Python, no download); "
+              "cut into --max-tokens prompts", prose_corpus),
+}
+
+
+def builtin_text(name: str) -> str:
+    if name not in BUILTINS:
+        raise CatchtagError(f"unknown built-in data {name!r}. Known: {', '.join('builtin:' + n for n in BUILTINS)}")
+    return BUILTINS[name][1]()
+
+
+def model_context(model) -> int | None:
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def chunk_ids(ids: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive windows of ``size`` tokens (the last shorter one is dropped unless it is the only one)."""
+    if size < 1:
+        raise CatchtagError(f"chunk size must be >= 1 token, got {size}")
+    chunks = [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < size:
+        chunks.pop()
+    return chunks
+
+
+def read_texts(data: str) -> tuple[list[str], bool]:
+    """The raw texts of DATA, and whether they form one long text (meant to be chunked)."""
+    if data.startswith("builtin:"):
+        return [builtin_text(data.split(":", 1)[1])], True
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise CatchtagError(f"data file {path} does not exist. DATA is a .txt or .jsonl file or builtin:NAME "
+                            f"({', '.join('builtin:' + n for n in BUILTINS)})")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CatchtagError(f"{path}:{n} is not valid JSON ({err.msg}). Each line must be an object "
+                                    f"with a 'text' field") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CatchtagError(f"{path}:{n} has no string 'text' field. Each line must look like "
+                                    f'{{"text": "..."}}')
+            if not record["text"].strip():
+                raise CatchtagError(f"{path}:{n}: the prompt is empty. Remove the line or give it text")
+            texts.append(record["text"])
+        if not texts:
+            raise CatchtagError(f"{path} holds no prompts. Give it one JSON object with a 'text' field per line")
+        return texts, False
+    if path.suffix in (".txt", ".text", ".md", ""):
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise CatchtagError(f"{path} is empty. Give it one prompt per line (or a long text with --chunk)")
+        return texts, False
+    raise CatchtagError(f"unsupported data file format {path.suffix!r} ({path}). Use .txt (one prompt per line), "
+                        f".jsonl (a 'text' field per line) or builtin:NAME")
+
+
+def tokenize_prompts(texts: Sequence[str], tokenizer, *, max_tokens: int | None = None, chunk: int | None = None,
+                     context: int | None = None, truncate: bool = True, limit: int | None = None) -> list[Prompt]:
+    """Tokenise texts into Prompts: chunk into ``chunk``-token prompts if given, else one prompt per text cut
+    to ``max_tokens``; prompts longer than the model's ``context`` are truncated with a warning, or refused
+    when ``truncate`` is False."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise CatchtagError("no prompts given: the list of texts is empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise CatchtagError(f"prompt {i} is empty. Give every prompt some text")
+    if chunk:
+        if context and chunk > context:
+            raise CatchtagError(f"--chunk {chunk} is longer than the model's context ({context} tokens). "
+                                f"Fix: --chunk {context} or less")
+        ids = []
+        for t in texts:
+            ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        windows = chunk_ids(ids, chunk - len(bos))
+        prompts = [Prompt(i, bos + w, "") for i, w in enumerate(windows)]
+    else:
+        prompts = []
+        too_long = 0
+        for i, t in enumerate(texts):
+            if limit is not None and i >= limit:
+                break
+            ids = tokenizer(t)["input_ids"]
+            if context and len(ids) > context:
+                if not truncate:
+                    raise CatchtagError(f"prompt {i} has {len(ids)} tokens, longer than the model's context "
+                                        f"({context}). Fix: shorten it, or allow truncation (drop --no-truncate)")
+                too_long += 1
+                ids = ids[:context]
+            if max_tokens:
+                ids = ids[:max_tokens]
+            prompts.append(Prompt(i, ids, t))
+        if too_long:
+            warnings.warn(f"{too_long} prompt(s) were longer than the model's context ({context} tokens) and were "
+                          f"truncated; pass --no-truncate to refuse them instead", stacklevel=2)
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise CatchtagError("the data gave no prompts (too short for one chunk?). Use a smaller --chunk/--max-tokens")
+    return prompts
+
+
+def _adds_bos(tokenizer) -> bool:
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def load_prompts(data: str, tokenizer, model=None, *, max_tokens: int | None = 256, chunk: int | None = None,
+                 truncate: bool = True, limit: int | None = None) -> list[Prompt]:
+    """Read DATA and tokenise it for ``model``. Long texts (builtin corpora) are cut into ``max_tokens`` chunks."""
+    texts, is_long = read_texts(data)
+    if is_long and not chunk:
+        chunk = max_tokens or 256
+    context = model_context(model) if model is not None else None
+    return tokenize_prompts(texts, tokenizer, max_tokens=max_tokens, chunk=chunk, context=context,
+                            truncate=truncate, limit=limit)

@@ -1,0 +1,89 @@
+"""Figures of one scan: where the sinks are, how much the tags explain, which tokens are sinks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from catchtag.result import ScanResult  # noqa: E402
+
+
+def _title(result: ScanResult, what: str) -> str:
+    s = result.settings
+    return f"{what}\n{s.get('model', '')} · eps={s.get('eps')} · {result.heads['prompt_id'].nunique()} prompts"
+
+
+def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str = "viridis", vmax=None) -> Path:
+    table = result.head_means(column)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * table.shape[1] + 2.5), max(3.5, 0.22 * table.shape[0] + 1.5)))
+    im = ax.imshow(table.values, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(table.shape[1]))
+    step = max(1, table.shape[0] // 15)
+    ax.set_yticks(range(0, table.shape[0], step))
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(_title(result, f"{label} per layer and head"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ve_distribution(result: ScanResult, path: Path) -> Path:
+    h = result.heads
+    with_sinks = h.loc[h["n_sinks"] > 0, "ve"].to_numpy()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.hist(with_sinks, bins=np.linspace(0, 1, 41), color="#3b6ea8")
+    ax1.set_xlabel("variance explained by the tag (heads with >= 1 sink)")
+    ax1.set_ylabel("(prompt, layer, head) count")
+    ax1.set_title(f"{len(with_sinks)} of {len(h)} heads have a sink; {(h['n_sinks'] == 0).sum()} have none (VE=0)",
+                  fontsize=9)
+    per_layer = h.groupby("layer").agg(ve=("ve", "mean"), sinks=("n_sinks", "mean"))
+    ax2.plot(per_layer.index, per_layer["ve"], "o-", label="mean VE")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("mean VE (all heads)")
+    ax3 = ax2.twinx()
+    ax3.plot(per_layer.index, per_layer["sinks"], "s--", color="#c0504d", label="mean sinks/head")
+    ax3.set_ylabel("mean sinks per head", color="#c0504d")
+    ax2.set_title("per-layer means", fontsize=9)
+    fig.suptitle(_title(result, "Variance explained by tags"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
+    counts = result.sink_token_counts().head(top)
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.28 * len(counts) + 1)))
+    labels = [repr(t) for t in counts["token"]]
+    ax.barh(range(len(counts)), counts["count"], color="#6a9f58")
+    ax.set_yticks(range(len(counts)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("times a sink (over prompts, layers, heads)")
+    for i, ve in enumerate(counts["mean_ve"]):
+        ax.text(ax.get_xlim()[1] * 0.99, i, f"VE {ve:.2f}", va="center", ha="right", fontsize=7)
+    ax.set_title(_title(result, f"Most frequent sink tokens (top {top})"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scan_figures(result: ScanResult, folder: str | Path) -> list[Path]:
+    """The four standard figures of a scan, written as PNGs into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        heatmap(result, "n_sinks", "mean sinks", folder / "sinks_heatmap.png", cmap="magma"),
+        heatmap(result, "ve", "mean VE", folder / "ve_heatmap.png", vmax=1),
+        ve_distribution(result, folder / "ve_distribution.png"),
+        sink_tokens(result, folder / "sink_tokens.png"),
+    ]

@@ -1,0 +1,112 @@
+"""ScanResult: the one object analyses read engine output from.
+
+Tables use the same names everywhere: prompt_id, layer, head, position. Per-token arrays are kept only
+for what the scan's ActivationRequest named.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HEAD_COLUMNS = ["prompt_id", "layer", "head", "n_tokens", "n_sinks", "sink_positions", "sink_tokens",
+                "sink_scores", "ve", "r2"]
+
+
+@dataclass
+class ScanResult:
+    """Output of ``catchtag.scan``.
+
+    heads: one row per (prompt, layer, head): n_tokens, n_sinks, sink_positions (0-based in the prompt),
+      sink_tokens, sink_scores (column scores), ve (variance of the head output in the sinks' value span,
+      0 when there is no sink), r2 (1 - non-tag variance / output variance).
+    sweep: one row per (prompt, layer, head, eps) when extra thresholds were asked for.
+    prompts: prompt_id, n_tokens, tokens (decoded strings).
+    activations: name -> array (n_prompts, n_layers_kept, n_heads_kept, n_positions, dim) in prompt order,
+      names full/tag/nontag (residual stream) and head_full/head_tag/head_nontag (head space);
+      ``positions`` gives the prompt positions of axis 3 (-1 where a prompt has none).
+    hidden_states: index -> array (n_prompts, n_positions, hidden) at the same positions.
+    attention_maps: (prompt_id, layer, head) -> (T, T) attention of that head on that prompt.
+    """
+
+    heads: pd.DataFrame
+    prompts: pd.DataFrame
+    settings: dict
+    sweep: pd.DataFrame | None = None
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    activation_layers: list[int] = field(default_factory=list)
+    activation_heads: list[int] = field(default_factory=list)
+    positions: np.ndarray | None = None
+    hidden_states: dict[int, np.ndarray] = field(default_factory=dict)
+    attention_maps: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
+
+    # ---- helpers every analysis uses -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.heads["layer"].max()) + 1
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.heads["head"].max()) + 1
+
+    def head_means(self, column: str) -> pd.DataFrame:
+        """Layer x head table of the mean of ``column`` over prompts."""
+        return self.heads.pivot_table(index="layer", columns="head", values=column, aggfunc="mean")
+
+    def sink_token_counts(self, skip_first: bool = False) -> pd.DataFrame:
+        """How often each token string is a sink (over prompts, layers and heads), and its mean VE."""
+        rows = self.heads[self.heads["n_sinks"] > 0].explode(["sink_positions", "sink_tokens", "sink_scores"])
+        if skip_first:
+            rows = rows[rows["sink_positions"] != 0]
+        if rows.empty:
+            return pd.DataFrame(columns=["token", "count", "n_heads", "mean_ve"])
+        rows = rows.assign(layer_head=rows["layer"].astype(str) + "." + rows["head"].astype(str))
+        grouped = rows.groupby("sink_tokens").agg(count=("ve", "size"), n_heads=("layer_head", "nunique"),
+                                                  mean_ve=("ve", "mean"))
+        return grouped.sort_values("count", ascending=False).reset_index().rename(columns={"sink_tokens": "token"})
+
+    def summary(self) -> dict:
+        h = self.heads
+        with_sinks = h[h["n_sinks"] > 0]
+        top = self.sink_token_counts().head(10)
+        return {
+            "n_prompts": int(h["prompt_id"].nunique()),
+            "n_tokens_mean": float(self.prompts["n_tokens"].mean()) if len(self.prompts) else 0.0,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "mean_sinks_per_head": float(h["n_sinks"].mean()),
+            "share_heads_with_sink": float((h["n_sinks"] > 0).mean()),
+            "mean_ve": float(h["ve"].mean()),
+            "mean_ve_heads_with_sink": float(with_sinks["ve"].mean()) if len(with_sinks) else 0.0,
+            "mean_r2_heads_with_sink": float(with_sinks["r2"].mean()) if len(with_sinks) else 0.0,
+            "share_heads_ve_above_0.3": float((h["ve"] > 0.3).mean()),
+            "top_sink_tokens": [[t, int(c)] for t, c in zip(top["token"], top["count"])],
+        }
+
+    # ---- saving and loading --------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.heads.to_parquet(folder / "heads.parquet", index=False)
+        self.prompts.to_parquet(folder / "prompts.parquet", index=False)
+        if self.sweep is not None:
+            self.sweep.to_parquet(folder / "sweep.parquet", index=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ScanResult":
+        """Read a run folder written by ``catchtag scan`` (tables only)."""
+        from catchtag.errors import CatchtagError
+
+        folder = Path(folder)
+        if not (folder / "heads.parquet").is_file():
+            raise CatchtagError(f"{folder} is not a finished catchtag run (no heads.parquet). Run `catchtag scan "
+                                f"--out {folder}` first, or rerun it to finish an interrupted scan")
+        settings = json.loads((folder / "summary.json").read_text()).get("settings", {}) \
+            if (folder / "summary.json").is_file() else {}
+        sweep = pd.read_parquet(folder / "sweep.parquet") if (folder / "sweep.parquet").is_file() else None
+        return cls(heads=pd.read_parquet(folder / "heads.parquet"), prompts=pd.read_parquet(folder / "prompts.parquet"),
+                   settings=settings, sweep=sweep)

@@ -1,0 +1,356 @@
+"""scan(): run a model over prompts with the engine on, and turn its records into a ScanResult.
+
+With ``out`` the scan saves each finished batch to the run folder at once (atomically) and, when run
+again with the same settings, skips the prompts already done: an interrupted scan resumes without losing
+or duplicating a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from catchtag.data.prompts import Prompt, model_context, tokenize_prompts
+from catchtag.engine.attention import capture
+from catchtag.engine.request import ActivationRequest, SinkSettings
+from catchtag.errors import CatchtagError
+from catchtag.result import HEAD_COLUMNS, ScanResult
+
+SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2"]
+
+
+def _as_prompts(texts, tokenizer, model, max_tokens, truncate) -> list[Prompt]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if texts and all(isinstance(t, Prompt) for t in texts):
+        for p in texts:
+            if not p.input_ids:
+                raise CatchtagError(f"prompt {p.prompt_id} is empty. Give every prompt some text")
+        return texts
+    return tokenize_prompts(texts, tokenizer, max_tokens=max_tokens, context=model_context(model), truncate=truncate)
+
+
+def _token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    return tokenizer.batch_decode([[i] for i in ids])
+
+
+def _batch_tensors(prompts: list[Prompt], tokenizer, device):
+    T = max(len(p.input_ids) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for b, p in enumerate(prompts):
+        n = len(p.input_ids)
+        sl = slice(T - n, T) if left else slice(0, n)
+        ids[b, sl] = torch.tensor(p.input_ids)
+        mask[b, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _records_to_rows(cap, prompts, token_strings, settings):
+    heads_rows, sweep_rows = [], []
+    eps_list = settings.all_eps
+    for layer in sorted(cap.layers):
+        st = cap.layers[layer].stats
+        B, H, _ = st.col_scores.shape
+        first = st.token_valid.float().argmax(dim=-1)
+        for b, p in enumerate(prompts):
+            n_tokens = int(st.token_valid[b].sum())
+            f = int(first[b])
+            for h in range(H):
+                idx = st.sink_idx[b, h][st.sink_ok[b, h]]
+                pos = (idx - f).tolist()
+                heads_rows.append((p.prompt_id, layer, h, n_tokens, len(pos), pos,
+                                   [token_strings[p.prompt_id][q] for q in pos],
+                                   st.col_scores[b, h, idx].tolist(), float(st.ve[b, h]), float(st.r2[b, h])))
+                if settings.sweep_eps:
+                    for e_i, e in enumerate(eps_list):
+                        sweep_rows.append((p.prompt_id, layer, h, e, int(st.sweep_n_sinks[b, h, e_i]),
+                                           float(st.sweep_ve[b, h, e_i]), float(st.sweep_r2[b, h, e_i])))
+    return heads_rows, sweep_rows
+
+
+def _batch_activations(cap, request, hidden, prompts):
+    """Per-token arrays of one batch: name -> (B, L, nh, P, dim); positions (B, P) in prompt coordinates."""
+    if request is None:
+        return {}, None, [], {}
+    layers = sorted(l for l in cap.layers if cap.layers[l].activations)
+    acts: dict[str, np.ndarray] = {}
+    positions = None
+    if layers:
+        names = cap.layers[layers[0]].activations.keys()
+        for name in names:
+            acts[name] = torch.stack([cap.layers[l].activations[name] for l in layers], dim=1).numpy()
+        pos = cap.layers[layers[0]].positions
+        first = cap.layers[layers[0]].stats.token_valid.float().argmax(dim=-1)
+        positions = torch.where(pos >= 0, pos - first[:, None], pos).numpy()
+    hidden_out = {}
+    if request.hidden_states and hidden is not None:
+        any_layer = next(iter(cap.layers.values()))
+        from catchtag.engine.attention import _positions
+
+        pos_abs = _positions(request, any_layer.stats.token_valid.to(hidden[0].device))
+        for i in request.hidden_states:
+            hs = hidden[i].float()
+            idx = pos_abs.clamp_min(0)[:, :, None].expand(-1, -1, hs.shape[-1])
+            hidden_out[i] = (hs.gather(1, idx) * (pos_abs >= 0)[:, :, None]).cpu().numpy()
+    return acts, positions, layers, hidden_out
+
+
+class RunFolder:
+    """A scan's folder: run.json (what was asked), parts/ (one file per finished batch), final tables."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict, overwrite: bool = False):
+        self.folder = Path(folder)
+        self.parts = self.folder / "parts"
+        manifest = self.folder / "run.json"
+        if overwrite and self.folder.exists():
+            import shutil
+
+            shutil.rmtree(self.folder)
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            if old != fingerprint:
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise CatchtagError(f"{self.folder} holds a run with other settings ({', '.join(changed)} differ). "
+                                    f"Fix: use another --out, or --overwrite to start it again")
+        elif self.folder.exists() and any(self.folder.iterdir()):
+            raise CatchtagError(f"{self.folder} exists and is not a catchtag run. Fix: choose an empty or new --out")
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _write_atomic(manifest, json.dumps(fingerprint, indent=1))
+        for stale in self.parts.glob("*.tmp*"):
+            stale.unlink()
+
+    def part_files(self, kind: str) -> list[Path]:
+        return sorted(self.parts.glob(f"{kind}-*.parquet"))
+
+    def done_ids(self) -> set[int]:
+        done: set[int] = set()
+        for f in self.part_files("prompts"):
+            done.update(pd.read_parquet(f, columns=["prompt_id"])["prompt_id"].tolist())
+        return done
+
+    def elapsed(self) -> float:
+        return float(sum(pd.read_parquet(f, columns=["seconds"])["seconds"].iloc[0]
+                         for f in self.part_files("prompts")))
+
+    def write_part(self, heads: pd.DataFrame, sweep: pd.DataFrame | None, prompts: pd.DataFrame, acts: dict | None):
+        """Write one batch's rows; the prompts file goes last, so a batch counts as done only when complete."""
+        n = len(self.part_files("prompts"))
+        while (self.parts / f"prompts-{n:05d}.parquet").exists():
+            n += 1
+        tag = f"{n:05d}"
+        _write_parquet(heads, self.parts / f"heads-{tag}.parquet")
+        if sweep is not None:
+            _write_parquet(sweep, self.parts / f"sweep-{tag}.parquet")
+        if acts:
+            tmp = self.parts / f"acts-{tag}.tmp.npz"
+            np.savez(tmp, **acts)
+            os.replace(tmp, self.parts / f"acts-{tag}.npz")
+        _write_parquet(prompts, self.parts / f"prompts-{tag}.parquet")
+
+    def read_tables(self):
+        done = [f.name.split("-")[1].split(".")[0] for f in self.part_files("prompts")]
+        heads = pd.concat([pd.read_parquet(self.parts / f"heads-{t}.parquet") for t in done], ignore_index=True)
+        prompts = pd.concat([pd.read_parquet(self.parts / f"prompts-{t}.parquet") for t in done], ignore_index=True)
+        sweeps = [self.parts / f"sweep-{t}.parquet" for t in done if (self.parts / f"sweep-{t}.parquet").exists()]
+        sweep = pd.concat([pd.read_parquet(f) for f in sweeps], ignore_index=True) if sweeps else None
+        acts = [(self.parts / f"acts-{t}.npz") for t in done if (self.parts / f"acts-{t}.npz").exists()]
+        return heads, prompts, sweep, [dict(np.load(f)) for f in acts]
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.parquet")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fingerprint(model_name, data_name, settings: SinkSettings, prompts, dtype, request) -> dict:
+    digest = hashlib.sha1(json.dumps([p.input_ids for p in prompts]).encode()).hexdigest()
+    return {"model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
+            "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "dtype": str(dtype),
+            "n_prompts": len(prompts), "prompts_sha1": digest,
+            "request": None if request is None else repr((request.layers, request.heads, request.positions,
+                                                         request.space, tuple(request.hidden_states)))}
+
+
+def versions() -> dict:
+    import transformers
+
+    from catchtag import __version__
+
+    return {"catchtag": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep_eps: Sequence[float] = (),
+         max_tokens: int | None = None, batch_size: int = 8, request: ActivationRequest | None = None,
+         out: str | Path | None = None, overwrite: bool = False, truncate: bool = True, progress: bool = True,
+         backend: str = "auto", chunk_rows: int | None = None, model_name: str | None = None,
+         data_name: str | None = None) -> ScanResult:
+    """Detect sinks and decompose every head of ``model`` on ``texts``.
+
+    texts: a string, a list of strings, or a list of ``Prompt`` (already tokenised). eps / min_rows: sink
+    threshold and minimum rows per column (spec section 1). sweep_eps: extra thresholds computed in the
+    same pass (ScanResult.sweep). request: per-token activations, attention maps or hidden states to keep.
+    out: a run folder to save into as it goes; rerunning with the same arguments resumes.
+    Returns a ScanResult whose ``heads`` has one row per (prompt, layer, head).
+    """
+    settings = SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps), chunk_rows=chunk_rows)
+    if batch_size < 1:
+        raise CatchtagError(f"batch size must be >= 1, got {batch_size}")
+    prompts = _as_prompts(texts, tokenizer, model, max_tokens, truncate)
+    device = next(model.parameters()).device
+    model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
+    strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids) for p in prompts}
+    n_layers = model.config.num_hidden_layers
+    if n_layers is None:
+        raise CatchtagError("the model config does not say how many layers it has")
+    if min(len(p.input_ids) for p in prompts) < settings.min_rows:
+        import warnings
+
+        warnings.warn(f"some prompts are shorter than min_rows={settings.min_rows} tokens: no column of theirs can "
+                      f"be a sink. Lower --min-rows or use longer prompts", stacklevel=2)
+
+    run = None
+    todo = prompts
+    if out is not None:
+        run = RunFolder(out, _fingerprint(model_name, data_name, settings, prompts, model.dtype, request), overwrite)
+        done = run.done_ids()
+        todo = [p for p in prompts if p.prompt_id not in done]
+    todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
+
+    heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
+    attention_maps: dict = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", desc="scan", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        t0 = time.perf_counter()
+        ids, mask = _batch_tensors(batch, tokenizer, device)
+        want_hidden = bool(request is not None and request.hidden_states)
+        try:
+            with torch.no_grad(), capture(settings, request, backend) as cap:
+                output = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_hidden)
+        except torch.OutOfMemoryError:
+            raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} tokens. "
+                                f"Fix: a smaller --batch-size (or --max-tokens)") from None
+        if len(cap.layers) != n_layers:
+            raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
+                                f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
+        heads_rows, sweep_rows = _records_to_rows(cap, batch, strings, settings)
+        acts, positions, act_layers, hidden = _batch_activations(
+            cap, request, output.hidden_states if want_hidden else None, batch)
+        heads_df = pd.DataFrame(heads_rows, columns=HEAD_COLUMNS)
+        sweep_df = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS) if settings.sweep_eps else None
+        seconds = time.perf_counter() - t0
+        prompts_df = pd.DataFrame({"prompt_id": [p.prompt_id for p in batch],
+                                   "n_tokens": [len(p.input_ids) for p in batch],
+                                   "tokens": [strings[p.prompt_id] for p in batch],
+                                   "seconds": seconds})
+        act_arrays = dict(acts)
+        if positions is not None:
+            act_arrays["positions"] = positions
+            act_arrays["layers"] = np.asarray(act_layers)
+        for i, arr in hidden.items():
+            act_arrays[f"hidden_{i}"] = arr
+        if act_arrays:
+            act_arrays["prompt_id"] = np.asarray([p.prompt_id for p in batch])
+        if run is not None:
+            run.write_part(heads_df, sweep_df, prompts_df, act_arrays)
+        else:
+            heads_parts.append(heads_df)
+            sweep_parts.append(sweep_df)
+            prompt_parts.append(prompts_df)
+            if act_arrays:
+                act_parts.append(act_arrays)
+        attention_maps.update({(p.prompt_id, layer, h): _trim(cap.layers[layer].attention_maps[h][b],
+                                                         cap.layers[layer].stats.token_valid[b])
+                          for layer in cap.layers for h in cap.layers[layer].attention_maps
+                               for b, p in enumerate(batch)})
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+
+    if run is not None:
+        heads, prompt_table, sweep, act_parts = run.read_tables()
+    else:
+        heads = pd.concat(heads_parts, ignore_index=True)
+        prompt_table = pd.concat(prompt_parts, ignore_index=True)
+        sweep = pd.concat(sweep_parts, ignore_index=True) if settings.sweep_eps else None
+    heads = heads.sort_values(["prompt_id", "layer", "head"], ignore_index=True)
+    prompt_table = prompt_table.sort_values("prompt_id", ignore_index=True)
+    if sweep is not None:
+        sweep = sweep.sort_values(["prompt_id", "layer", "head", "eps"], ignore_index=True)
+    result = ScanResult(heads=heads, prompts=prompt_table, sweep=sweep, settings={
+        "model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
+        "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "batch_size": batch_size,
+        "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend})
+    _attach_activations(result, act_parts, request)
+    result.attention_maps = attention_maps  # kept for this call's prompts only (they are not saved in runs)
+    if run is not None:
+        result.save(run.folder)
+        result.settings["seconds"] = run.elapsed()
+    else:
+        result.settings["seconds"] = float(prompt_table["seconds"].sum())
+    return result
+
+
+def _trim(attn: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    idx = valid.nonzero().squeeze(-1)
+    return attn[idx][:, idx].numpy()
+
+
+def _attach_activations(result: ScanResult, parts: list[dict], request) -> None:
+    """Stack per-batch activation arrays in prompt order (positions padded with -1 to a common length)."""
+    if not parts:
+        return
+    order = np.concatenate([p["prompt_id"] for p in parts])
+    sort = np.argsort(order, kind="stable")
+
+    def stack(key, pad_axis):
+        arrays = [p[key] for p in parts]
+        width = max(a.shape[pad_axis] for a in arrays)
+        padded = []
+        for a in arrays:
+            pad = [(0, 0)] * a.ndim
+            pad[pad_axis] = (0, width - a.shape[pad_axis])
+            padded.append(np.pad(a, pad, constant_values=-1 if key == "positions" else 0))
+        return np.concatenate(padded, axis=0)[sort]
+
+    keys = parts[0].keys()
+    for key in keys:
+        if key in ("prompt_id", "layers"):
+            continue
+        if key == "positions":
+            result.positions = stack(key, 1)
+        elif key.startswith("hidden_"):
+            result.hidden_states[int(key.split("_", 1)[1])] = stack(key, 1)
+        else:
+            result.activations[key] = stack(key, 3)
+    if "layers" in parts[0]:
+        result.activation_layers = [int(x) for x in parts[0]["layers"]]
+    if request is not None:
+        H = int(result.heads["head"].max()) + 1
+        result.activation_heads = list(request.heads) if request.heads is not None else list(range(H))
