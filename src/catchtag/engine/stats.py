@@ -155,8 +155,10 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     n_rows = rows.sum(dim=2, keepdim=True).clamp_min(1)
     centred = (out - (out * rows).sum(dim=2, keepdim=True) / n_rows) * rows
     total = centred.pow(2).sum(dim=(-1, -2)).double()  # (B,H)
-    x = torch.matmul(centred, v_s.transpose(-1, -2)).double()  # (B,H,T,K): projections on sink values
-    gram = torch.matmul(v_s, v_s.transpose(-1, -2)).double()  # (B,H,K,K)
+    # float64: G^+ amplifies rounding by 1/sigma_min^2 when sink values are nearly parallel
+    v_s64 = v_s.double()
+    x = torch.matmul(centred.double(), v_s64.transpose(-1, -2))  # (B,H,T,K): projections on sink values
+    gram = torch.matmul(v_s64, v_s64.transpose(-1, -2))  # (B,H,K,K)
 
     n_sinks = torch.zeros(B, H, E, dtype=torch.long, device=dev)
     ve = torch.zeros(B, H, E, device=dev)
