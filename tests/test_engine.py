@@ -39,6 +39,7 @@ def _compare(cap, ref_rows, check_acts=True):
         n_sinks += len(sinks)
         assert abs(float(st.ve[b, h]) - r["ve"]) < TOL
         assert abs(float(st.r2[b, h]) - r["r2"]) < TOL
+        assert abs(float(st.ve_uncentred[b, h]) - r["ve_uncentred"]) < TOL
         if check_acts:
             acts = rec.activations
             scale = max(1.0, np.abs(r["full"]).max())
