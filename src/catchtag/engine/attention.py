@@ -143,7 +143,7 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def _to_cpu(stats: HeadStats) -> HeadStats:
-    return HeadStats(**{k: v.cpu() for k, v in vars(stats).items()})
+    return HeadStats(**{k: (v.cpu() if v is not None else None) for k, v in vars(stats).items()})
 
 
 def catchtag_mask(*args, **kwargs):
