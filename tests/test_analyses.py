@@ -170,6 +170,9 @@ def test_geometry_matches_direct_computation(llama):
     assert set(g.pairs["kind"]) == {"different layers", "same layer, different heads", "same head, different sinks"}
     assert g.pairs["cosine"].between(-1 - 1e-9, 1 + 1e-9).all()
     assert (g.pairs.groupby("kind").size() <= 500).all()
+    same_head = g.pairs[g.pairs["kind"] == "same head, different sinks"]
+    assert (same_head["a"].str[:2] == same_head["b"].str[:2]).all()
+    assert (g.pairs[g.pairs["kind"] == "different layers"].apply(lambda r: r["a"][0] != r["b"][0], axis=1)).all()
     # recompute one tag-vs-token cosine from a plain scan with the same request
     row = g.tag_vs_token.iloc[len(g.tag_vs_token) // 2]
     layer, head, pos = int(row["layer"]), int(row["head"]), int(row["position"])
@@ -183,6 +186,25 @@ def test_geometry_matches_direct_computation(llama):
     summary = g.summary()
     json.dumps(summary)
     assert "tag_vs_token" in summary
+
+
+def test_per_sink_tag_directions_recover_the_tags(llama):
+    """The per-sink directions U (least squares) rebuild every sampled tag: tag_i = sum_k A_ik U_k."""
+    net, tok = llama
+    from catchtag.analysis.geometry import sample_positions
+
+    g = tag_geometry(net, tok, TEXT, n_positions=16, eps=EPS, min_rows=MIN_ROWS)
+    assert g.n_tags >= 3
+    layer, head, sink = g.pairs.iloc[0]["a"]
+    pos = sample_positions(len(tok(TEXT)["input_ids"]), 16)
+    assert pos == g.positions
+    r = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False,
+             request=ActivationRequest(layers=[layer], heads=[head], positions=pos, space="residual",
+                                       sink_attention=True))
+    tags = r.activations["tag"][0, 0, 0].astype(np.float64)
+    A = r.sink_attention[(0, layer, head)][pos].astype(np.float64)
+    U = np.linalg.lstsq(A, tags, rcond=None)[0]
+    np.testing.assert_allclose(A @ U, tags, atol=1e-4 * np.abs(tags).max())
 
 
 def test_cli_analyses(runs, tmp_path):

@@ -187,7 +187,7 @@ def taxonomy(
 def geometry(
     model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
     prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
-    n_positions: int = typer.Option(32, help="token positions sampled (memory: layers x heads x positions x hidden)"),
+    n_positions: int = typer.Option(64, help="token positions sampled (memory: layers x heads x positions x hidden)"),
     max_pairs: int = typer.Option(20000, help="pairs of tags sampled per kind"),
     eps: float = typer.Option(0.2, help="sink threshold on the column score"),
     min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),

@@ -2,8 +2,8 @@
 
 A tag is a head's output through its slice of W_O restricted to its sinks (W_O^h tag_i, in the residual
 stream). We take every head's tag at a bounded sample of token positions, then
-- cosine between distinct tags at the same token: of different layers, of different heads of one layer, and
-  of one head at tokens whose strongest sink differs (a sample of pairs, at most ``max_pairs`` per kind);
+- cosine between distinct tags, one direction per (layer, head, sink): W_O^h v_s (the tag a sink adds, up to
+  the attention weight), paired across layers, across heads of one layer, and across sinks of one head;
 - cosine between a head's tag at token i and the residual stream entering that layer at token i
   (hidden_states[layer]), the representation the tag is added to.
 Published: distinct tags mostly within +-0.05; tag vs token between -0.17 and +0.02.
@@ -25,7 +25,8 @@ PAIR_KINDS = ("different layers", "same layer, different heads", "same head, dif
 
 @dataclass
 class TagGeometry:
-    """pairs: kind, cosine (one row per sampled pair of distinct tags); tag_vs_token: layer, head, position,
+    """pairs: kind, cosine, a, b (one row per sampled pair of distinct per-sink tags, a/b = (layer, head, sink
+    position)); n_tags: how many per-sink tag directions were recovered; tag_vs_token: layer, head, position,
     cosine, tag_norm, token_norm (one row per tag with a nonzero norm); hidden: model width (a random pair of
     directions has cosine ~ N(0, 1/hidden))."""
 
@@ -34,10 +35,11 @@ class TagGeometry:
     positions: list[int]
     pairs: pd.DataFrame
     tag_vs_token: pd.DataFrame
+    n_tags: int = 0
     settings: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        out = {"model": self.model, "hidden": self.hidden, "n_positions": len(self.positions),
+        out = {"model": self.model, "hidden": self.hidden, "n_positions": len(self.positions), "n_tags": self.n_tags,
                "random_direction_std": round(float(1 / np.sqrt(self.hidden)), 4)}
         for kind in PAIR_KINDS:
             c = self.pairs.loc[self.pairs["kind"] == kind, "cosine"].to_numpy()
@@ -70,14 +72,18 @@ def sample_positions(n_tokens: int, n_positions: int, start: int = 1) -> list[in
     return sorted(set(np.linspace(start, n_tokens - 1, min(n_positions, n_tokens - start)).round().astype(int).tolist()))
 
 
-def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 32, max_pairs: int = 20000,
-                 eps: float = 0.2, min_rows: int = 16, min_norm_ratio: float = 1e-3, seed: int = 0,
+def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, max_pairs: int = 20000,
+                 eps: float = 0.2, min_rows: int = 16, min_norm_ratio: float = 1e-3, max_condition: float = 1e3,
+                 seed: int = 0,
                  name: str | None = None) -> TagGeometry:
     """Cosines between distinct residual-stream tags, and between each tag and the token it is added to.
 
     layers: which layers (default all); n_positions: tokens sampled evenly from position 1 on (memory is
     O(layers x heads x n_positions x hidden)); max_pairs: pairs sampled per kind; tags with a norm below
-    ``min_norm_ratio`` x the median tag norm (tokens that barely look at a sink) are left out.
+    ``min_norm_ratio`` x the median tag norm (tokens that barely look at a sink) are left out of tag-vs-token.
+    Distinct tags are per-sink directions W_O^h v_s, recovered exactly from the sampled tags and the attention
+    to each sink by least squares (heads whose sink attentions are collinear, condition > max_condition, and
+    sinks no sampled token sees are skipped).
     """
     from catchtag.scan import scan
 
@@ -86,9 +92,11 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 32, 
     layers = list(range(n_layers)) if layers is None else sorted(int(x) for x in layers)
     if not layers or min(layers) < 0 or max(layers) >= n_layers:
         raise CatchtagError(f"layers must lie in 0..{n_layers - 1}, got {layers}")
-    probe = scan(model, tokenizer, prompts, eps=eps, min_rows=min_rows, progress=False,
-                 request=ActivationRequest(layers=[]))
-    T = int(probe.prompts["n_tokens"].iloc[0])
+    if isinstance(prompts[0], str):
+        from catchtag.data.prompts import model_context, tokenize_prompts
+
+        prompts = tokenize_prompts(prompts, tokenizer, context=model_context(model))
+    T = len(prompts[0].input_ids)
     positions = sample_positions(T, n_positions)
     request = ActivationRequest(layers=layers, positions=positions, space="residual", hidden_states=layers,
                                 sink_attention=True)
@@ -96,60 +104,47 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 32, 
     tags = result.activations["tag"][0]  # (L, H, P, hidden)
     L, H, P, D = tags.shape
     pos = np.asarray(positions)
-    # strongest sink of each (layer, head, position) tag: the label that tells tags of one head apart
-    strongest = np.full((L, H, P), -1)
     heads = result.heads.set_index(["layer", "head"])
-    for li, layer in enumerate(result.activation_layers):
-        for h in range(H):
-            sinks = heads.loc[(layer, h), "sink_positions"]
-            if len(sinks):
-                sa = result.sink_attention[(0, layer, h)][pos]  # (P, K)
-                strongest[li, h] = np.where(sa.max(axis=1) > 0, np.asarray(sinks)[sa.argmax(axis=1)], -1)
     unit, norm = _unit(tags.astype(np.float64))
     alive = norm > min_norm_ratio * np.median(norm[norm > 0]) if (norm > 0).any() else norm > 0
+    # per-sink tag directions: tag_i = sum_k A_ik (W_O v_k), so the sampled tags (P x hidden) = A (P x K) @ U
+    # (K x hidden); least squares gives U, one residual-stream direction per (layer, head, sink).
+    directions, labels = [], []
+    for li, layer in enumerate(result.activation_layers):
+        for h in range(H):
+            sinks = list(heads.loc[(layer, h), "sink_positions"])
+            if not sinks:
+                continue
+            A = result.sink_attention[(0, layer, h)][pos].astype(np.float64)  # (P, K)
+            seen = A.max(axis=0) > 0
+            if not seen.any():
+                continue
+            A = A[:, seen]
+            sv = np.linalg.svd(A, compute_uv=False)
+            if sv[-1] <= max_condition ** -1 * sv[0]:
+                continue  # sinks whose attention moves together cannot be told apart here
+            U, *_ = np.linalg.lstsq(A, tags[li, h].astype(np.float64), rcond=None)
+            for k, s_pos in enumerate(np.asarray(sinks)[seen]):
+                directions.append(U[k])
+                labels.append((layer, h, int(s_pos)))
     rng = np.random.default_rng(seed)
     rows = []
-    li_idx, h_idx, p_idx = np.nonzero(alive)
-    by_pos: dict[int, np.ndarray] = {p: np.nonzero(p_idx == p)[0] for p in range(P)}
-    # pairs at the same token: different layers, or same layer and different heads
-    cand_a, cand_b = [], []
-    for p, members in by_pos.items():
-        if len(members) < 2:
-            continue
-        a, b = np.triu_indices(len(members), k=1)
-        cand_a.append(members[a])
-        cand_b.append(members[b])
-    if cand_a:
-        a = np.concatenate(cand_a)
-        b = np.concatenate(cand_b)
-        same_layer = li_idx[a] == li_idx[b]
-        for kind, sel in (("different layers", ~same_layer), ("same layer, different heads", same_layer)):
+    if len(directions) >= 2:
+        d_unit, _ = _unit(np.asarray(directions))
+        lab = np.asarray(labels)
+        a, b = np.triu_indices(len(lab), k=1)
+        same_layer = lab[a, 0] == lab[b, 0]
+        same_head = same_layer & (lab[a, 1] == lab[b, 1])
+        for kind, sel in (("different layers", ~same_layer), ("same layer, different heads", same_layer & ~same_head),
+                          ("same head, different sinks", same_head)):
             ia, ib = a[sel], b[sel]
             if len(ia) > max_pairs:
                 keep = rng.choice(len(ia), max_pairs, replace=False)
                 ia, ib = ia[keep], ib[keep]
-            cos = (unit[li_idx[ia], h_idx[ia], p_idx[ia]] * unit[li_idx[ib], h_idx[ib], p_idx[ib]]).sum(-1)
-            rows.append(pd.DataFrame({"kind": kind, "cosine": cos}))
-    # one head, two tokens whose strongest sinks differ
-    ia_list, ib_list = [], []
-    for li in range(L):
-        for h in range(H):
-            ps = np.nonzero(alive[li, h] & (strongest[li, h] >= 0))[0]
-            if len(ps) < 2:
-                continue
-            a, b = np.triu_indices(len(ps), k=1)
-            diff = strongest[li, h, ps[a]] != strongest[li, h, ps[b]]
-            for x, y in zip(ps[a][diff], ps[b][diff]):
-                ia_list.append((li, h, x))
-                ib_list.append((li, h, y))
-    if ia_list:
-        ia, ib = np.asarray(ia_list), np.asarray(ib_list)
-        if len(ia) > max_pairs:
-            keep = rng.choice(len(ia), max_pairs, replace=False)
-            ia, ib = ia[keep], ib[keep]
-        cos = (unit[ia[:, 0], ia[:, 1], ia[:, 2]] * unit[ib[:, 0], ib[:, 1], ib[:, 2]]).sum(-1)
-        rows.append(pd.DataFrame({"kind": "same head, different sinks", "cosine": cos}))
-    pairs = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "cosine"])
+            if len(ia):
+                rows.append(pd.DataFrame({"kind": kind, "cosine": (d_unit[ia] * d_unit[ib]).sum(-1),
+                                          "a": [tuple(x) for x in lab[ia]], "b": [tuple(x) for x in lab[ib]]}))
+    pairs = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "cosine", "a", "b"])
     # tag vs the residual stream entering its layer, at the same token
     tv = []
     for li, layer in enumerate(result.activation_layers):
@@ -164,6 +159,6 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 32, 
     tag_vs_token = pd.concat(tv, ignore_index=True) if tv else pd.DataFrame(
         columns=["layer", "head", "position", "cosine", "tag_norm", "token_norm"])
     return TagGeometry(model=model_name(model, name), hidden=D, positions=positions, pairs=pairs,
-                       tag_vs_token=tag_vs_token,
+                       tag_vs_token=tag_vs_token, n_tags=len(directions),
                        settings={"eps": eps, "min_rows": min_rows, "n_positions": n_positions,
                                  "max_pairs": max_pairs, "min_norm_ratio": min_norm_ratio, "seed": seed})

@@ -150,7 +150,7 @@ def run_taxonomy(runs, out="runs/taxonomy", *, top=15) -> dict:
 
 
 def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_file=None, data="builtin:prose",
-                 prompt=0, max_tokens=256, n_positions=32, max_pairs=20000, eps=0.2, min_rows=16, device="cpu",
+                 prompt=0, max_tokens=256, n_positions=64, max_pairs=20000, eps=0.2, min_rows=16, device="cpu",
                  dtype="auto") -> dict:
     from catchtag.analysis.geometry import tag_geometry
     from catchtag.report.analysis_figures import geometry_figure
