@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -192,11 +194,15 @@ def sweep_figure(table, path, published: dict | None = None) -> Path:
             ax.annotate(f"{e:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
         ax2.plot(list(published), xs, "kx--", label="published, 8B model", ms=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("mean sinks per head (log scale)")
     ax.set_ylabel("mean VE by tags")
     ax.set_title("(a) sinks vs variance explained, points labelled by eps", fontsize=9)
     ax.legend(fontsize=7)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.set_xlabel("eps (sink threshold on the column score)")
     ax2.set_ylabel("mean sinks per head (log scale)")
     ax2.set_title("(b) sinks per head vs eps", fontsize=9)
@@ -215,10 +221,16 @@ def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
                              gridspec_kw={"width_ratios": [1.6, 1]})
     kind_colors = dict(zip(KINDS, ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"]))
     for row, (run, (tokens, kinds)) in enumerate(tables.items()):
-        t = tokens.head(top)
+        first = tokens[tokens["kind"] == "first"]
+        t = tokens[tokens["kind"] != "first"].head(top - 1)
+        if len(first):  # position 0 as one bar, whatever token sits there
+            agg = {"token": "position 0, any token", "kind": "first", "count": int(first["count"].sum()),
+                   "n_heads": int(first["n_heads"].max()),
+                   "mean_ve": float((first["mean_ve"] * first["count"]).sum() / first["count"].sum())}
+            t = pd.concat([pd.DataFrame([agg]), t], ignore_index=True).sort_values("count", ascending=False)
         ax = axes[row, 0]
         ax.barh(range(len(t)), t["count"], color=[kind_colors[k] for k in t["kind"]])
-        ax.set_yticks(range(len(t)), [("<first> " if k == "first" else "") + repr(_show_token(x))
+        ax.set_yticks(range(len(t)), [f"<{x}>" if k == "first" else repr(_show_token(x))
                                       for x, k in zip(t["token"], t["kind"])], fontsize=7)
         ax.invert_yaxis()
         log = len(t) and t["count"].max() > 30 * max(1, t["count"].min())
@@ -226,9 +238,10 @@ def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
             ax.set_xscale("log")
         ax.set_xlabel("times a sink (prompt x layer x head)" + (", log scale" if log else ""))
         for i, (_, r) in enumerate(t.iterrows()):
-            ax.text(ax.get_xlim()[1], i, f" {r['n_heads']} heads, VE {r['mean_ve']:.2f}", va="center",
+            heads = f"<= {r['n_heads']}" if r["kind"] == "first" else r["n_heads"]
+            ax.text(ax.get_xlim()[1], i, f" {heads} heads, VE {r['mean_ve']:.2f}", va="center",
                     fontsize=6, clip_on=False)
-        ax.set_title(f"{run}: top {top} sink tokens (colour = kind)", fontsize=9)
+        ax.set_title(f"{run}: most frequent sink tokens (colour = kind; position 0 pooled)", fontsize=9)
         ax = axes[row, 1]
         k = kinds[kinds["kind"] != "first"]
         ax.bar(range(len(k)), 100 * k["share_beyond_first"].fillna(0), color=[kind_colors[x] for x in k["kind"]])
