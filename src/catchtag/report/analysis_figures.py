@@ -280,7 +280,7 @@ def geometry_figure(geoms: dict, path) -> Path:
         ax.axvspan(-0.05, 0.05, color="grey", alpha=0.15)
         ax.set_xlabel("cosine similarity between two distinct tags (residual stream)")
         ax.set_ylabel("density")
-        ax.set_title(f"{run}: distinct tags at the same or other tokens", fontsize=9)
+        ax.set_title(f"{run}: distinct tags, one per (layer, head, sink), n={g.n_tags}", fontsize=9)
         ax.legend(fontsize=6)
         ax = axes[row, 1]
         c = g.tag_vs_token["cosine"].to_numpy()
