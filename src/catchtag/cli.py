@@ -87,6 +87,168 @@ def scan(
     typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else " and figures/*.png"))
 
 
+# ---- analyses (spec sections 4 and 6) --------------------------------------------------------------------------
+_MODEL = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path")
+_TEXT = typer.Option(None, "--text", "-t", help="the prompt (default: prompt --prompt of --data)")
+_TEXT_FILE = typer.Option(None, "--text-file", help="read the prompt from this file")
+_DATA = typer.Option("builtin:prose", "--data", "-d", help="where the default prompt comes from")
+_PROMPT = typer.Option(0, "--prompt", help="which prompt of --data (0-based, as `catchtag scan` numbers them)")
+_MAX_TOKENS = typer.Option(256, help="cut the prompt to this many tokens")
+
+
+def _run_job(job, *args, **kwargs) -> dict:
+    try:
+        return job(*args, **kwargs)
+    except CatchtagError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(f"bad value: {err}")
+
+
+@app.command()
+def pca(
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer (default: best head, see --help)"),
+    head: Optional[int] = typer.Option(None, "--head", help="head (give with --layer)"),
+    deeper: Optional[int] = typer.Option(None, help="residual stream after this layer (default layer + 4)"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    tag_level: float = typer.Option(0.1, help="a token is tagged by its strongest sink if it pays it this much"),
+    out: Path = typer.Option(Path("runs/pca"), "--out", "-o", help="folder for pca_L*H*.png and .json"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Figure-2 picture of one head: outputs coloured by top-3 PCs, attention with sinks, the residual stream deeper.
+
+    Default head: the highest VE among heads with a sink beyond the first token."""
+    from catchtag.analysis.jobs import run_pca
+
+    s = _run_job(run_pca, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
+                 prompt=prompt, max_tokens=max_tokens, layer=layer, head=head, deeper=deeper, eps=eps,
+                 min_rows=min_rows, tag_level=tag_level, device=device)
+    typer.echo(f"head L{s['layer']}.H{s['head']}: VE {s['ve']:.3f}, sinks {list(zip(s['sinks'], s['sink_tokens']))}")
+    typer.echo(f"silhouette of tokens grouped by tagging sink: head {s['silhouette_head']}, "
+               f"residual after layer {s['deeper']}: {s['silhouette_deeper']}")
+    typer.echo(f"wrote {s['figure']}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run folders written by `catchtag scan` (one per model)"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="folder for compare.png and CSVs"),
+    ve_level: float = typer.Option(0.3, help="report the share of heads with VE above this"),
+) -> None:
+    """Models side by side: sinks per head (violin), VE per head (box), share of high-VE heads, per-layer means."""
+    from catchtag.analysis.jobs import run_compare
+
+    s = _run_job(run_compare, runs, out, ve_level=ve_level)
+    for r in s["runs"]:
+        typer.echo(f"{r['run']:<24} sinks/head {r['mean_sinks_per_head']:.3f} · with a sink "
+                   f"{100 * r['share_heads_with_sink']:.1f}% · mean VE {r['mean_ve']:.3f} (with a sink "
+                   f"{r['mean_ve_heads_with_sink']:.3f}) · VE > {ve_level}: {100 * r[f'share_ve_above_{ve_level}']:.1f}%")
+    typer.echo(f"wrote {s['figure']}")
+
+
+@app.command()
+def sweep(
+    runs: Optional[list[Path]] = typer.Argument(None, help="run folders scanned with --sweep (or use --model)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="scan this model (repeatable) with 12 eps"),
+    data: str = typer.Option("builtin:prose", "--data", "-d", help="data to scan with --model"),
+    max_tokens: int = typer.Option(256, help="tokens per prompt when scanning"),
+    limit: Optional[int] = typer.Option(None, help="use only the first K prompts when scanning"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="folder for sweep.png, sweep.csv (and scans)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Threshold sweep, eps 0.03..0.4 (12 values, one forward pass): mean sinks per head vs mean VE per model."""
+    from catchtag.analysis.jobs import run_sweep
+
+    s = _run_job(run_sweep, runs, out, model=model, data=data, max_tokens=max_tokens, limit=limit,
+                 batch_size=batch_size, device=device)
+    for r in s["table"]:
+        typer.echo(f"{r['run']:<24} eps {r['eps']:<6g} sinks/head {r['mean_sinks_per_head']:.3f} "
+                   f"mean VE {r['mean_ve']:.3f}")
+    typer.echo(f"wrote {s['figure']}")
+
+
+@app.command()
+def taxonomy(
+    runs: list[Path] = typer.Argument(..., help="run folders written by `catchtag scan`"),
+    out: Path = typer.Option(Path("runs/taxonomy"), "--out", "-o", help="folder for taxonomy.png and CSVs"),
+    top: int = typer.Option(15, help="how many sink tokens to list"),
+) -> None:
+    """Sink-token taxonomy: each sink token's count, heads and mean VE; kinds (punctuation, function words, ...)."""
+    from catchtag.analysis.jobs import run_taxonomy
+
+    s = _run_job(run_taxonomy, runs, out, top=top)
+    for name, r in s["runs"].items():
+        shares = ", ".join(f"{k['kind']} {100 * k['share']:.1f}%" for k in r["kinds"])
+        typer.echo(f"{name}: {shares}")
+    typer.echo(f"wrote {s['figure']}")
+
+
+@app.command()
+def geometry(
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
+    n_positions: int = typer.Option(64, help="token positions sampled (memory: layers x heads x positions x hidden)"),
+    max_pairs: int = typer.Option(20000, help="pairs of tags sampled per kind"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    out: Path = typer.Option(Path("runs/geometry"), "--out", "-o", help="folder for geometry.png and CSVs"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
+    from catchtag.analysis.jobs import run_geometry
+
+    s = _run_job(run_geometry, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
+                 prompt=prompt, max_tokens=max_tokens, n_positions=n_positions, max_pairs=max_pairs, eps=eps,
+                 min_rows=min_rows, device=device)
+    for kind in ("different layers", "same layer, different heads", "same head, different sinks", "tag_vs_token"):
+        if kind in s:
+            typer.echo(f"{kind:<30} mean {s[kind]['mean']:+.3f} · within ±0.05: "
+                       f"{100 * s[kind]['share_within_0.05']:.1f}% · 5-95%: [{s[kind]['p5']:+.3f}, {s[kind]['p95']:+.3f}]")
+    typer.echo(f"wrote {s['figure']}")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run folders written by `catchtag scan`"),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="the HTML file to write"),
+    per_token: bool = typer.Option(True, "--per-token/--no-per-token",
+                                   help="also load each run's model for the pca picture and tag geometry"),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="prompt for the per-token analyses"),
+    prompt: int = typer.Option(0, "--prompt", help="else this prompt of each run's data"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """One self-contained HTML report (figures embedded, no network) with every analysis of RUNS."""
+    from catchtag.analysis.jobs import run_report
+
+    s = _run_job(run_report, runs, out, per_token=per_token, text=text, prompt=prompt, device=device)
+    typer.echo(f"wrote {s['out']} ({s['bytes'] / 1e6:.1f} MB)")
+
+
+@app.command()
+def view(
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    prompt: int = _PROMPT,
+    max_tokens: Optional[int] = typer.Option(256, help="cut the prompt to this many tokens"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer to open on (with --head)"),
+    head: Optional[int] = typer.Option(None, "--head", help="head to open on"),
+    out: Path = typer.Option(Path("view.html"), "--out", "-o", help="the HTML file to write"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
+    from catchtag.analysis.jobs import run_view
+
+    s = _run_job(run_view, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
+                 prompt=prompt, max_tokens=max_tokens, eps=eps, min_rows=min_rows, layer=layer, head=head,
+                 device=device)
+    typer.echo(f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)")
+
+
 def main() -> None:
     try:
         app()

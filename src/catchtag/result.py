@@ -32,6 +32,8 @@ class ScanResult:
       ``positions`` gives the prompt positions of axis 3 (-1 where a prompt has none).
     hidden_states: index -> array (n_prompts, n_positions, hidden) at the same positions.
     attention_maps: (prompt_id, layer, head) -> (T, T) attention of that head on that prompt.
+    sink_attention: (prompt_id, layer, head) -> (T, n_sinks) attention of every token to each sink, columns in
+      the order of that row's sink_positions (only with ActivationRequest(sink_attention=True); not saved).
     """
 
     heads: pd.DataFrame
@@ -44,6 +46,7 @@ class ScanResult:
     positions: np.ndarray | None = None
     hidden_states: dict[int, np.ndarray] = field(default_factory=dict)
     attention_maps: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
+    sink_attention: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
     # ---- helpers every analysis uses -------------------------------------------------------------
     @property

@@ -256,6 +256,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
 
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
     attention_maps: dict = {}
+    sink_attention: dict = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -307,6 +308,8 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
                                                          cap.layers[layer].stats.token_valid[b])
                           for layer in cap.layers for h in cap.layers[layer].attention_maps
                                for b, p in enumerate(batch)})
+        if request is not None and request.sink_attention:
+            sink_attention.update(_sink_attention(cap, batch))
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -330,6 +333,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         "world_size": dist.world})
     _attach_activations(result, act_parts, request)
     result.attention_maps = attention_maps  # kept for this call's prompts only (they are not saved in runs)
+    result.sink_attention = sink_attention  # likewise
     if run is not None:
         if dist.is_main:
             result.save(run.folder)
@@ -337,6 +341,21 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     else:
         result.settings["seconds"] = float(prompt_table["seconds"].sum())
     return result
+
+
+def _sink_attention(cap, batch) -> dict:
+    """(prompt_id, layer, head) -> (T, n_sinks) attention to each sink, valid tokens only."""
+    got = {}
+    for layer, record in cap.layers.items():
+        st = record.stats
+        if st.sink_attn is None:
+            raise CatchtagError("this engine backend does not return sink attention; use backend='torch'")
+        for b, p in enumerate(batch):
+            rows = st.token_valid[b].nonzero().squeeze(-1)
+            for h in range(st.sink_attn.shape[1]):
+                ok = st.sink_ok[b, h]
+                got[(p.prompt_id, layer, h)] = st.sink_attn[b, h][rows][:, ok].numpy()
+    return got
 
 
 def _trim(attn: torch.Tensor, valid: torch.Tensor) -> np.ndarray:

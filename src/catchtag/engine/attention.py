@@ -114,6 +114,8 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     out, tag, stats, maps = layer_statistics(query, key, value, attention_mask, scaling, softcap, settings,
                                              keep_maps=keep_maps, backend=cap.backend if cap else "torch")
     if cap is not None:
+        if request is None or not request.sink_attention:
+            stats.sink_attn = None  # O(T*K) per head, kept only when asked for
         record = LayerRecord(stats=_to_cpu(stats), attention_maps={h: m.cpu() for h, m in maps.items()})
         if request is not None and request.wants_layer(layer):
             H = query.shape[1]
@@ -143,7 +145,7 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def _to_cpu(stats: HeadStats) -> HeadStats:
-    return HeadStats(**{k: v.cpu() for k, v in vars(stats).items()})
+    return HeadStats(**{k: (v.cpu() if v is not None else None) for k, v in vars(stats).items()})
 
 
 def catchtag_mask(*args, **kwargs):

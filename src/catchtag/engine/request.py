@@ -54,6 +54,8 @@ class ActivationRequest:
     hidden_states: indices into the model's hidden states (0 = embeddings, l+1 = after layer l) to keep
     at the requested positions. steer: {(layer, head): vector in head space} added to that head's
     output at the requested positions (an intervention; the statistics see the unsteered output).
+    sink_attention: keep, for every layer and head, each token's attention to each of the head's sinks
+    (A[:, sinks], O(T * K) per head; ScanResult.sink_attention), e.g. for the token viewer.
     """
 
     layers: Sequence[int] | None = None
@@ -63,6 +65,7 @@ class ActivationRequest:
     attention_maps: Sequence[tuple[int, int]] = ()
     hidden_states: Sequence[int] = ()
     steer: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    sink_attention: bool = False
 
     def __post_init__(self):
         if self.space not in ("residual", "head", "both"):

@@ -26,7 +26,8 @@ class HeadStats:
     column. token_valid (B,T). sink_idx / sink_ok (B,H,K): sink columns at the main eps (padded with ok=False).
     ve / r2 (B,H): variance explained by the tag (projection and R^2 forms). ve_uncentred (B,H): the
     projection form without centring the outputs (the shared mean direction counts). sweep_n_sinks, sweep_ve,
-    sweep_r2 (B,H,E): the same for each threshold in settings.all_eps.
+    sweep_r2 (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K): A[:, sink_idx]
+    at the main eps (O(T*K), already computed for the tag; backends may leave it None).
     """
 
     col_scores: torch.Tensor
@@ -40,6 +41,7 @@ class HeadStats:
     sweep_n_sinks: torch.Tensor
     sweep_ve: torch.Tensor
     sweep_r2: torch.Tensor
+    sink_attn: torch.Tensor | None = None  # (B,H,T,K) attention of each row to each sink column (0 where not ok)
 
 
 def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -134,7 +136,7 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         empty_idx = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
         stats = HeadStats(col_scores, row_counts, token_valid, empty_idx, empty_idx.bool(), zeros, zeros.clone(),
                           zeros.clone(), torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
-                          torch.zeros(B, H, E, device=dev))
+                          torch.zeros(B, H, E, device=dev), torch.zeros(B, H, T, 0, device=dev))
         return torch.zeros_like(out), stats
 
     # The K highest-scoring columns per head hold every sink at the lowest eps (sink sets are nested).
@@ -189,5 +191,5 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
             ve_raw = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
     main_ok = top_scores > float(settings.eps)
     stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
-                      ve_raw, n_sinks, ve, r2)
+                      ve_raw, n_sinks, ve, r2, a_s * main_ok[:, :, None, :])
     return main_tag, stats

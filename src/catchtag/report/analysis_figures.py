@@ -1,0 +1,307 @@
+"""Figures of the analyses (pca, compare, sweep, taxonomy, geometry): matplotlib Agg, one PNG each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+RUN_COLORS = ["#3b6ea8", "#c0504d", "#6a9f58", "#8064a2", "#f79646", "#4bacc6"]
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _show_token(tok: str) -> str:
+    return tok.replace("\n", "⏎").replace("\t", "⇥").replace("$", r"\$") or "∅"
+
+
+def draw_tokens(ax, tokens, colors, *, sinks=(), outline=None, width: int = 110, fontsize: float = 6.0):
+    """Write tokens left to right in a monospace grid, each on a box of its colour; sinks get a thick black
+    frame; ``outline`` (T colours or None) draws a coloured underline per token."""
+    ax.set_axis_off()
+    x, y = 0, 0
+    placed = []
+    for i, tok in enumerate(tokens):
+        text = _show_token(tok)
+        n = max(1, len(text))
+        if x + n > width and x > 0:
+            x, y = 0, y + 1
+        placed.append((i, x, y, n, text))
+        x += n
+    n_lines = y + 1
+    ax.set_xlim(0, width)
+    ax.set_ylim(n_lines, 0)
+    sinks = set(int(s) for s in sinks)
+    for i, x, y, n, text in placed:
+        rgb = colors[i]
+        ax.add_patch(Rectangle((x, y + 0.05), n, 0.8, facecolor=rgb, edgecolor="black" if i in sinks else "none",
+                               linewidth=1.6 if i in sinks else 0))
+        lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+        ax.text(x + n / 2, y + 0.47, text, ha="center", va="center", fontsize=fontsize, family="monospace",
+                color="black" if lum > 0.5 else "white")
+        if outline is not None and outline[i] is not None:
+            ax.add_patch(Rectangle((x, y + 0.86), n, 0.12, facecolor=outline[i], edgecolor="none"))
+    return n_lines
+
+
+def pca_figure(pic, path) -> Path:
+    """Figure-2 style picture of one head (see analysis.pca.PcaPicture)."""
+    T = len(pic.tokens)
+    width = 120
+    n_chars = sum(max(1, len(_show_token(t))) for t in pic.tokens)
+    lines = max(2, int(np.ceil(n_chars / (width * 0.92))))
+    text_h = 0.19 * lines + 0.6
+    fig = plt.figure(figsize=(13, 2 * text_h + 4.4))
+    gs = fig.add_gridspec(3, 3, height_ratios=[text_h, 4.0, text_h], hspace=0.55, wspace=0.3)
+    sink_col = {g: SINK_COLORS[g % len(SINK_COLORS)] for g in range(len(pic.sinks))}
+    outline = [sink_col.get(int(g)) if g >= 0 else None for g in pic.tagged_by]
+    sink_desc = ", ".join(f"{s}:{pic.tokens[s]!r}" for s in pic.sinks) or "none"
+
+    ax = fig.add_subplot(gs[0, :])
+    draw_tokens(ax, pic.tokens, pic.head_rgb, sinks=pic.sinks, outline=outline, width=width)
+    ax.set_title(f"(a) head L{pic.layer}.H{pic.head} output per token, top-3 PCs as RGB "
+                 f"({100 * pic.head_explained.sum():.0f}% of variance); framed: sinks; underline: tagging sink",
+                 fontsize=9, loc="left")
+
+    ax = fig.add_subplot(gs[1, 0])
+    shown = np.power(np.clip(pic.attention, 0, 1), 0.5)
+    ax.imshow(shown, cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    for g, s in enumerate(pic.sinks):
+        ax.axvline(s, color=sink_col[g], lw=0.8, alpha=0.7)
+        ax.plot([s], [-T * 0.02], marker="v", color=sink_col[g], ms=6, clip_on=False)
+    ax.set_xlabel("key position (sinks marked)")
+    ax.set_ylabel("query position")
+    ax.set_title(f"(b) attention (sqrt scale), VE {pic.ve:.2f}", fontsize=9)
+
+    for col, (pcs, var, which) in enumerate(((pic.head_pcs, pic.head_explained, f"head L{pic.layer}.H{pic.head}"),
+                                              (pic.deeper_pcs, pic.deeper_explained,
+                                               f"residual after layer {pic.deeper}")), start=1):
+        ax = fig.add_subplot(gs[1, col])
+        untag = pic.tagged_by < 0
+        ax.scatter(pcs[untag, 0], pcs[untag, 1], s=7, c="#bbbbbb", label="no sink above level", linewidths=0)
+        for g in range(len(pic.sinks)):
+            sel = pic.tagged_by == g
+            if sel.any():
+                ax.scatter(pcs[sel, 0], pcs[sel, 1], s=9, c=sink_col[g], linewidths=0,
+                           label=f"tagged by {pic.sinks[g]}:{_show_token(pic.tokens[pic.sinks[g]])!r} ({sel.sum()})")
+        sil = pic.separation_head if col == 1 else pic.separation_deeper
+        ax.set_xlabel(f"PC1 ({100 * var[0]:.0f}%)")
+        ax.set_ylabel(f"PC2 ({100 * var[1]:.0f}%)")
+        ax.set_title(f"({'c' if col == 1 else 'd'}) {which}: PC1 vs PC2, silhouette {sil:.2f}", fontsize=9)
+        lim_x = np.percentile(pcs[1:, 0], [1, 99]) if T > 4 else None
+        lim_y = np.percentile(pcs[1:, 1], [1, 99]) if T > 4 else None
+        if lim_x is not None:
+            pad_x, pad_y = 0.15 * np.ptp(lim_x) + 1e-9, 0.15 * np.ptp(lim_y) + 1e-9
+            ax.set_xlim(lim_x[0] - pad_x, lim_x[1] + pad_x)
+            ax.set_ylim(lim_y[0] - pad_y, lim_y[1] + pad_y)
+        ax.legend(fontsize=6, loc="best", markerscale=1.5)
+
+    ax = fig.add_subplot(gs[2, :])
+    draw_tokens(ax, pic.tokens, pic.deeper_rgb, sinks=pic.sinks, outline=outline, width=width)
+    ax.set_title(f"(e) residual stream after layer {pic.deeper}, top-3 PCs as RGB "
+                 f"({100 * pic.deeper_explained.sum():.0f}% of variance); underline: sink of L{pic.layer}.H{pic.head} "
+                 f"that tags the token (attention >= {pic.tag_level})", fontsize=9, loc="left")
+    fig.suptitle(f"{pic.model}: catch, tag, release in head L{pic.layer}.H{pic.head} on one {T}-token prompt; "
+                 f"sinks {sink_desc}", fontsize=10)
+    return _save(fig, path)
+
+
+def compare_figure(cmp, path) -> Path:
+    """Sinks per head (violin), VE per head (box), share of heads with VE above the level, per-layer means."""
+    runs = list(cmp.summary["run"])
+    ph, pl = cmp.per_head, cmp.per_layer
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.7, 1.5]})
+    colors = {r: RUN_COLORS[i % len(RUN_COLORS)] for i, r in enumerate(runs)}
+    data = [ph.loc[ph["run"] == r, "sinks"].to_numpy() for r in runs]
+    parts = axes[0].violinplot(data, showmeans=True, showextrema=True)
+    for body, r in zip(parts["bodies"], runs):
+        body.set_facecolor(colors[r])
+        body.set_alpha(0.6)
+    axes[0].set_xticks(range(1, len(runs) + 1), runs, fontsize=8)
+    axes[0].set_ylabel("sinks per head (mean over prompts)")
+    axes[0].set_title("(a) sinks per head", fontsize=9)
+    data = [ph.loc[ph["run"] == r, "ve"].to_numpy() for r in runs]
+    box = axes[1].boxplot(data, patch_artist=True, widths=0.5)
+    for patch, r in zip(box["boxes"], runs):
+        patch.set_facecolor(colors[r])
+        patch.set_alpha(0.6)
+    axes[1].axhline(cmp.ve_level, color="grey", ls=":", lw=1)
+    axes[1].set_xticks(range(1, len(runs) + 1), runs, fontsize=8)
+    axes[1].set_ylabel("VE per head (mean over prompts)")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("(b) variance explained by tags", fontsize=9)
+    key = f"share_ve_above_{cmp.ve_level}"
+    axes[2].bar(range(len(runs)), 100 * cmp.summary[key], color=[colors[r] for r in runs], alpha=0.8)
+    for i, v in enumerate(cmp.summary[key]):
+        axes[2].text(i, 100 * v, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=8)
+    axes[2].set_xticks(range(len(runs)), runs, fontsize=8)
+    axes[2].set_ylabel(f"% of (prompt, layer, head) with VE > {cmp.ve_level}")
+    axes[2].set_title(f"(c) heads with VE > {cmp.ve_level}", fontsize=9)
+    ax2 = axes[3]
+    ax3 = ax2.twinx()
+    for r in runs:
+        g = pl[pl["run"] == r]
+        ax2.plot(g["depth"], g["ve"], "o-", color=colors[r], ms=3, label=f"{r}: mean VE")
+        ax3.plot(g["depth"], g["sinks"], "s--", color=colors[r], ms=3, alpha=0.6, label=f"{r}: mean sinks")
+    ax2.set_xlabel("relative depth (layer / (layers - 1))")
+    ax2.set_ylabel("mean VE (solid)")
+    ax3.set_ylabel("mean sinks per head (dashed)")
+    lines = ax2.get_legend_handles_labels()
+    lines3 = ax3.get_legend_handles_labels()
+    ax2.legend(lines[0] + lines3[0], lines[1] + lines3[1], fontsize=6, loc="upper left")
+    ax2.set_title("(d) per-layer means", fontsize=9)
+    eps = sorted(set(cmp.summary["eps"].dropna()))
+    fig.suptitle(f"Models side by side (eps={', '.join(map(str, eps))}; "
+                 + "; ".join(f"{r}: {n} prompts" for r, n in zip(runs, cmp.summary["n_prompts"])) + ")", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sweep_figure(table, path, published: dict | None = None) -> Path:
+    """Mean sinks per head vs mean VE as eps varies, one curve per run; eps written at the points."""
+    from catchtag.analysis.sweep import PUBLISHED_8B
+
+    published = PUBLISHED_8B if published is None else published
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (run, g) in enumerate(table.groupby("run", sort=False)):
+        c = RUN_COLORS[i % len(RUN_COLORS)]
+        ax.plot(g["mean_sinks_per_head"], g["mean_ve"], "o-", color=c, label=f"{run}: all heads", ms=4)
+        ax.plot(g["mean_sinks_per_head"], g["mean_ve_heads_with_sink"], "^:", color=c, alpha=0.6, ms=3,
+                label=f"{run}: heads with a sink")
+        for _, row in g.iterrows():
+            ax.annotate(f"{row['eps']:g}", (row["mean_sinks_per_head"], row["mean_ve"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=c)
+        ax2.plot(g["eps"], g["mean_sinks_per_head"], "o-", color=c, label=f"{run}", ms=4)
+    if published:
+        xs = [v[0] for v in published.values()]
+        ys = [v[1] for v in published.values()]
+        ax.plot(xs, ys, "kx--", label="published, 8B model (all heads)", ms=7)
+        for e, (x, y) in published.items():
+            ax.annotate(f"{e:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        ax2.plot(list(published), xs, "kx--", label="published, 8B model", ms=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("mean sinks per head (log scale)")
+    ax.set_ylabel("mean VE by tags")
+    ax.set_title("(a) sinks vs variance explained, points labelled by eps", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.set_xlabel("eps (sink threshold on the column score)")
+    ax2.set_ylabel("mean sinks per head (log scale)")
+    ax2.set_title("(b) sinks per head vs eps", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle("Threshold sweep: all eps from one forward pass per prompt", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
+    """Per run: the most frequent sink tokens (count, heads, mean VE) and the share of each kind of sink."""
+    from catchtag.analysis.taxonomy import KINDS
+
+    n = len(tables)
+    fig, axes = plt.subplots(n, 2, figsize=(13, 3.2 + 0.18 * top * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1]})
+    kind_colors = dict(zip(KINDS, ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"]))
+    for row, (run, (tokens, kinds)) in enumerate(tables.items()):
+        first = tokens[tokens["kind"] == "first"]
+        t = tokens[tokens["kind"] != "first"].head(top - 1)
+        if len(first):  # position 0 as one bar, whatever token sits there
+            agg = {"token": "position 0, any token", "kind": "first", "count": int(first["count"].sum()),
+                   "n_heads": int(first["n_heads"].max()),
+                   "mean_ve": float((first["mean_ve"] * first["count"]).sum() / first["count"].sum())}
+            t = pd.concat([pd.DataFrame([agg]), t], ignore_index=True).sort_values("count", ascending=False)
+        ax = axes[row, 0]
+        ax.barh(range(len(t)), t["count"], color=[kind_colors[k] for k in t["kind"]])
+        ax.set_yticks(range(len(t)), [f"<{x}>" if k == "first" else repr(_show_token(x))
+                                      for x, k in zip(t["token"], t["kind"])], fontsize=7)
+        ax.invert_yaxis()
+        log = len(t) and t["count"].max() > 30 * max(1, t["count"].min())
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("times a sink (prompt x layer x head)" + (", log scale" if log else ""))
+        for i, (_, r) in enumerate(t.iterrows()):
+            heads = f"<= {r['n_heads']}" if r["kind"] == "first" else r["n_heads"]
+            ax.text(ax.get_xlim()[1], i, f" {heads} heads, VE {r['mean_ve']:.2f}", va="center",
+                    fontsize=6, clip_on=False)
+        ax.set_title(f"{run}: most frequent sink tokens (colour = kind; position 0 pooled)", fontsize=9)
+        ax = axes[row, 1]
+        k = kinds[kinds["kind"] != "first"]
+        ax.bar(range(len(k)), 100 * k["share_beyond_first"].fillna(0), color=[kind_colors[x] for x in k["kind"]])
+        for i, (_, r) in enumerate(k.iterrows()):
+            ax.text(i, 100 * (r["share_beyond_first"] if r["share_beyond_first"] == r["share_beyond_first"] else 0),
+                    f"{100 * (r['share_beyond_first'] or 0):.0f}%\n({r['count']})", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(range(len(k)), k["kind"], fontsize=7)
+        ax.set_ylabel("% of sinks beyond position 0")
+        first = kinds.loc[kinds["kind"] == "first", "share"].iloc[0]
+        ax.set_ylim(0, 110)
+        ax.set_title(f"{run}: kinds of sinks beyond the first token\n(position 0 is {100 * first:.1f}% of all sinks)",
+                     fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def geometry_figure(geoms: dict, path) -> Path:
+    """Histograms of cosine between distinct tags (by kind of pair) and between each tag and its token."""
+    from catchtag.analysis.geometry import PAIR_KINDS
+
+    n = len(geoms)
+    fig, axes = plt.subplots(n, 3, figsize=(14, 3.4 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 1]})
+    bins = np.linspace(-1, 1, 81)
+    for row, (run, g) in enumerate(geoms.items()):
+        ax = axes[row, 0]
+        for i, kind in enumerate(PAIR_KINDS):
+            c = g.pairs.loc[g.pairs["kind"] == kind, "cosine"].to_numpy()
+            if len(c):
+                ax.hist(c, bins=bins, density=True, histtype="step", lw=1.4, color=RUN_COLORS[i],
+                        label=f"{kind} (n={len(c)}, {100 * (np.abs(c) <= 0.05).mean():.0f}% within ±0.05)")
+        sd = 1 / np.sqrt(g.hidden)
+        xs = np.linspace(-1, 1, 400)
+        ax.plot(xs, np.exp(-xs ** 2 / (2 * sd ** 2)) / (sd * np.sqrt(2 * np.pi)), "k:", lw=1,
+                label=f"random directions in {g.hidden} dims")
+        ax.axvspan(-0.05, 0.05, color="grey", alpha=0.15)
+        ax.set_xlabel("cosine similarity between two distinct tags (residual stream)")
+        ax.set_ylabel("density")
+        ax.set_title(f"{run}: distinct tags, one per (layer, head, sink), n={g.n_tags}", fontsize=9)
+        ax.legend(fontsize=6)
+        ax = axes[row, 1]
+        c = g.tag_vs_token["cosine"].to_numpy()
+        ax.hist(c, bins=bins, density=True, color="#6a9f58", alpha=0.8, label=f"n={len(c)}")
+        ax.plot(xs, np.exp(-xs ** 2 / (2 * sd ** 2)) / (sd * np.sqrt(2 * np.pi)), "k:", lw=1, label="random")
+        ax.axvspan(-0.17, 0.02, color="orange", alpha=0.15, label="published range")
+        ax.set_xlabel("cosine(tag of head at token i, residual stream entering the layer at i)")
+        ax.set_title(f"{run}: tag vs the token it is added to (mean {c.mean() if len(c) else 0:.3f})", fontsize=9)
+        ax.legend(fontsize=6)
+        ax = axes[row, 2]
+        per_layer = g.tag_vs_token.groupby("layer")["cosine"].agg(["mean", lambda v: np.percentile(v, 10),
+                                                                   lambda v: np.percentile(v, 90)])
+        per_layer.columns = ["mean", "p10", "p90"]
+        ax.fill_between(per_layer.index, per_layer["p10"], per_layer["p90"], color="#6a9f58", alpha=0.3,
+                        label="10-90th percentile")
+        ax.plot(per_layer.index, per_layer["mean"], "o-", color="#6a9f58", ms=3, label="mean")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cosine(tag, token)")
+        ax.set_title(f"{run}: tag vs token per layer", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Tag geometry: are tags orthogonal to each other and to the tokens they tag?", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

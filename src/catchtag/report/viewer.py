@@ -1,0 +1,95 @@
+"""The token viewer: one self-contained HTML page (no network) showing, for any layer and head (or all heads),
+which tokens are sinks and which sink tags each token, with the attention a token pays to each sink on hover.
+
+Data per head is O(T * K): each token's attention to each sink, quantised to a byte (1/255 steps) and base64
+encoded, so 2k tokens x hundreds of heads stay a few MB and the page renders in milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from catchtag.analysis.common import model_name, one_prompt
+from catchtag.engine.request import ActivationRequest
+
+_HERE = Path(__file__).parent
+
+
+def view_data(result, model: str = "", prompt_id: int | None = None, start: tuple[int, int] | None = None) -> dict:
+    """What the page shows, from a ScanResult made with ActivationRequest(sink_attention=True)."""
+    if not result.sink_attention:
+        from catchtag.errors import CatchtagError
+
+        raise CatchtagError("this ScanResult has no sink attention. Scan with "
+                            "request=ActivationRequest(layers=[], sink_attention=True)")
+    h = result.heads
+    if prompt_id is None:
+        prompt_id = int(h["prompt_id"].iloc[0])
+    h = h[h["prompt_id"] == prompt_id]
+    tokens = list(result.prompts.set_index("prompt_id").loc[prompt_id, "tokens"])
+    L, H = result.n_layers, result.n_heads
+    heads = [[None] * H for _ in range(L)]
+    for row in h.itertuples(index=False):
+        a = result.sink_attention[(prompt_id, row.layer, row.head)]
+        q = np.clip(np.rint(np.asarray(a, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+        heads[row.layer][row.head] = {"s": [int(x) for x in row.sink_positions],
+                                      "sc": [round(float(x), 4) for x in row.sink_scores],
+                                      "ve": round(float(row.ve), 4),
+                                      "a": base64.b64encode(q.tobytes(order="C")).decode("ascii")}
+    if start is None:  # the highest-VE head with a sink beyond the first token, else the highest-VE head
+        from catchtag.analysis.pca import choose_head
+
+        try:
+            start = choose_head(result)
+        except Exception:
+            start = (0, 0)
+    return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
+            "min_rows": result.settings.get("min_rows"), "n_layers": L, "n_heads": H, "tokens": tokens,
+            "heads": heads, "start": [int(start[0]), int(start[1])]}
+
+
+def render_view(data: dict, title: str | None = None) -> str:
+    """The HTML page for ``view_data`` output (CSS and JS inline)."""
+    css = (_HERE / "viewer.css").read_text()
+    js = (_HERE / "viewer.js").read_text()
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    title = title or f"catchtag viewer: {data['model']}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{css}</style></head>
+<body>
+<header><h1>{html.escape(title)} — {len(data['tokens'])} tokens, eps {data['eps']}, min_rows {data['min_rows']}</h1>
+<div class="controls">
+<label>Layer <select id="layer"></select></label>
+<label>Head <select id="head"></select></label>
+<span class="note">Framed tokens are sinks; every other token takes the colour of the sink it attends to most
+(stronger colour = more attention). Hover a token for its attention to each sink (bytes: 1/255 steps).</span>
+</div>
+<div id="info"></div><div id="legend"></div></header>
+<main><div id="tokens"></div>
+<aside><h2>VE per layer (rows) and head (columns); click to pick</h2><table id="grid"></table></aside></main>
+<div id="tip"></div>
+<script id="catchtag-data" type="application/json">{payload}</script>
+<script>{js}</script>
+</body></html>
+"""
+
+
+def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
+               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
+    """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
+    from catchtag.scan import scan
+
+    result = scan(model, tokenizer, one_prompt(text), eps=eps, min_rows=min_rows, max_tokens=max_tokens,
+                  request=ActivationRequest(layers=[], sink_attention=True), progress=False)
+    result.settings["model"] = model_name(model, name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_view(view_data(result, start=start)), encoding="utf-8")
+    return out

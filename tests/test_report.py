@@ -1,0 +1,178 @@
+"""The HTML report and the token viewer, checked in a real headless browser (Debian's chromium via playwright).
+
+These tests fail (never skip) when /usr/bin/chromium or playwright is missing: CI must install both
+(apt-get install -y chromium; pip install playwright) and playwright must never download a browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from catchtag import load_model, scan
+from catchtag.report.html import write_report
+from catchtag.report.viewer import render_view, token_view
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+EPS, MIN_ROWS = 0.03, 4
+TEXT = ("The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.\n"
+        "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, path):
+    """A page with every console error, page error and network request outside file:// recorded."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, errors, requests
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def view_page(llama, tmp_path_factory):
+    net, tok = llama
+    return token_view(net, tok, TEXT, tmp_path_factory.mktemp("view") / "view.html", eps=EPS, min_rows=MIN_ROWS,
+                      name="tiny:llama")
+
+
+def test_viewer_is_self_contained(view_page):
+    page = view_page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "no CDN or network resource"
+    assert "<script id=\"catchtag-data\"" in page
+
+
+def test_viewer_in_browser(browser, view_page, llama, tmp_path):
+    net, tok = llama
+    r = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False)
+    sinks = {(row.layer, row.head): tuple(sorted(row.sink_positions)) for row in r.heads.itertuples()}
+    page, errors, requests = open_page(browser, view_page)
+    assert page.locator("span.t").count() == int(r.heads["n_tokens"].iloc[0])
+
+    def shown():
+        return tuple(sorted(int(s.get_attribute("data-i")) for s in page.locator("span.t.sink").all()))
+
+    # two heads with different sinks: selecting one, then the other, changes the highlighted tokens
+    (a, b) = next(((x, y) for x in sinks for y in sinks if sinks[x] and sinks[y] and sinks[x] != sinks[y]))
+    for (layer, head) in (a, b):
+        page.select_option("#layer", str(layer))
+        page.select_option("#head", str(head))
+        assert shown() == sinks[(layer, head)]
+    assert shown() != sinks[a]
+    # every token is coloured by the sink it attends to most: a token after the first sink has a colour
+    first_sink = sinks[b][0]
+    assert page.locator(f"span.t >> nth={first_sink + 1}").evaluate("e => e.style.backgroundColor") != ""
+    # hover: the attention the token pays to each sink of the head
+    page.hover(f"span.t >> nth={len(r.prompts['tokens'].iloc[0]) - 1}")
+    tip = page.inner_text("#tip")
+    assert f"sink {first_sink}" in tip
+    # "all heads" of the layer: the union of that layer's sinks
+    page.select_option("#head", "all")
+    union = tuple(sorted({p for (l, h), s in sinks.items() if l == b[0] for p in s}))
+    assert shown() == union
+    # the grid picks a head too
+    page.click(f"#grid td[data-l='{a[0]}'][data-h='{a[1]}']")
+    assert shown() == sinks[a]
+    page.screenshot(path=str(tmp_path / "viewer.png"))
+    assert (tmp_path / "viewer.png").stat().st_size > 10_000
+    assert errors == [] and requests == []
+
+
+def synthetic_view(T=2048, L=30, H=9, seed=0):
+    """View data of the size of a real 2k-token scan of a 30 x 9 model, with 1-3 sinks per head."""
+    rng = np.random.default_rng(seed)
+    heads = []
+    for _ in range(L):
+        row = []
+        for _ in range(H):
+            sinks = sorted({0, *rng.integers(1, T - 64, size=rng.integers(0, 3)).tolist()})
+            a = rng.random((T, len(sinks))) * 0.5
+            for k, s in enumerate(sinks):
+                a[:s, k] = 0
+            q = np.rint(a * 255).astype(np.uint8)
+            row.append({"s": sinks, "sc": [0.3] * len(sinks), "ve": float(rng.random()),
+                        "a": base64.b64encode(q.tobytes()).decode()})
+        heads.append(row)
+    tokens = [f" w{i}" if i % 17 else ".\n" for i in range(T)]
+    return {"model": "synthetic", "eps": 0.2, "min_rows": 16, "n_layers": L, "n_heads": H, "tokens": tokens,
+            "heads": heads, "start": [0, 0]}
+
+
+def test_viewer_fast_with_2k_tokens(browser, tmp_path):
+    path = tmp_path / "big.html"
+    path.write_text(render_view(synthetic_view()), encoding="utf-8")
+    assert path.stat().st_size < 8_000_000
+    page, errors, _ = open_page(browser, path)
+    assert page.locator("span.t").count() == 2048
+    ms = page.evaluate("""() => {
+        const t0 = performance.now();
+        document.getElementById('layer').value = 'all';
+        document.getElementById('head').value = 'all';
+        window.catchtagView.render();
+        const t1 = performance.now();
+        document.getElementById('layer').value = '7';
+        document.getElementById('head').value = '3';
+        window.catchtagView.render();
+        return [t1 - t0, performance.now() - t1];
+    }""")
+    assert ms[0] < 1500 and ms[1] < 300, f"render took {ms} ms"
+    page.screenshot(path=str(tmp_path / "big.png"))
+    assert errors == []
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    out = []
+    for arch in ("llama", "qwen3"):
+        net, tok = load_model(f"tiny:{arch}")
+        scan(net, tok, [TEXT, TEXT[::-1]], eps=EPS, min_rows=MIN_ROWS, sweep_eps=(0.03, 0.1, 0.2, 0.4),
+             out=folder / arch, progress=False, model_name=f"tiny:{arch}")
+        out.append(folder / arch)
+    return out
+
+
+def test_report_in_browser(browser, runs, tmp_path):
+    out = write_report(runs, tmp_path / "report.html", text=TEXT)
+    page_text = out.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page_text), "no network resource"
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page_text)
+    # compare, sweep, taxonomy, 2 heatmaps per run, a pca picture per run, geometry
+    assert len(images) == 3 + 2 * len(runs) + len(runs) + 1
+    for section in ("Runs, settings and versions", "Models side by side", "Threshold sweep", "Which tokens are sinks",
+                    "Release pictures", "Tag geometry", "transformers"):
+        assert section in page_text
+    assert page_text.count("<figcaption>") == len(images)
+    page, errors, requests = open_page(browser, out)
+    widths = page.evaluate("() => [...document.images].map(i => i.naturalWidth)")
+    assert len(widths) == len(images) and min(widths) > 100, "every embedded figure decodes"
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert errors == [] and requests == []
+
+
+def test_report_without_per_token(runs, tmp_path):
+    out = write_report(runs, tmp_path / "r.html", per_token=False)
+    assert "Release pictures" not in out.read_text() and "Threshold sweep" in out.read_text()
