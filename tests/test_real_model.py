@@ -42,8 +42,11 @@ def test_smollm2_engine_matches_reference(smollm2):
             assert all(abs(r["scores"][p] - 0.2) < 1e-4 for p in odd)
             continue
         n_sinks += len(sinks)
-        assert abs(float(st.ve[b, h]) - r["ve"]) < 1e-4
-        assert abs(float(st.r2[b, h]) - r["r2"]) < 1e-4
+        # A head whose output is nearly constant (all rows on one sink) has a tiny centred variance, and its
+        # ratios inherit float32 rounding of o magnified by ||o|| / ||o - mean|| (seen: 8e3 on layer 18).
+        tol = 1e-4 + 1e-6 * r["conditioning"]
+        assert abs(float(st.ve[b, h]) - r["ve"]) < tol, (r["layer"], b, h, r["conditioning"])
+        assert abs(float(st.r2[b, h]) - r["r2"]) < tol, (r["layer"], b, h, r["conditioning"])
         acts = cap.layers[r["layer"]].activations
         scale = max(1.0, np.abs(r["full"]).max())
         assert np.abs(acts["tag"][b, h, 0].numpy() - r["tag"]).max() < 1e-4 * scale

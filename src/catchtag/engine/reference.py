@@ -97,7 +97,10 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                 ve_unc = float(((o @ basis) ** 2).sum() / (o ** 2).sum()) if sinks and total > 0 else 0.0
                 full_r = _through_output_projection(module, h, H, o[-1])
                 tag_r = _through_output_projection(module, h, H, tag[-1])
+                # how much float32 rounding of o is magnified in the centred ratios (large for near-constant heads)
+                conditioning = float(np.sqrt((o ** 2).sum() / total)) if total > 0 else float("inf")
                 rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2, ve_uncentred=ve_unc,
+                                 conditioning=conditioning,
                                  full=full_r, tag=tag_r, nontag=full_r - tag_r, last=int(last)))
     return rows, logits
 

@@ -159,10 +159,10 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     n_rows = rows.sum(dim=2, keepdim=True).clamp_min(1)
     centred = (out - (out * rows).sum(dim=2, keepdim=True) / n_rows) * rows
     total = centred.pow(2).sum(dim=(-1, -2)).double()  # (B,H)
-    # float64: G^+ amplifies rounding by 1/sigma_min^2 when sink values are nearly parallel
+    # The span projection goes through an SVD of the sink values, in float64: sink values are often nearly
+    # parallel (the same token at two positions), and a Gram-matrix inverse would square their condition number.
     v_s64 = v_s.double()
     x = torch.matmul(centred.double(), v_s64.transpose(-1, -2))  # (B,H,T,K): projections on sink values
-    gram = torch.matmul(v_s64, v_s64.transpose(-1, -2))  # (B,H,K,K)
     raw = out.double() * rows
     x_raw = torch.matmul(raw, v_s64.transpose(-1, -2))
     total_raw = raw.pow(2).sum(dim=(-1, -2))
@@ -174,9 +174,8 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     for e_i, e in enumerate(all_eps):
         ok = top_scores > e  # (B,H,K)
         okf = ok.double()
-        g = gram * okf[..., :, None] * okf[..., None, :]
-        g_inv = torch.linalg.pinv(g, hermitian=True)
-        proj = (torch.matmul(x * okf[..., None, :], g_inv) * x * okf[..., None, :]).sum(dim=(-1, -2))
+        to_basis = _span_basis(v_s64 * okf[..., None])  # (B,H,K,r): sink-value coordinates -> orthonormal basis
+        proj = torch.matmul(x * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
         tag = torch.matmul(a_s * ok[:, :, None, :], v_s)  # (B,H,T,Dv)
         nontag = (out - tag)
         nontag_c = (nontag - (nontag * rows).sum(dim=2, keepdim=True) / n_rows) * rows
@@ -187,9 +186,20 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         r2[..., e_i] = torch.where(has, 1 - nontag_c.pow(2).sum(dim=(-1, -2)).double() / safe, torch.zeros_like(proj)).float()
         if e_i == main_e:
             main_tag = tag
-            proj_raw = (torch.matmul(x_raw * okf[..., None, :], g_inv) * x_raw * okf[..., None, :]).sum(dim=(-1, -2))
+            proj_raw = torch.matmul(x_raw * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
             ve_raw = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
     main_ok = top_scores > float(settings.eps)
     stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
                       ve_raw, n_sinks, ve, r2, a_s * main_ok[:, :, None, :])
     return main_tag, stats
+
+
+def _span_basis(v: torch.Tensor) -> torch.Tensor:
+    """For sink values v (..., K, D), the (..., K, r) matrix W with (o @ v^T) @ W = o @ Q, Q an orthonormal basis
+    of span{v_k}: from v = U S Wh, Q = Wh^T and W = U / S. Singular values under the rank tolerance (the same rule
+    as numpy's matrix_rank) are dropped, so repeated or zero (masked) sink values add no direction."""
+    u, s, _ = torch.linalg.svd(v, full_matrices=False)
+    tol = s.amax(dim=-1, keepdim=True) * max(v.shape[-2:]) * torch.finfo(v.dtype).eps
+    keep = s > tol
+    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    return u * inv[..., None, :]
