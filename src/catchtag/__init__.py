@@ -11,6 +11,9 @@ from catchtag.models import available_models, load_model
 from catchtag.result import ScanResult
 from catchtag.scan import scan
 from catchtag.api import run_scan
+from catchtag.analysis.probes import HeadProbes, TagProbe, run_probe
+from catchtag.analysis.steering import answer_logprobs, run_steer, steering_curve
 
-__all__ = ["ActivationRequest", "CatchtagError", "ScanResult", "SinkSettings", "available_models", "load_model",
-           "run_scan", "scan"]
+__all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "ScanResult", "SinkSettings", "TagProbe",
+           "answer_logprobs", "available_models", "load_model", "run_probe", "run_scan", "run_steer", "scan",
+           "steering_curve"]
