@@ -140,9 +140,10 @@ def steer(
     probes: Path = typer.Option(..., "--probes", "-p", help="a finished `catchtag probe` run folder"),
     heads: Optional[str] = typer.Option(None, help="heads to steer as LAYER.HEAD,...; default: the probe run's "
                                         "selected heads"),
-    top: int = typer.Option(2, help="how many selected heads to steer when --heads is not given"),
-    scales: str = typer.Option("-8,-4,-2,0,2,4,8", help="multiples of the mean tag difference to add"),
-    n_random: int = typer.Option(3, help="random directions of the same norm (the control)"),
+    top: int = typer.Option(1, help="how many selected heads to steer when --heads is not given"),
+    scales: str = typer.Option("-8,-4,0,4,8", help="multiples of the mean tag difference to add"),
+    n_random: int = typer.Option(2, help="random directions of the same norm (the control)"),
+    n_prompts: int = typer.Option(64, help="test prompts to steer (balanced; 0: all of the test split)"),
     seed: int = typer.Option(0, help="seed of the random directions"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default PROBES/steer)"),
@@ -156,7 +157,7 @@ def steer(
     try:
         scale_values = tuple(float(x) for x in scales.split(","))
         report = run_steer(probes, heads=_parse_heads(heads), top=top, scales=scale_values, n_random=n_random,
-                           seed=seed, batch_size=batch_size, out=out, device=device, dtype=dtype,
+                           n_prompts=n_prompts or None, seed=seed, batch_size=batch_size, out=out, device=device, dtype=dtype,
                            figures=not no_figures)
     except CatchtagError as err:
         _fail(str(err))

@@ -425,8 +425,8 @@ def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
 
     layers = sorted(table["layer"].unique())
     heads = sorted(table["head"].unique())
-    fig, axes = plt.subplots(1, 3, figsize=(3 + 1.0 * len(heads) * 3 * 0.45 + 2, 0.22 * len(layers) + 2.2),
-                             sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.3 * len(heads) + 0.9) + 1.4, 0.2 * len(layers) + 1.9),
+                             sharey=True, layout="constrained")
     titles = {"tag": "tag-only probe", "nontag": "non-tag probe", "full": "full-output probe"}
     for ax, kind in zip(axes, ("tag", "nontag", "full")):
         grid = table[table["kind"] == kind].pivot(index="layer", columns="head", values="test_accuracy")
@@ -443,12 +443,12 @@ def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
     axes[0].set_ylabel("layer")
     axes[0].set_yticks(range(len(layers)))
     axes[0].set_yticklabels(layers, fontsize=7)
-    cbar = fig.colorbar(im, ax=axes, shrink=0.9)
+    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
     cbar.set_label("test accuracy (chance 0.5)")
     m = summary["model_accuracy"]["test"]
-    fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probes, {summary['n_train']} train / "
+    fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probe test accuracy\n{summary['n_train']} train / "
                  f"{summary['n_test']} test prompts; model's own {summary['shots']}-shot accuracy {100 * m:.0f}%"
-                 f" (red: selected heads)", fontsize=9)
+                 f" (red box: selected head)", fontsize=9)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

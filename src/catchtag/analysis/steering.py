@@ -21,7 +21,7 @@ import torch
 
 from catchtag.errors import CatchtagError
 
-DEFAULT_SCALES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
+DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
 
 
 def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, steer: dict | None = None,
@@ -151,12 +151,12 @@ def steering_curve(model, tokenizer, prompts, labels, answer_ids, layer: int, he
     return pd.DataFrame(rows)
 
 
-def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = None, top: int = 2,
-              scales=DEFAULT_SCALES, n_random: int = 3, seed: int = 0, batch_size: int = 8,
+def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = None, top: int = 1,
+              scales=DEFAULT_SCALES, n_random: int = 2, n_prompts: int | None = 64, seed: int = 0, batch_size: int = 8,
               out: str | Path | None = None, device: str = "cpu", dtype: str = "auto",
               figures: bool = True) -> dict:
     """What ``catchtag steer`` does: read a finished probe run (``catchtag probe --out PROBES``), take its
-    selected heads (or ``heads``), steer the test prompts along each head's mean tag difference, and write
+    selected heads (or ``heads``), steer test prompts (the first ``n_prompts``, balanced; None: all) along each head's mean tag difference, and write
     steering.parquet, steering.json and a figure into OUT (default PROBES/steer)."""
     from catchtag.analysis.probes import load_probe_inputs
     from catchtag.models import load_model
@@ -182,6 +182,13 @@ def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = N
     train = (frame["split"] == "train").to_numpy()
     test = ~train
     labels = frame["label"].to_numpy()
+    if n_prompts is not None:
+        if n_prompts < 2:
+            raise CatchtagError(f"--n-prompts must be >= 2 (one per label), got {n_prompts}")
+        keep = np.zeros(len(frame), dtype=bool)
+        for label in (0, 1):
+            keep[np.flatnonzero(test & (labels == label))[:n_prompts // 2]] = True
+        test = keep
     test_prompts = [p for p, t in zip(inputs["prompts"], test) if t]
     curves = []
     directions = {}
