@@ -340,14 +340,16 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
     train = (frame["split"] == "train").to_numpy()
     test = ~train
 
-    # the model's own few-shot answer: which of the two answer tokens is more likely at the last token
+    # the model's own few-shot answer on the test split: which answer token is more likely at the last token
     t0 = time.perf_counter()
-    logp = answer_logprobs(net, tokenizer, inputs["prompts"], answer_ids, batch_size=batch_size, progress=True)
-    model_answers = frame.assign(logp_label0=logp[:, 0], logp_label1=logp[:, 1],
-                                 predicted=(logp[:, 1] > logp[:, 0]).astype(int), prompt=inputs["texts"])
+    test_prompts = [p for p, t in zip(inputs["prompts"], test) if t]
+    logp = answer_logprobs(net, tokenizer, test_prompts, answer_ids, batch_size=batch_size, progress=True)
+    model_answers = frame[test].assign(logp_label0=logp[:, 0], logp_label1=logp[:, 1],
+                                       predicted=(logp[:, 1] > logp[:, 0]).astype(int),
+                                       prompt=[t for t, keep in zip(inputs["texts"], test) if keep])
     model_answers.to_parquet(out / "model_answers.parquet", index=False)
     answer_seconds = time.perf_counter() - t0
-    correct_test = int((model_answers["predicted"].to_numpy()[test] == labels[test]).sum())
+    correct_test = int((model_answers["predicted"].to_numpy() == labels[test]).sum())
     mass = np.exp(logp).sum(axis=1)
 
     t0 = time.perf_counter()
@@ -379,7 +381,6 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
         "mean_prompt_tokens": float(np.mean([len(p.input_ids) for p in inputs["prompts"]])),
         "example_prompt": inputs["texts"][0],
         "model_accuracy": {"test": correct_test / int(test.sum()), "test_ci": list(wilson_interval(correct_test, int(test.sum()))),
-                           "all": float((model_answers["predicted"] == model_answers["label"]).mean()),
                            "share_predicting_label1": float(model_answers["predicted"].mean()),
                            "mean_answer_mass": float(mass.mean())},
         "best_test_accuracy": {k: best(k) for k in KINDS},

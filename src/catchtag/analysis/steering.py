@@ -211,13 +211,13 @@ def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = N
               "directions": directions, "seconds": time.perf_counter() - started,
               "rows": table.to_dict(orient="records")}
     if figures:
-        report["figures"] = [str(steering_figure(table, summary, out / "steering.png"))]
+        report["figures"] = [str(steering_figure(table, summary, out / "steering.png", int(test.sum())))]
     report["out"] = str(out) + "/"
     (out / "steering.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prompts: int | str = "?") -> Path:
     """One panel per steered head: mean shift of the answer log-odds against the steering scale, for the
     tag direction and for each random direction of the same norm (error bars: standard error over prompts)."""
     import matplotlib
@@ -240,8 +240,8 @@ def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path) -> Pat
         ax.set_xlabel("steering scale (x mean tag difference)")
     axes[0][0].set_ylabel(f"shift of log p({labels[1]}) - log p({labels[0]})")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{summary['model']}, {summary['task']}: steering one head at the last token "
-                 f"({summary.get('n_test', '?')} test prompts)", fontsize=10)
+    fig.suptitle(f"{summary['model']}, {summary['task']}: steering one head at the last token\n"
+                 f"({n_prompts} test prompts; shift of the mean log-odds vs no steering)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
