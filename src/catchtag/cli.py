@@ -249,6 +249,97 @@ def view(
     typer.echo(f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)")
 
 
+# ---- probes and steering (spec section 5) ----------------------------------------------------------------
+def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """'20.3,21.0' -> [(20, 3), (21, 0)]."""
+    if not text:
+        return None
+    try:
+        return [(int(a), int(b)) for a, b in (item.strip().split(".") for item in text.split(","))]
+    except ValueError:
+        raise CatchtagError(f"--heads must look like LAYER.HEAD[,LAYER.HEAD...], e.g. 20.3,21.0; got {text!r}") from None
+
+
+@app.command()
+def probe(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    task: str = typer.Option("truth", "--task", "-t", help="truth (builtin:truth) or sentiment (builtin:sentiment)"),
+    out: Path = typer.Option(..., "--out", "-o", help="probe run folder (its scan resumes)"),
+    shots: int = typer.Option(2, help="few-shot demonstrations before each statement"),
+    template: Optional[str] = typer.Option(None, help="one example, with {text} and ending in {answer}, e.g. "
+                                           "'{text} This statement is: {answer}'"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    limit: Optional[int] = typer.Option(None, help="use only about this many prompts (balanced per split and label)"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    cv: int = typer.Option(5, help="cross-validation folds (train split only) for the regularisation"),
+    top: int = typer.Option(5, help="how many heads to select"),
+    seed: int = typer.Option(0, help="CV fold seed"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    no_figures: bool = typer.Option(False, "--no-figures", help="skip the heat map"),
+) -> None:
+    """Probe every head's last-token full, tag-only and non-tag output for TASK's label; select heads."""
+    from catchtag.analysis.probes import run_probe
+
+    try:
+        s = run_probe(model=model, task=task, out=out, shots=shots, template=template, eps=eps, min_rows=min_rows,
+                      limit=limit, batch_size=batch_size, cv=cv, seed=seed, top=top, device=device, dtype=dtype,
+                      figures=not no_figures)
+    except CatchtagError as err:
+        _fail(str(err))
+    m = s["model_accuracy"]
+    typer.echo(f"\n{s['n_train']} train / {s['n_test']} test prompts ({s['mean_prompt_tokens']:.0f} tokens), "
+               f"{s['n_probes']} probes ({s['seconds']['probes']:.0f} s)")
+    typer.echo(f"model's own {shots}-shot test accuracy: {100 * m['test']:.1f}% "
+               f"[{100 * m['test_ci'][0]:.0f}, {100 * m['test_ci'][1]:.0f}]")
+    for kind in ("tag", "nontag", "full"):
+        b = s["best_test_accuracy"][kind]
+        typer.echo(f"best {kind:<6} probe: {100 * b['test_accuracy']:.1f}% at layer {b['layer']} head {b['head']} "
+                   f"(mean over heads {100 * s['mean_test_accuracy'][kind]:.1f}%)")
+    typer.echo((out / "selected_heads.md").read_text())
+    typer.echo(f"wrote {out}/probes.parquet, heads.csv, selected_heads.md, summary.json"
+               + ("" if no_figures else ", probe_heatmap.png"))
+
+
+@app.command()
+def steer(
+    probes: Path = typer.Option(..., "--probes", "-p", help="a finished `catchtag probe` run folder"),
+    heads: Optional[str] = typer.Option(None, help="heads to steer as LAYER.HEAD,...; default: the probe run's "
+                                        "selected heads"),
+    top: int = typer.Option(1, help="how many selected heads to steer when --heads is not given"),
+    scales: str = typer.Option("-8,-4,0,4,8", help="multiples of the mean tag difference to add"),
+    n_random: int = typer.Option(2, help="random directions of the same norm (the control)"),
+    n_prompts: int = typer.Option(64, help="test prompts to steer (balanced; 0: all of the test split)"),
+    seed: int = typer.Option(0, help="seed of the random directions"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default PROBES/steer)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
+) -> None:
+    """Add a selected head's mean tag difference (label 1 minus label 0) at its output on test prompts."""
+    from catchtag.analysis.steering import run_steer
+
+    try:
+        scale_values = tuple(float(x) for x in scales.split(","))
+        report = run_steer(probes, heads=_parse_heads(heads), top=top, scales=scale_values, n_random=n_random,
+                           n_prompts=n_prompts or None, seed=seed, batch_size=batch_size, out=out, device=device, dtype=dtype,
+                           figures=not no_figures)
+    except CatchtagError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(f"bad value: {err}")
+    rows = report["rows"]
+    for layer, head in report["heads"]:
+        typer.echo(f"layer {layer} head {head} (|direction| {report['directions'][f'{layer}.{head}']['norm']:.3g}):")
+        for r in rows:
+            if (r["layer"], r["head"]) == (layer, head) and r["index"] == 0:
+                typer.echo(f"  {r['direction']:<6} scale {r['scale']:+5.1f}: log-odds shift {r['shift']:+.3f} "
+                           f"± {r['shift_sem']:.3f}, accuracy {100 * r['accuracy']:.1f}%")
+    typer.echo(f"wrote {report.get('out', '')}steering.parquet, steering.json ({report['seconds']:.0f} s)")
+
+
 def main() -> None:
     try:
         app()

