@@ -186,7 +186,7 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, MAT,
         tag = tl.dot(a, vm.to(tl.float32), input_precision="ieee")  # (BM, DV)
     else:
         y = tl.dot(o, tl.trans(vs))
-        tag = tl.dot(a.to(vm.dtype.element_ty), vm)  # rounded like the stored tag (bf16)
+        tag = tl.dot(a.to(vm.dtype), vm)  # rounded like the stored tag (bf16)
     tl.store(TAG + b * stb + h * sth + rows[:, None] * stt + dv[None, :] * std, tag.to(TAG.dtype.element_ty),
              mask=row_in[:, None] & (dv[None, :] < DV))
     o = o.to(tl.float32)
