@@ -130,14 +130,17 @@ def _causal_attention_and_lse(query, key, value, scaling):
     n_rep = H // key.shape[1]
     errors = []
     for name in list(_CAUSAL_KERNELS):
-        k, v = (key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)) if "repeat" in name else (key, value)
+        repeat = "repeat" in name and n_rep > 1
+        k, v = (key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)) if repeat else (key, value)
         try:
             if name.startswith("cudnn"):
                 res = torch.ops.aten._scaled_dot_product_cudnn_attention(query, k, v, None, True, 0.0, True, False,
                                                                          scale=scaling)
             else:
                 res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
-        except RuntimeError as exc:
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # this build lacks the kernel or its GQA support: never try it again
             errors.append(f"{name}: {exc}")
             _CAUSAL_KERNELS.remove(name)
             continue

@@ -7,7 +7,8 @@ float32 for the K sink keys only (O(T K D) work), writes the tag, and sums per b
 
   |o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c  with Y = o . v_s (T,K), A = a (T,K), _c = minus the mean over rows
 
-(each block of rows centred on its own mean, blocks merged exactly, so nearly constant outputs do not cancel).
+(|o_c|^2 centred per block of rows and merged exactly; the K x K products summed in float64 from per-row
+float32 y and a, so nearly constant outputs do not cancel and pinv(G) does not magnify rounding).
 With G = v_s v_s^T and a sink subset S (one per threshold):
   VE  = tr(pinv(G_S) (Y_c^T Y_c)_S) / |o_c|^2
   R^2 = 1 - |o_c - tag_c|^2 / |o_c|^2, |o_c - tag_c|^2 = |o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>.
@@ -100,8 +101,9 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
 
 
 def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, window):
-    """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64), one
-    Triton program per block of rows, block moments merged here in float64, plus the tag at the main eps
+    """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64) and the
+    tag. One Triton program per block of rows writes y and a per row (their products are summed here in
+    float64) and |o_c|^2 per block (merged here exactly), plus the tag at the main eps
     (B,H,T,Dv) in out's dtype. k_s, v_s, v_main (B,H,K,*) float32.
     For bf16/fp16 inputs on the GPU, q.k_s, o.v_s and a.v_s run on the tensor cores with float32 sums."""
     from catchtag.engine.kernels.colsum import INTERPRET
@@ -121,35 +123,38 @@ def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, windo
     BM = 64 if not INTERPRET else 32
     NB = triton.cdiv(T, BM)
     vec = torch.empty(B, H, NB, 2 * KP + Dv + 2, dtype=torch.float32, device=q.device)
-    mat = torch.empty(B, H, NB, 3, KP, KP, dtype=torch.float32, device=q.device)
+    ya = torch.empty(B, H, NB * BM, 2, KP, dtype=torch.float32, device=q.device)
     _sink_kernel[(NB, B * H)](
-        q, k_p, v_p, vm_p, idx_p, lse2, valid, out, tag, vec, mat,
+        q, k_p, v_p, vm_p, idx_p, lse2, valid, out, tag, vec, ya,
         *q.stride(), *out.stride(), *tag.stride(), *lse2.stride(), *valid.stride(),
         T, H, window, float(scaling) * log2e,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DV=Dv, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         KP=KP, BM=BM, IEEE=ieee, num_warps=4)
-    vec, mat = vec.double(), mat.double()
+    vec = vec.double()
     nb = vec[..., -1]  # (B,H,NB) valid rows per block
     n = nb.sum(dim=2).clamp_min(1)  # (B,H)
-
-    def merged(sums):  # block sums (B,H,NB,X) -> global mean (B,H,X), each block's deviation from it
-        mean = sums.sum(dim=2) / n[..., None]
-        dev = torch.where(nb[..., None] > 0, sums / nb.clamp_min(1)[..., None] - mean[:, :, None], 0.0)
-        return mean, dev
-
-    _, dy = merged(vec[..., :K])
-    _, da = merged(vec[..., KP:KP + K])
-    _, do = merged(vec[..., 2 * KP:2 * KP + Dv])
-    w = nb[..., None, None]
-    c_yy = mat[:, :, :, 0, :K, :K].sum(dim=2) + (w * dy[..., :, None] * dy[..., None, :]).sum(dim=2)
-    c_aa = mat[:, :, :, 1, :K, :K].sum(dim=2) + (w * da[..., :, None] * da[..., None, :]).sum(dim=2)
-    c_ay = mat[:, :, :, 2, :K, :K].sum(dim=2) + (w * da[..., :, None] * dy[..., None, :]).sum(dim=2)
-    c_oo = vec[..., 2 * KP + Dv].sum(dim=2) + (nb * do.pow(2).sum(dim=-1)).sum(dim=2)
+    mean_y = vec[..., :K].sum(dim=2) / n[..., None]
+    mean_a = vec[..., KP:KP + K].sum(dim=2) / n[..., None]
+    mean_o = vec[..., 2 * KP:2 * KP + Dv].sum(dim=2) / n[..., None]
+    do = torch.where(nb[..., None] > 0, vec[..., 2 * KP:2 * KP + Dv] / nb.clamp_min(1)[..., None] - mean_o[:, :, None],
+                     0.0)
+    c_oo = vec[..., 2 * KP + Dv].sum(dim=2) + (nb * do.pow(2).sum(dim=-1)).sum(dim=2)  # blocks merged exactly
+    f64 = dict(dtype=torch.float64, device=q.device)
+    c_yy, c_aa, c_ay = (torch.zeros(B, H, K, K, **f64) for _ in range(3))
+    chunk = max(1, (1 << 24) // max(1, B * H * K))
+    for r0 in range(0, T, chunk):
+        r1 = min(T, r0 + chunk)
+        rows_ok = token_valid[:, None, r0:r1, None]
+        yc = torch.where(rows_ok, ya[:, :, r0:r1, 0, :K].double() - mean_y[:, :, None], 0.0)
+        ac = torch.where(rows_ok, ya[:, :, r0:r1, 1, :K].double() - mean_a[:, :, None], 0.0)
+        c_yy += yc.transpose(-1, -2) @ yc
+        c_aa += ac.transpose(-1, -2) @ ac
+        c_ay += ac.transpose(-1, -2) @ yc
     return c_oo, c_yy, c_aa, c_ay, tag
 
 
 @triton.jit
-def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, MAT,
+def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, YA,
                  sqb, sqh, sqt, sqd, sob, soh, sot, sod, stb, sth, stt, std, slb, slh, slt, svb, svt,
                  T, H, WINDOW, scale_log2e,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -196,8 +201,6 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, MAT,
     nb = tl.sum(row_ok.to(tl.float32), axis=0)
     inv = 1.0 / tl.maximum(nb, 1.0)
     sy, sa, so = tl.sum(y, axis=0), tl.sum(a, axis=0), tl.sum(o, axis=0)
-    yc = tl.where(ok2, y - (sy * inv)[None, :], 0.0)
-    ac = tl.where(ok2, a - (sa * inv)[None, :], 0.0)
     oc = tl.where(ok2 & (dv[None, :] < DV), o - (so * inv)[None, :], 0.0)
     base = VEC + (pid_bh * NB + pid_m) * (2 * KP + DV + 2)
     tl.store(base + kk, sy)
@@ -205,7 +208,8 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, MAT,
     tl.store(base + 2 * KP + dv, so, mask=dv < DV)
     tl.store(base + 2 * KP + DV, tl.sum(tl.sum(oc * oc, axis=1), axis=0))
     tl.store(base + 2 * KP + DV + 1, nb)
-    mbase = MAT + (pid_bh * NB + pid_m) * 3 * KP * KP + kk[:, None] * KP + kk[None, :]
-    tl.store(mbase, tl.dot(tl.trans(yc), yc, input_precision="ieee"))
-    tl.store(mbase + KP * KP, tl.dot(tl.trans(ac), ac, input_precision="ieee"))
-    tl.store(mbase + 2 * KP * KP, tl.dot(tl.trans(ac), yc, input_precision="ieee"))
+    # per-row y and a: their K x K products are summed in float64 by the caller (float32 sums of products
+    # err in every direction, and pinv(G) magnifies that along nearly dependent sink values)
+    ya = YA + ((pid_bh * NB * BM + rows[:, None]) * 2) * KP + kk[None, :]
+    tl.store(ya, y)
+    tl.store(ya + KP, a)
