@@ -3,8 +3,10 @@
 One command on a CUDA machine (random weights, nothing downloaded):
 
     python bench/attention.py                 # the table for B x T in 4x1024, 1x4096, 1x16384, 1x65536
-    python bench/attention.py --check         # first: the triton backend against the torch path on CUDA
-    python bench/attention.py --profile 16384 # kernel-time breakdown of one analysed forward pass
+    python bench/attention.py --check --sizes ""         # the triton backend against the torch path on CUDA
+    python bench/attention.py --colsum 16384 --sizes ""  # pass 1 and pass 2 alone at one layer's shape
+    python bench/attention.py --profile 1x16384 --sizes ""  # kernel times of a 4-layer model, SDPA vs catchtag
+    python bench/attention.py --max-t 131072             # the table plus one pass at 1 x 131072
 
 The model is Qwen2.5-7B-shaped (28 layers, hidden 3584, 28 query / 4 key-value heads of 128, MLP 18944),
 bf16, built from its config. Each mode runs the decoder stack (model.model, no LM head: the analysis
