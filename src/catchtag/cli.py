@@ -59,6 +59,7 @@ def scan(
     no_truncate: bool = typer.Option(False, "--no-truncate", help="refuse prompts longer than the model's context"),
     overwrite: bool = typer.Option(False, help="discard an existing run in --out"),
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': split the layers over the visible GPUs"),
 ) -> None:
     """Detect sinks and decompose every head on DATA; write heads.parquet, summary.json and figures to OUT."""
     from catchtag.api import run_scan
@@ -68,14 +69,17 @@ def scan(
         summary = run_scan(model=model, data=data, out=out, eps=eps, min_rows=min_rows, max_tokens=max_tokens,
                            chunk=chunk, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                            sweep_eps=sweep_eps, truncate=not no_truncate, overwrite=overwrite,
-                           figures=not no_figures)
+                           figures=not no_figures, device_map=device_map)
     except CatchtagError as err:
         _fail(str(err))
     except ValueError as err:
         _fail(f"bad value: {err}")
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     s = summary["result"]
+    ranks = summary["settings"].get("world_size", 1)
     typer.echo(f"\n{s['n_prompts']} prompts x {s['n_layers']} layers x {s['n_heads']} heads "
-               f"({summary['seconds']:.1f} s)")
+               f"({summary['wall_seconds']:.1f} s" + (f", {ranks} processes)" if ranks > 1 else ")"))
     typer.echo(f"mean sinks per head {s['mean_sinks_per_head']:.3f} · heads with a sink "
                f"{100 * s['share_heads_with_sink']:.1f}% · mean VE {s['mean_ve']:.3f} "
                f"(heads with a sink: {s['mean_ve_heads_with_sink']:.3f})")

@@ -166,12 +166,19 @@ def tiny_config(arch: str, **overrides):
     return AutoConfig.for_model(arch, **kwargs)
 
 
-def _finish(model, tokenizer, device, dtype):
+def _finish(model, tokenizer, device, dtype, device_map=None):
     from catchtag.engine.attention import enable
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.to(device=device, dtype=dtype)
+    if device_map is None:
+        model.to(device=device, dtype=dtype)
+    elif getattr(model, "hf_device_map", None) is None:  # built from a config: place it with accelerate
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        model.to(dtype=dtype)
+        placement = infer_auto_device_map(model) if device_map == "auto" else device_map
+        model = dispatch_model(model, device_map=placement)
     model.eval()
     enable(model)
     return model, tokenizer
@@ -190,12 +197,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-               seed: int = 0):
+               seed: int = 0, device_map: str | dict | None = None):
     """Load a model and its tokenizer by name, with catchtag's attention function enabled.
 
     ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``tiny:<arch>`` (random, seeded),
     a local Hugging Face folder, a local ``.gguf`` file, or a Hugging Face id already in the local cache.
-    Outside a scan the model computes ordinary attention, so its logits are unchanged.
+    Outside a scan the model computes ordinary attention, so its logits are unchanged. ``device_map="auto"``
+    splits the layers over the visible GPUs (accelerate) for models larger than one GPU; the engine computes
+    each layer's statistics where that layer lives.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,22 +218,22 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
         torch.manual_seed(seed)
         config = tiny_config(name.split(":", 1)[1])
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-        return _finish(model, tiny_tokenizer(), device, torch_dtype)
+        return _finish(model, tiny_tokenizer(), device, torch_dtype, device_map)
 
     if name in PACKAGED:
         gguf = smollm2_file() if name == SMOLLM2.name else gemma3_file()
-        return _load_gguf(gguf, device, torch_dtype)
+        return _load_gguf(gguf, device, torch_dtype, device_map)
 
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CatchtagError(f"GGUF file {path} does not exist")
-        return _load_gguf(path, device, torch_dtype)
+        return _load_gguf(path, device, torch_dtype, device_map)
     if path.is_dir():
-        return _load_pretrained(str(path), device, torch_dtype)
+        return _load_pretrained(str(path), device, torch_dtype, device_map=device_map)
     if "/" in name:  # a hub id: only from the local cache, never downloaded
         try:
-            return _load_pretrained(name, device, torch_dtype, local_files_only=True)
+            return _load_pretrained(name, device, torch_dtype, local_files_only=True, device_map=device_map)
         except OSError as err:
             raise CatchtagError(
                 f"model {name!r} is not in the local Hugging Face cache and catchtag never downloads. Fix: copy "
@@ -236,28 +245,28 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     )
 
 
-def _load_gguf(path: Path, device: str, dtype: torch.dtype):
+def _load_gguf(path: Path, device: str, dtype: torch.dtype, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     attn_implementation="eager", dtype=dtype)
+                                                     attn_implementation="eager", dtype=dtype, device_map=device_map)
     except (ValueError, OSError, KeyError) as err:
         raise CatchtagError(
             f"could not read GGUF file {path}: {err}. The file may be corrupt or of an architecture transformers "
             f"cannot de-quantise. Fix: reinstall the package that ships it, or pass another model"
         ) from None
-    return _finish(model, tokenizer, device, dtype)
+    return _finish(model, tokenizer, device, dtype, device_map)
 
 
-def _load_pretrained(name: str, device: str, dtype: torch.dtype, local_files_only: bool = True):
+def _load_pretrained(name: str, device: str, dtype: torch.dtype, local_files_only: bool = True, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_files_only,
-                                                 attn_implementation="eager", dtype=dtype)
-    return _finish(model, tokenizer, device, dtype)
+                                                 attn_implementation="eager", dtype=dtype, device_map=device_map)
+    return _finish(model, tokenizer, device, dtype, device_map)
 
 
 def available_models() -> list[dict]:

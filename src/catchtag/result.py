@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 HEAD_COLUMNS = ["prompt_id", "layer", "head", "n_tokens", "n_sinks", "sink_positions", "sink_tokens",
-                "sink_scores", "ve", "r2"]
+                "sink_scores", "ve", "r2", "ve_uncentred"]
 
 
 @dataclass
@@ -23,7 +23,8 @@ class ScanResult:
 
     heads: one row per (prompt, layer, head): n_tokens, n_sinks, sink_positions (0-based in the prompt),
       sink_tokens, sink_scores (column scores), ve (variance of the head output in the sinks' value span,
-      0 when there is no sink), r2 (1 - non-tag variance / output variance).
+      0 when there is no sink), r2 (1 - non-tag variance / output variance), ve_uncentred (the same share
+      of the uncentred outputs' energy, in which the mean direction counts).
     sweep: one row per (prompt, layer, head, eps) when extra thresholds were asked for.
     prompts: prompt_id, n_tokens, tokens (decoded strings).
     activations: name -> array (n_prompts, n_layers_kept, n_heads_kept, n_positions, dim) in prompt order,
@@ -83,6 +84,8 @@ class ScanResult:
             "mean_ve": float(h["ve"].mean()),
             "mean_ve_heads_with_sink": float(with_sinks["ve"].mean()) if len(with_sinks) else 0.0,
             "mean_r2_heads_with_sink": float(with_sinks["r2"].mean()) if len(with_sinks) else 0.0,
+            "mean_ve_uncentred_heads_with_sink": float(with_sinks["ve_uncentred"].mean())
+            if len(with_sinks) and "ve_uncentred" in with_sinks else 0.0,
             "share_heads_ve_above_0.3": float((h["ve"] > 0.3).mean()),
             "top_sink_tokens": [[t, int(c)] for t, c in zip(top["token"], top["count"])],
         }

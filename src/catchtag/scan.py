@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from catchtag.data.prompts import Prompt, model_context, tokenize_prompts
+from catchtag.distributed import Dist
 from catchtag.engine.attention import capture
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.errors import CatchtagError
@@ -73,7 +74,8 @@ def _records_to_rows(cap, prompts, token_strings, settings):
                 pos = (idx - f).tolist()
                 heads_rows.append((p.prompt_id, layer, h, n_tokens, len(pos), pos,
                                    [token_strings[p.prompt_id][q] for q in pos],
-                                   st.col_scores[b, h, idx].tolist(), float(st.ve[b, h]), float(st.r2[b, h])))
+                                   st.col_scores[b, h, idx].tolist(), float(st.ve[b, h]), float(st.r2[b, h]),
+                                   float(st.ve_uncentred[b, h])))
                 if settings.sweep_eps:
                     for e_i, e in enumerate(eps_list):
                         sweep_rows.append((p.prompt_id, layer, h, e, int(st.sweep_n_sinks[b, h, e_i]),
@@ -111,14 +113,26 @@ def _batch_activations(cap, request, hidden, prompts):
 class RunFolder:
     """A scan's folder: run.json (what was asked), parts/ (one file per finished batch), final tables."""
 
-    def __init__(self, folder: str | Path, fingerprint: dict, overwrite: bool = False):
+    def __init__(self, folder: str | Path, fingerprint: dict, overwrite: bool = False, dist: Dist = Dist()):
         self.folder = Path(folder)
         self.parts = self.folder / "parts"
+        self.rank = dist.rank
         manifest = self.folder / "run.json"
-        if overwrite and self.folder.exists():
-            import shutil
+        if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
+            if overwrite and self.folder.exists():
+                import shutil
 
-            shutil.rmtree(self.folder)
+                shutil.rmtree(self.folder)
+            self._check(manifest, fingerprint)
+            self.parts.mkdir(parents=True, exist_ok=True)
+            _write_atomic(manifest, json.dumps(fingerprint, indent=1))
+            for stale in self.parts.glob("*.tmp*"):
+                stale.unlink()
+        dist.barrier()
+        if not dist.is_main:
+            self._check(manifest, fingerprint)
+
+    def _check(self, manifest: Path, fingerprint: dict) -> None:
         if manifest.is_file():
             old = json.loads(manifest.read_text())
             if old != fingerprint:
@@ -127,13 +141,10 @@ class RunFolder:
                                     f"Fix: use another --out, or --overwrite to start it again")
         elif self.folder.exists() and any(self.folder.iterdir()):
             raise CatchtagError(f"{self.folder} exists and is not a catchtag run. Fix: choose an empty or new --out")
-        self.parts.mkdir(parents=True, exist_ok=True)
-        _write_atomic(manifest, json.dumps(fingerprint, indent=1))
-        for stale in self.parts.glob("*.tmp*"):
-            stale.unlink()
 
     def part_files(self, kind: str) -> list[Path]:
-        return sorted(self.parts.glob(f"{kind}-*.parquet"))
+        """Finished part files of every rank (names: KIND-r<rank>-<n>.parquet)."""
+        return sorted(f for f in self.parts.glob(f"{kind}-*.parquet") if ".tmp" not in f.name)
 
     def done_ids(self) -> set[int]:
         done: set[int] = set()
@@ -147,10 +158,10 @@ class RunFolder:
 
     def write_part(self, heads: pd.DataFrame, sweep: pd.DataFrame | None, prompts: pd.DataFrame, acts: dict | None):
         """Write one batch's rows; the prompts file goes last, so a batch counts as done only when complete."""
-        n = len(self.part_files("prompts"))
-        while (self.parts / f"prompts-{n:05d}.parquet").exists():
+        n = 0
+        while (self.parts / f"prompts-r{self.rank}-{n:05d}.parquet").exists():
             n += 1
-        tag = f"{n:05d}"
+        tag = f"r{self.rank}-{n:05d}"
         _write_parquet(heads, self.parts / f"heads-{tag}.parquet")
         if sweep is not None:
             _write_parquet(sweep, self.parts / f"sweep-{tag}.parquet")
@@ -161,7 +172,7 @@ class RunFolder:
         _write_parquet(prompts, self.parts / f"prompts-{tag}.parquet")
 
     def read_tables(self):
-        done = [f.name.split("-")[1].split(".")[0] for f in self.part_files("prompts")]
+        done = [f.name[len("prompts-"):-len(".parquet")] for f in self.part_files("prompts")]
         heads = pd.concat([pd.read_parquet(self.parts / f"heads-{t}.parquet") for t in done], ignore_index=True)
         prompts = pd.concat([pd.read_parquet(self.parts / f"prompts-{t}.parquet") for t in done], ignore_index=True)
         sweeps = [self.parts / f"sweep-{t}.parquet" for t in done if (self.parts / f"sweep-{t}.parquet").exists()]
@@ -204,20 +215,25 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
          max_tokens: int | None = None, batch_size: int = 8, request: ActivationRequest | None = None,
          out: str | Path | None = None, overwrite: bool = False, truncate: bool = True, progress: bool = True,
          backend: str = "auto", chunk_rows: int | None = None, model_name: str | None = None,
-         data_name: str | None = None) -> ScanResult:
+         data_name: str | None = None, dist: Dist | None = None) -> ScanResult:
     """Detect sinks and decompose every head of ``model`` on ``texts``.
 
     texts: a string, a list of strings, or a list of ``Prompt`` (already tokenised). eps / min_rows: sink
     threshold and minimum rows per column (spec section 1). sweep_eps: extra thresholds computed in the
     same pass (ScanResult.sweep). request: per-token activations, attention maps or hidden states to keep.
     out: a run folder to save into as it goes; rerunning with the same arguments resumes.
+    dist: under torchrun, this rank's place (catchtag.distributed.init()); each rank scans its shard into
+    ``out`` and every rank returns the whole result once all are done.
     Returns a ScanResult whose ``heads`` has one row per (prompt, layer, head).
     """
     settings = SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps), chunk_rows=chunk_rows)
     if batch_size < 1:
         raise CatchtagError(f"batch size must be >= 1, got {batch_size}")
     prompts = _as_prompts(texts, tokenizer, model, max_tokens, truncate)
-    device = next(model.parameters()).device
+    dist = dist or Dist()
+    if dist.world > 1 and out is None:
+        raise CatchtagError("a scan over several processes needs a run folder (--out) to gather the ranks' rows")
+    device = model.get_input_embeddings().weight.device  # with a device map, where the inputs go
     model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
     strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids) for p in prompts}
     n_layers = model.config.num_hidden_layers
@@ -232,9 +248,10 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     run = None
     todo = prompts
     if out is not None:
-        run = RunFolder(out, _fingerprint(model_name, data_name, settings, prompts, model.dtype, request), overwrite)
+        run = RunFolder(out, _fingerprint(model_name, data_name, settings, prompts, model.dtype, request), overwrite,
+                        dist)
         done = run.done_ids()
-        todo = [p for p in prompts if p.prompt_id not in done]
+        todo = [p for p in dist.shard(prompts) if p.prompt_id not in done]
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
 
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
@@ -243,7 +260,9 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", desc="scan", dynamic_ncols=True)
+        mine = len(dist.shard(prompts))
+        bar = tqdm(total=mine, initial=mine - len(todo), unit="prompt", dynamic_ncols=True, position=dist.rank,
+                   desc="scan" if dist.world == 1 else f"scan rank {dist.rank}/{dist.world}")
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         t0 = time.perf_counter()
@@ -294,6 +313,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         bar.close()
 
     if run is not None:
+        dist.barrier()  # every rank's parts are written
         heads, prompt_table, sweep, act_parts = run.read_tables()
     else:
         heads = pd.concat(heads_parts, ignore_index=True)
@@ -306,11 +326,13 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     result = ScanResult(heads=heads, prompts=prompt_table, sweep=sweep, settings={
         "model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
         "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "batch_size": batch_size,
-        "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend})
+        "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend,
+        "world_size": dist.world})
     _attach_activations(result, act_parts, request)
     result.attention_maps = attention_maps  # kept for this call's prompts only (they are not saved in runs)
     if run is not None:
-        result.save(run.folder)
+        if dist.is_main:
+            result.save(run.folder)
         result.settings["seconds"] = run.elapsed()
     else:
         result.settings["seconds"] = float(prompt_table["seconds"].sum())

@@ -94,9 +94,10 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                 total = (oc ** 2).sum()
                 ve = float(((oc @ basis) ** 2).sum() / total) if sinks and total > 0 else 0.0
                 r2 = float(1 - (nc ** 2).sum() / total) if sinks and total > 0 else 0.0
+                ve_unc = float(((o @ basis) ** 2).sum() / (o ** 2).sum()) if sinks and total > 0 else 0.0
                 full_r = _through_output_projection(module, h, H, o[-1])
                 tag_r = _through_output_projection(module, h, H, tag[-1])
-                rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2,
+                rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2, ve_uncentred=ve_unc,
                                  full=full_r, tag=tag_r, nontag=full_r - tag_r, last=int(last)))
     return rows, logits
 

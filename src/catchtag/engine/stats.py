@@ -24,7 +24,8 @@ class HeadStats:
     col_scores (B,H,T): mean attention each column gets from the rows that can see it (nan where the
     column is padding or seen by fewer than min_rows rows). row_counts (B,T): how many rows see each
     column. token_valid (B,T). sink_idx / sink_ok (B,H,K): sink columns at the main eps (padded with ok=False).
-    ve / r2 (B,H): variance explained by the tag (projection and R^2 forms). sweep_n_sinks, sweep_ve,
+    ve / r2 (B,H): variance explained by the tag (projection and R^2 forms). ve_uncentred (B,H): the
+    projection form without centring the outputs (the shared mean direction counts). sweep_n_sinks, sweep_ve,
     sweep_r2 (B,H,E): the same for each threshold in settings.all_eps.
     """
 
@@ -35,6 +36,7 @@ class HeadStats:
     sink_ok: torch.Tensor
     ve: torch.Tensor
     r2: torch.Tensor
+    ve_uncentred: torch.Tensor
     sweep_n_sinks: torch.Tensor
     sweep_ve: torch.Tensor
     sweep_r2: torch.Tensor
@@ -131,7 +133,7 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         zeros = torch.zeros(B, H, device=dev)
         empty_idx = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
         stats = HeadStats(col_scores, row_counts, token_valid, empty_idx, empty_idx.bool(), zeros, zeros.clone(),
-                          torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
+                          zeros.clone(), torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
                           torch.zeros(B, H, E, device=dev))
         return torch.zeros_like(out), stats
 
@@ -155,8 +157,13 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     n_rows = rows.sum(dim=2, keepdim=True).clamp_min(1)
     centred = (out - (out * rows).sum(dim=2, keepdim=True) / n_rows) * rows
     total = centred.pow(2).sum(dim=(-1, -2)).double()  # (B,H)
-    x = torch.matmul(centred, v_s.transpose(-1, -2)).double()  # (B,H,T,K): projections on sink values
-    gram = torch.matmul(v_s, v_s.transpose(-1, -2)).double()  # (B,H,K,K)
+    # float64: G^+ amplifies rounding by 1/sigma_min^2 when sink values are nearly parallel
+    v_s64 = v_s.double()
+    x = torch.matmul(centred.double(), v_s64.transpose(-1, -2))  # (B,H,T,K): projections on sink values
+    gram = torch.matmul(v_s64, v_s64.transpose(-1, -2))  # (B,H,K,K)
+    raw = out.double() * rows
+    x_raw = torch.matmul(raw, v_s64.transpose(-1, -2))
+    total_raw = raw.pow(2).sum(dim=(-1, -2))
 
     n_sinks = torch.zeros(B, H, E, dtype=torch.long, device=dev)
     ve = torch.zeros(B, H, E, device=dev)
@@ -166,7 +173,8 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         ok = top_scores > e  # (B,H,K)
         okf = ok.double()
         g = gram * okf[..., :, None] * okf[..., None, :]
-        proj = (torch.matmul(x * okf[..., None, :], torch.linalg.pinv(g, hermitian=True)) * x * okf[..., None, :]).sum(dim=(-1, -2))
+        g_inv = torch.linalg.pinv(g, hermitian=True)
+        proj = (torch.matmul(x * okf[..., None, :], g_inv) * x * okf[..., None, :]).sum(dim=(-1, -2))
         tag = torch.matmul(a_s * ok[:, :, None, :], v_s)  # (B,H,T,Dv)
         nontag = (out - tag)
         nontag_c = (nontag - (nontag * rows).sum(dim=2, keepdim=True) / n_rows) * rows
@@ -177,7 +185,9 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         r2[..., e_i] = torch.where(has, 1 - nontag_c.pow(2).sum(dim=(-1, -2)).double() / safe, torch.zeros_like(proj)).float()
         if e_i == main_e:
             main_tag = tag
+            proj_raw = (torch.matmul(x_raw * okf[..., None, :], g_inv) * x_raw * okf[..., None, :]).sum(dim=(-1, -2))
+            ve_raw = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
     main_ok = top_scores > float(settings.eps)
     stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
-                      n_sinks, ve, r2)
+                      ve_raw, n_sinks, ve, r2)
     return main_tag, stats

@@ -1,0 +1,66 @@
+"""Data-parallel scans with torchrun (gloo, 2 CPU processes): same rows as one process, resumable per shard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from test_scan import run_cli
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+            "-m", "catchtag"]
+
+
+def _args(data, out):
+    return ["scan", "--model", "tiny:llama", "--data", str(data), "--out", str(out), "--eps", "0.08",
+            "--min-rows", "4", "--batch-size", "1", "--no-figures"]
+
+
+def test_two_ranks_match_one_process_and_resume_after_kill(tmp_path):
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(f"Line {i}: tags, sinks and the release of tagged tokens into the stream." for i in range(24)))
+    single = run_cli(*_args(data, tmp_path / "single"))
+    assert single.returncode == 0, single.output
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(TORCHRUN + _args(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ranks = {f.name.split("-")[1] for f in (out / "parts").glob("prompts-r*.parquet")} if (out / "parts").exists() else set()
+        if ranks == {"r0", "r1"}:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun group, mid-run
+    proc.wait()
+    assert not (out / "heads.parquet").exists(), "the run must be interrupted for this test to mean anything"
+
+    resumed = subprocess.run(TORCHRUN + _args(data, out), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "24 prompts" in resumed.stdout and "2 processes" in resumed.stdout  # one summary, from rank 0
+
+    a = pd.read_parquet(out / "heads.parquet")
+    b = pd.read_parquet(tmp_path / "single" / "heads.parquet")
+    assert not a.duplicated(["prompt_id", "layer", "head"]).any()
+    exact = ["prompt_id", "layer", "head", "n_tokens", "n_sinks", "sink_positions", "sink_tokens"]
+    pd.testing.assert_frame_equal(a[exact], b[exact])
+    assert np.allclose(a["ve"], b["ve"], atol=1e-6) and np.allclose(a["r2"], b["r2"], atol=1e-6)
+    parts = list((out / "parts").glob("prompts-*.parquet"))
+    assert {p.name.split("-")[1] for p in parts} == {"r0", "r1"}  # both ranks wrote their shard
+
+
+def test_device_map_auto_runs_the_engine(tiny_models):
+    import catchtag
+
+    model, tok = tiny_models("llama")
+    mapped, _ = catchtag.load_model("tiny:llama", device_map="auto")
+    texts = ["Sinks catch attention, tags mark the tokens, and later layers release them."]
+    a = catchtag.scan(model, tok, texts, eps=0.08, min_rows=4, progress=False).heads
+    b = catchtag.scan(mapped, tok, texts, eps=0.08, min_rows=4, progress=False).heads
+    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]), b.drop(columns=["ve", "r2", "sink_scores"]))
+    assert np.allclose(a["ve"], b["ve"], atol=1e-6)

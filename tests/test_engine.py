@@ -1,0 +1,195 @@
+"""The engine against the eager float64 reference, on every tiny architecture, with padding on both sides."""
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from catchtag.engine.attention import capture
+from catchtag.engine.reference import reference_scan
+from catchtag.engine.request import ActivationRequest, SinkSettings
+from catchtag.errors import CatchtagError
+
+from conftest import ARCHS, padded_batch
+
+TOL = 1e-4
+
+
+def _run_engine(model, ids, mask, settings, request=None):
+    with torch.no_grad(), capture(settings, request) as cap:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return cap, logits
+
+
+def _compare(cap, ref_rows, check_acts=True):
+    n_sinks = 0
+    for r in ref_rows:
+        rec = cap.layers[r["layer"]]
+        st, b, h = rec.stats, r["prompt"], r["head"]
+        valid = st.token_valid[b]
+        scores = st.col_scores[b, h][valid].numpy()
+        assert np.array_equal(np.isnan(scores), np.isnan(r["scores"])), "eligible columns differ"
+        if np.isfinite(scores).any():
+            assert np.nanmax(np.abs(scores - r["scores"])) < TOL
+        first = int(valid.float().argmax())
+        sinks = sorted((st.sink_idx[b, h][st.sink_ok[b, h]] - first).tolist())
+        assert sinks == r["sinks"], f"layer {r['layer']} prompt {b} head {h}"
+        n_sinks += len(sinks)
+        assert abs(float(st.ve[b, h]) - r["ve"]) < TOL
+        assert abs(float(st.r2[b, h]) - r["r2"]) < TOL
+        assert abs(float(st.ve_uncentred[b, h]) - r["ve_uncentred"]) < TOL
+        if check_acts:
+            acts = rec.activations
+            scale = max(1.0, np.abs(r["full"]).max())
+            for name in ("full", "tag", "nontag"):
+                assert np.abs(acts[name][b, h, 0].numpy() - r[name]).max() < TOL * scale, name
+    return n_sinks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_matches_reference(tiny_models, arch):
+    model, _ = tiny_models(arch)
+    seed = random.randrange(1 << 30)  # fresh inputs every run
+    print(f"seed={seed}")  # shown by pytest on failure
+    lengths, sides = [37, 29, 44, 18], ["right", "right", "left", "left"]
+    ids, mask = padded_batch(lengths, sides, T=44, seed=seed)
+    settings = SinkSettings(eps=0.08, min_rows=4, chunk_rows=7)  # odd chunks cross padding and windows
+    cap, logits = _run_engine(model, ids, mask, settings, ActivationRequest(positions="last"))
+    ref_rows, ref_logits = reference_scan(model, ids, mask, eps=0.08, min_rows=4)
+    valid = mask.bool()
+    assert (logits - ref_logits.float())[valid].abs().max() < TOL, f"seed {seed}"
+    n_sinks = _compare(cap, ref_rows)
+    assert n_sinks > 0, "the test must exercise sinks"
+    for layer, rec in cap.layers.items():  # padding is never a row, a column, or a sink
+        st = rec.stats
+        assert torch.equal(st.token_valid, valid)
+        assert torch.isnan(st.col_scores[~valid[:, None, :].expand_as(st.col_scores)]).all()
+        for b in range(len(lengths)):
+            assert valid[b][st.sink_idx[b][st.sink_ok[b]]].all()
+
+
+def test_chunk_size_does_not_change_results(tiny_models):
+    model, _ = tiny_models("gemma3")
+    ids, mask = padded_batch([40, 33], ["right", "left"], seed=3)
+    base, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.08, min_rows=4, chunk_rows=1))
+    other, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.08, min_rows=4, chunk_rows=64))
+    for layer in base.layers:
+        a, b = base.layers[layer].stats, other.layers[layer].stats
+        assert torch.equal(a.sink_idx[a.sink_ok], b.sink_idx[b.sink_ok])
+        torch.testing.assert_close(a.ve, b.ve, atol=1e-5, rtol=0)
+
+
+def test_logits_unchanged_outside_and_inside_capture(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_models("llama")
+    ids, mask = padded_batch([30, 22], ["right", "right"], seed=5)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits  # outside a capture: SDPA
+    _, inside = _run_engine(model, ids, mask, SinkSettings(eps=0.1, min_rows=4))
+    valid = mask.bool()
+    assert (plain - want)[valid].abs().max() < TOL
+    assert (inside - want)[valid].abs().max() < TOL
+
+
+def test_batched_equals_alone(tiny_models):
+    """A prompt's statistics do not depend on its batch neighbours or the padding side."""
+    model, _ = tiny_models("qwen2")
+    ids, mask = padded_batch([35, 20], ["left", "left"], seed=11)
+    s = SinkSettings(eps=0.08, min_rows=4)
+    batched, _ = _run_engine(model, ids, mask, s)
+    alone, _ = _run_engine(model, ids[1:, -20:], mask[1:, -20:], s)
+    for layer in batched.layers:
+        a, b = batched.layers[layer].stats, alone.layers[layer].stats
+        torch.testing.assert_close(a.col_scores[1][:, -20:], b.col_scores[0], atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(a.ve[1], b.ve[0], atol=1e-5, rtol=0)
+
+
+def test_sweep_nested_and_main_eps_consistent(tiny_models):
+    model, _ = tiny_models("mistral")
+    ids, mask = padded_batch([40, 40], ["right", "right"], seed=2)
+    cap, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.1, min_rows=4, sweep_eps=(0.03, 0.05, 0.2, 0.4)))
+    eps = SinkSettings(eps=0.1, sweep_eps=(0.03, 0.05, 0.2, 0.4)).all_eps
+    for layer, rec in cap.layers.items():
+        st = rec.stats
+        assert (st.sweep_n_sinks[..., :-1] >= st.sweep_n_sinks[..., 1:]).all(), "fewer sinks at higher eps"
+        main = eps.index(0.1)
+        torch.testing.assert_close(st.sweep_ve[..., main], st.ve)
+        assert torch.equal(st.sweep_n_sinks[..., main], st.sink_ok.sum(-1))
+    for e in eps:  # each sweep column equals a separate scan at that eps
+        single, _ = _run_engine(model, ids, mask, SinkSettings(eps=e, min_rows=4))
+        for layer in cap.layers:
+            torch.testing.assert_close(cap.layers[layer].stats.sweep_ve[..., eps.index(e)], single.layers[layer].stats.ve,
+                                       atol=1e-5, rtol=0)
+
+
+def test_attention_maps_and_all_positions(tiny_models):
+    model, _ = tiny_models("gpt2")
+    ids, mask = padded_batch([30, 24], ["right", "left"], T=30, seed=8)
+    req = ActivationRequest(layers=[1], heads=[0, 2], positions="all", space="both", attention_maps=[(1, 2)])
+    cap, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.08, min_rows=4), req)
+    rec = cap.layers[1]
+    assert set(rec.attention_maps) == {2}
+    assert rec.activations["full"].shape[:3] == (2, 2, 30)
+    assert not cap.layers[0].activations  # only the requested layer keeps per-token data
+    # rows of the kept map sum to 1 on real tokens, and it matches eager attention
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    with torch.no_grad():
+        att = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1][:, 2]
+    valid = mask.bool()
+    for b in range(2):
+        v = valid[b]
+        torch.testing.assert_close(rec.attention_maps[2][b][v][:, v], att[b][v][:, v].float(), atol=1e-5, rtol=0)
+    # positions: right-padded prompt 1 has 24 real tokens at the end (left padding)
+    assert (rec.positions[1] >= 0).sum() == 24
+    # head-space and residual-space activations agree through W_O
+    from catchtag.engine.arch import head_output_projection
+
+    attn = model.transformer.h[1].attn
+    w = head_output_projection(attn, 4, 16)
+    torch.testing.assert_close(torch.einsum("pd,dk->pk", rec.activations["head_tag"][0, 1], w[2].float()),
+                               rec.activations["tag"][0, 1], atol=1e-5, rtol=0)
+
+
+def test_steering_adds_vector_at_head(tiny_models):
+    model, _ = tiny_models("llama")
+    ids, mask = padded_batch([25, 25], ["right", "right"], seed=4)
+    s = SinkSettings(eps=0.1, min_rows=4)
+    _, base = _run_engine(model, ids, mask, s)
+    zero = ActivationRequest(layers=[], positions="last", steer={(1, 2): torch.zeros(16)})
+    _, same = _run_engine(model, ids, mask, s, zero)
+    torch.testing.assert_close(same, base)
+    push = ActivationRequest(layers=[], positions="last", steer={(1, 2): torch.randn(16, generator=torch.Generator().manual_seed(0)) * 5})
+    _, moved = _run_engine(model, ids, mask, s, push)
+    assert (moved[:, -1] - base[:, -1]).abs().max() > 1e-3  # the last token moves
+    torch.testing.assert_close(moved[:, :-1], base[:, :-1])  # causal: earlier tokens do not
+
+
+def test_bad_settings_are_refused():
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(CatchtagError, match="eps must lie in"):
+            SinkSettings(eps=bad)
+    with pytest.raises(CatchtagError, match="min_rows"):
+        SinkSettings(min_rows=0)
+    with pytest.raises(CatchtagError, match="positions"):
+        ActivationRequest(positions="middle")
+
+
+def test_model_without_attention_interface_is_refused(tiny_models):
+    from catchtag.engine.attention import enable
+    from catchtag.models import load_model
+
+    model, _ = load_model("tiny:llama")
+    model._supports_attention_backend = False
+    with pytest.raises(CatchtagError, match="AttentionInterface"):
+        enable(model)
