@@ -107,6 +107,7 @@ def _compare_stats(s1, s2, tol, settings, seed):
     same_heads = ~near[..., None].expand_as(s1.sweep_ve)
     assert (s2.sweep_ve - s1.sweep_ve)[same_heads].abs().max() <= tol * 10, f"seed {seed}: VE"
     assert (s2.sweep_r2 - s1.sweep_r2)[same_heads].abs().max() <= tol * 10, f"seed {seed}: R^2"
+    assert (s2.ve_uncentred - s1.ve_uncentred)[~near].abs().max() <= tol * 10, f"seed {seed}: uncentred VE"
     return int(ok1.sum())
 
 
@@ -212,7 +213,8 @@ def test_triton_backend_matches_reference_on_tiny_models(arch):
         sinks = sorted((st.sink_idx[b, h][st.sink_ok[b, h]] - first).tolist())
         assert sinks == r["sinks"], f"seed {seed}: layer {r['layer']} prompt {b} head {h}"
         n_sinks += len(sinks)
-        assert abs(float(st.ve[b, h]) - r["ve"]) < TOL and abs(float(st.r2[b, h]) - r["r2"]) < TOL, f"seed {seed}"
+        for name in ("ve", "r2", "ve_uncentred"):
+            assert abs(float(getattr(st, name)[b, h]) - r[name]) < TOL, f"seed {seed}: {name}"
         acts = cap.layers[r["layer"]].activations
         scale = max(1.0, np.abs(r["full"]).max())
         for name in ("full", "tag", "nontag"):

@@ -11,7 +11,8 @@ float32 for the K sink keys only (O(T K D) work), writes the tag, and sums per b
 float32 y and a, so nearly constant outputs do not cancel and pinv(G) does not magnify rounding).
 With G = v_s v_s^T and a sink subset S (one per threshold):
   VE  = tr(pinv(G_S) (Y_c^T Y_c)_S) / |o_c|^2
-  R^2 = 1 - |o_c - tag_c|^2 / |o_c|^2, |o_c - tag_c|^2 = |o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>.
+  R^2 = 1 - |o_c - tag_c|^2 / |o_c|^2, |o_c - tag_c|^2 = |o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>
+  VE uncentred = tr(pinv(G_S) (Y^T Y)_S) / |o|^2 (Y^T Y = Y_c^T Y_c + n mean(Y) mean(Y)^T).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     if K == 0:
         zeros = torch.zeros(B, H, device=dev)
         empty = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
-        stats = HeadStats(col_scores, row_counts, token_valid, empty, empty.bool(), zeros, zeros.clone(),
-                          torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
-                          torch.zeros(B, H, E, device=dev))
+        stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=empty,
+                          sink_ok=empty.bool(), ve=zeros, r2=zeros.clone(), ve_uncentred=zeros.clone(),
+                          sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev),
+                          sweep_ve=torch.zeros(B, H, E, device=dev), sweep_r2=torch.zeros(B, H, E, device=dev))
         return torch.zeros_like(out), stats
 
     if K > MAX_SINKS:
@@ -70,9 +72,11 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     v_main = v_s * main_ok[..., None]
     win = int(window) if window is not None else T + 1
 
-    c_oo, c_yy, c_aa, c_ay, tag = sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, win)
+    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag = sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid,
+                                                                 scaling, win)
     # the rest is O(B H K^2) per threshold: on the CPU in float64 (small pseudo-inverses are slow on a GPU)
-    c_oo, c_yy, c_aa, c_ay, v_s_c, top_c = (x.cpu().double() for x in (c_oo, c_yy, c_aa, c_ay, v_s, top_scores))
+    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s_c, top_c = (
+        x.cpu().double() for x in (c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s, top_scores))
     gram = torch.matmul(v_s_c, v_s_c.transpose(-1, -2))
     total = c_oo  # |centred o|^2
     diag_ay = c_ay.diagonal(dim1=-2, dim2=-1)  # sum_i (a_ik - mean a_k)(o_i - mean o) . v_k
@@ -86,7 +90,8 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
         okf = ok.double()
         sel = okf[..., :, None] * okf[..., None, :]
         g = gram * sel
-        proj = (torch.linalg.pinv(g, hermitian=True) * (c_yy * sel)).sum(dim=(-1, -2))
+        g_inv = torch.linalg.pinv(g, hermitian=True)
+        proj = (g_inv * (c_yy * sel)).sum(dim=(-1, -2))
         # |centred(o - tag)|^2 = |o_c|^2 - 2 o_c . tag_c + |tag_c|^2, tag_c = sum_k ok_k (a_ik - mean a_k) v_k
         resid = total - 2 * (diag_ay * okf).sum(dim=-1) + (c_aa * g).sum(dim=(-1, -2))
         has = ok.any(dim=-1) & (total > 0)
@@ -94,15 +99,19 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
         n_sinks[..., e_i] = ok.sum(dim=-1)
         ve[..., e_i] = torch.where(has, proj / safe, zero).float()
         r2[..., e_i] = torch.where(has, 1 - resid / safe, zero).float()
+        if e_i == main_e:  # the projection form without centring (the shared mean direction counts)
+            proj_raw = (g_inv * (raw_yy * sel)).sum(dim=(-1, -2))
+            ve_raw = torch.where(has, proj_raw / raw_oo.clamp_min(1e-30), zero).float()
     n_sinks, ve, r2 = n_sinks.to(dev), ve.to(dev), r2.to(dev)
-    stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(),
-                      r2[..., main_e].clone(), n_sinks, ve, r2)
+    stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
+                      sink_ok=main_ok, ve=ve[..., main_e].clone(), r2=r2[..., main_e].clone(),
+                      ve_uncentred=ve_raw.to(dev), sweep_n_sinks=n_sinks, sweep_ve=ve, sweep_r2=r2)
     return tag, stats
 
 
 def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, window):
-    """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64) and the
-    tag. One Triton program per block of rows writes y and a per row (their products are summed here in
+    """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64), the
+    uncentred |o|^2 and Y^T Y (for ve_uncentred), and the tag. One Triton program per block of rows writes y and a per row (their products are summed here in
     float64) and |o_c|^2 per block (merged here exactly), plus the tag at the main eps
     (B,H,T,Dv) in out's dtype. k_s, v_s, v_main (B,H,K,*) float32.
     For bf16/fp16 inputs on the GPU, q.k_s, o.v_s and a.v_s run on the tensor cores with float32 sums."""
@@ -150,7 +159,10 @@ def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, windo
         c_yy += yc.transpose(-1, -2) @ yc
         c_aa += ac.transpose(-1, -2) @ ac
         c_ay += ac.transpose(-1, -2) @ yc
-    return c_oo, c_yy, c_aa, c_ay, tag
+    n2 = n[..., None, None]
+    raw_yy = c_yy + n2 * mean_y[..., :, None] * mean_y[..., None, :]  # uncentred Y^T Y
+    raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
+    return c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag
 
 
 @triton.jit
