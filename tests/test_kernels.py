@@ -12,8 +12,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-for _name in ("catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass"):
-    if _name in sys.modules:  # imported earlier in this session without the interpreter
+# Modules collected before this one may already have imported triton.language (torch does), whose own
+# @jit helpers (tl.zeros, tl.sum, ...) were then built for the GPU; rebuild them for the interpreter.
+for _name in ("triton.language.standard", "triton.language.random", "triton.language",
+              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass"):
+    if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
 from catchtag.engine import backends  # noqa: E402
