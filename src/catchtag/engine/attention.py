@@ -121,8 +121,8 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
             H = query.shape[1]
             heads = list(request.heads) if request.heads is not None else list(range(H))
             pos = _positions(request, stats.token_valid)
-            full = _gather_tokens(out, heads, pos)
-            tag_t = _gather_tokens(tag, heads, pos)
+            full = _gather_tokens(out, heads, pos).float()  # the triton backend keeps out in the model dtype
+            tag_t = _gather_tokens(tag, heads, pos).float()
             acts = {}
             if request.space in ("head", "both"):
                 acts.update(head_full=full, head_tag=tag_t, head_nontag=full - tag_t)

@@ -1,0 +1,266 @@
+"""Throughput and peak memory of catchtag's full analysis against plain SDPA and eager attention maps.
+
+One command on a CUDA machine (random weights, nothing downloaded):
+
+    python bench/attention.py                 # the table for B x T in 4x1024, 1x4096, 1x16384, 1x65536
+    python bench/attention.py --check --sizes ""         # the triton backend against the torch path on CUDA
+    python bench/attention.py --colsum 16384 --sizes ""  # pass 1 and pass 2 alone at one layer's shape
+    python bench/attention.py --profile 1x16384 --sizes ""  # kernel times of a 4-layer model, SDPA vs catchtag
+    python bench/attention.py --max-t 131072             # the table plus one pass at 1 x 131072
+
+The model is Qwen2.5-7B-shaped (28 layers, hidden 3584, 28 query / 4 key-value heads of 128, MLP 18944),
+bf16, built from its config. Each mode runs the decoder stack (model.model, no LM head: the analysis
+needs no logits, and a 152k-vocabulary head at T=65536 would take 20 GB on its own) with use_cache=False
+under torch.no_grad. Tokens/s is B*T over the median wall time of `--reps` passes after one warm-up; peak
+GiB is torch.cuda.max_memory_allocated over a timed pass (the 15.2 GB of weights included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SIZES = ((4, 1024), (1, 4096), (1, 16384), (1, 65536))
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)
+
+
+def build_model(layers: int | None = None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen2", **{**QWEN25_7B, **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def forward(model, mode, ids, settings):
+    from catchtag.engine.attention import capture
+
+    if mode == "catchtag":
+        with capture(settings) as cap:
+            model.model(input_ids=ids, use_cache=False)
+        return cap
+    model.model(input_ids=ids, use_cache=False, output_attentions=(mode == "eager"))
+    return None
+
+
+def measure(model, mode, B, T, reps, warmup=1):
+    from catchtag.engine.attention import enable
+    from catchtag.engine.request import SinkSettings
+
+    if mode == "catchtag":
+        enable(model)
+    else:
+        model.set_attn_implementation(mode)
+    settings = SinkSettings()
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda", generator=None)
+    times, peak, sinks = [], 0.0, None
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                forward(model, mode, ids, settings)
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                cap = forward(model, mode, ids, settings)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
+                if cap is not None:
+                    sinks = float(sum(int(r.stats.sink_ok.sum()) for r in cap.layers.values())) / (
+                        len(cap.layers) * B * model.config.num_attention_heads)
+    except torch.OutOfMemoryError:
+        return dict(mode=mode, B=B, T=T, tok_s=None, peak_gib=None, note="out of memory")
+    finally:
+        torch.cuda.empty_cache()
+    t = statistics.median(times)
+    return dict(mode=mode, B=B, T=T, tok_s=B * T / t, peak_gib=peak, seconds=t, reps=reps, sinks_per_head=sinks)
+
+
+def table(rows):
+    lines = ["| B x T | mode | tokens/s | peak GiB | throughput / SDPA | memory / SDPA | sinks/head |",
+             "|---|---|---|---|---|---|---|"]
+    base = {(r["B"], r["T"]): r for r in rows if r["mode"] == "sdpa"}
+    for r in rows:
+        s = base.get((r["B"], r["T"]))
+        if r["tok_s"] is None:
+            lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['note']} | - | - | - | - |")
+            continue
+        ratio_t = f"{r['tok_s'] / s['tok_s']:.3f}" if s and s["tok_s"] else "-"
+        ratio_m = f"{r['peak_gib'] / s['peak_gib']:.3f}" if s and s["tok_s"] else "-"
+        sk = f"{r['sinks_per_head']:.2f}" if r.get("sinks_per_head") is not None else ""
+        lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['tok_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} | "
+                     f"{ratio_t} | {ratio_m} | {sk} |")
+    return "\n".join(lines)
+
+
+def check():
+    """The triton backend against the torch path on CUDA: random tensors (bf16 and float32, GQA, padding,
+    sliding window, a planted sink) and tiny models through capture(). Prints the worst errors."""
+    from catchtag.engine.backends import layer_statistics
+    from catchtag.engine.kernels import colsum
+    from catchtag.engine.request import SinkSettings
+
+    colsum.FIXED_BLOCK = (64, 64)  # one compile per shape family instead of an autotune each
+    worst = {}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs it only under TRITON_INTERPRET=1
+    g = torch.Generator(device=dev).manual_seed(int(time.time()))
+    shapes = ((2, 8, 2, 300, 64, None, True), (1, 28, 4, 4096, 128, None, False),
+              (3, 4, 4, 257, 128, 50, True), (2, 6, 3, 1000, 96, None, True), (1, 28, 4, 4096, 128, 1000, False))
+    if dev == "cpu":
+        shapes = ((2, 4, 2, 40, 16, None, True), (1, 4, 2, 64, 16, 20, False))
+    for dtype in (torch.float32, torch.bfloat16):
+        for (B, H, KV, T, D, window, pad) in shapes:
+            q = torch.randn(B, H, T, D, device=dev, generator=g)
+            k = torch.randn(B, KV, T, D, device=dev, generator=g)
+            v = torch.randn(B, KV, T, D, device=dev, generator=g)
+            u = torch.randn(D, device=dev, generator=g)
+            q += 0.5 * u
+            k[:, :, 0] = 3 * u
+            k[:, :, T // 3] = 2 * u  # two planted sinks, the second one weaker
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+            if pad:
+                valid[0, : T // 5] = False
+                valid[-1, T - T // 7:] = False
+            i = torch.arange(T, device=dev)
+            m = (i[:, None] >= i[None, :]) & valid[:, None, :]
+            if window:
+                m &= (i[:, None] - i[None, :]) < window
+            mask = m[:, None] if (pad or window) else None
+            st = SinkSettings(eps=0.05, min_rows=8, sweep_eps=(0.02, 0.2))
+            o1, t1, s1, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, st, backend="torch")
+            o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, st, backend="triton")
+            rv = valid[:, None, :, None]
+            rel = lambda a, b: float(((a.float() - b.float()) * rv).norm() / ((b.float() * rv).norm() + 1e-30))  # noqa
+            fin = ~torch.isnan(s1.col_scores)
+            assert torch.equal(fin, ~torch.isnan(s2.col_scores))
+            e = dict(out=rel(o2, o1), tag=rel(t2, t1),
+                     scores=float((s2.col_scores - s1.col_scores)[fin].abs().max() / s1.col_scores[fin].abs().max()),
+                     ve=float((s2.sweep_ve - s1.sweep_ve).abs().max()), r2=float((s2.sweep_r2 - s1.sweep_r2).abs().max()),
+                     same_sinks=bool(torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks)
+                                     and torch.equal(s1.sink_idx[s1.sink_ok], s2.sink_idx[s2.sink_ok])),
+                     n_sinks=int(s1.sink_ok.sum()))
+            key = f"{str(dtype)[6:]} B{B} H{H}/{KV} T{T} D{D} w{window} pad{pad}"
+            worst[key] = e
+            print(key, json.dumps({a: (round(b, 7) if isinstance(b, float) else b) for a, b in e.items()}), flush=True)
+    colsum.FIXED_BLOCK = None
+    return worst
+
+
+def profile(sizes):
+    """CUDA kernel times of one pass of a 4-layer model of the same shape, SDPA against catchtag."""
+    model = build_model(layers=4)
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for B, T in sizes:
+        for mode in ("sdpa", "catchtag"):
+            measure(model, mode, B, T, reps=1)
+            with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+                measure(model, mode, B, T, reps=1, warmup=0)
+            print(f"== {mode}, 4 layers, {B}x{T}")
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def colsum_alone(T, block=None, profile_sink=False):
+    """Time pass 1 alone against the flash forward at one layer's shape (1 x T, 28/4 heads of 128)."""
+    import triton
+
+    from catchtag.engine.backends import attention_and_lse
+    from catchtag.engine.kernels.colsum import column_sums
+
+    q = torch.randn(1, 28, T, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    valid = torch.ones(1, T, dtype=torch.bool, device="cuda")
+    out, lse = attention_and_lse(q, k, v, None, 128 ** -0.5, valid)
+    flops_qk = 28 * 128 * 2 * T * T / 2  # one causal q.k^T
+    t_flash = triton.testing.do_bench(lambda: attention_and_lse(q, k, v, None, 128 ** -0.5, valid), return_mode="median")
+    t_col = triton.testing.do_bench(lambda: column_sums(q, k, lse, valid, 128 ** -0.5, block=block), return_mode="median")
+    from catchtag.engine.backends import row_counts
+    from catchtag.engine.kernels.sinkpass import sink_pass
+    from catchtag.engine.request import SinkSettings
+
+    counts = row_counts(valid, None)
+    scores = torch.rand(1, 28, T, device="cuda") * 0.01
+    scores[..., torch.tensor([0, 5, 100, T // 2])] = 0.5  # 4 sinks per head
+    times_sink = {}
+    for label, st in (("eps 0.2", SinkSettings()), ("12-eps sweep", SinkSettings(sweep_eps=(
+            0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.25, 0.3, 0.35, 0.4)))):
+        times_sink[label] = triton.testing.do_bench(
+            lambda: sink_pass(q, k, v, out, lse, valid, scores, counts, 128 ** -0.5, st), return_mode="median")
+    print(f"1x{T} one layer: sink pass with 4 sinks/head: " + ", ".join(f"{a} {b:.3f} ms" for a, b in times_sink.items()))
+    if profile_sink:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            for _ in range(5):
+                sink_pass(q, k, v, out, lse, valid, scores, counts, 128 ** -0.5, SinkSettings())
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50))
+    print(f"1x{T} one layer: flash fwd + lse {t_flash:.3f} ms ({2 * flops_qk / t_flash / 1e9:.0f} TFLOP/s), "
+          f"colsum {t_col:.3f} ms ({flops_qk / t_col / 1e9:.0f} TFLOP/s, block {block or 'autotuned'})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES))
+    ap.add_argument("--modes", default="sdpa,eager,catchtag")
+    ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
+    ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--profile", default="", help="B x T sizes to profile, e.g. 4x1024,1x16384")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--colsum", type=int, default=0, help="time pass 1 alone at 1 x this T (also for ncu)")
+    ap.add_argument("--profile-sink", action="store_true", help="with --colsum: profile the sink pass")
+    ap.add_argument("--block", default="", help="fixed colsum tile BLOCK_M,BLOCK_N for --colsum")
+    a = ap.parse_args()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if a.colsum:
+        colsum_alone(a.colsum, tuple(map(int, a.block.split(","))) if a.block else None, a.profile_sink)
+    if a.check:
+        check()
+    if a.profile:
+        profile([tuple(map(int, x.split("x"))) for x in a.profile.split(",")])
+    if not a.sizes:
+        return
+    model = build_model()
+    rows = []
+    sizes = [tuple(map(int, s.split("x"))) for s in a.sizes.split(",")]
+    if a.max_t:
+        sizes.append((1, a.max_t))
+    for B, T in sizes:
+        for mode in a.modes.split(","):
+            if mode == "eager" and B * T >= 65536:
+                rows.append(dict(mode=mode, B=B, T=T, tok_s=None, peak_gib=None, note="not run (out of memory at 1x16384)"))
+                continue
+            big = T >= 65536
+            r = measure(model, mode, B, T, reps=1 if big else a.reps, warmup=1)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(table(rows))
+    try:
+        from catchtag.engine.kernels.colsum import _tuned
+        print("colsum tile:", _tuned.best_config)
+    except Exception as exc:  # noqa: BLE001
+        print("colsum tile: unknown", exc)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The Triton fast path, run on the CPU by Triton's interpreter, against dense float64 sums, the torch path
+and the eager float64 reference: GQA and not, padding on either side, sliding windows, float32 and bf16."""
+
+import importlib
+import os
+import random
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: @triton.jit reads it then
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Modules collected before this one may already have imported triton.language (torch does), whose own
+# @jit helpers (tl.zeros, tl.sum, ...) were then built for the GPU; rebuild them for the interpreter.
+for _name in ("triton.language.standard", "triton.language.random", "triton.language",
+              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass"):
+    if _name in sys.modules:
+        importlib.reload(sys.modules[_name])
+
+from catchtag.engine import backends  # noqa: E402
+from catchtag.engine.attention import capture  # noqa: E402
+from catchtag.engine.backends import layer_statistics, mask_structure  # noqa: E402
+from catchtag.engine.kernels import sinkpass  # noqa: E402
+from catchtag.engine.kernels.colsum import column_sums  # noqa: E402
+from catchtag.engine.reference import reference_scan  # noqa: E402
+from catchtag.engine.request import ActivationRequest, SinkSettings  # noqa: E402
+
+TOL = 1e-4  # float32
+REL_BF16 = 1e-2
+
+
+def _seed():
+    seed = random.randrange(1 << 30)  # fresh inputs every run; the seed is in the failure messages
+    torch.manual_seed(seed)
+    return seed
+
+
+def _valid(B, T, pads):
+    """(B,T) bool: prompt b has pads[b] = (side, n_pad) padding tokens."""
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b, (side, n) in enumerate(pads):
+        if n:
+            if side == "left":
+                valid[b, :n] = False
+            else:
+                valid[b, T - n:] = False
+    return valid
+
+
+def _mask(valid, window=None):
+    T = valid.shape[1]
+    i = torch.arange(T)
+    m = (i[:, None] >= i[None, :]) & valid[:, None, :]
+    if window is not None:
+        m &= (i[:, None] - i[None, :]) < window
+    return m[:, None]  # (B,1,T,T) like the model's mask
+
+
+def _inputs(B, H, KV, T, D, dtype, sinks=(0,)):
+    """Random q, k, v with planted sinks: a shared query direction that the sink keys point along."""
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, KV, T, D), torch.randn(B, KV, T, D)
+    u = torch.randn(D)
+    q += 0.6 * u
+    for j, s in enumerate(sinks):
+        k[:, :, s] = (2.5 - 0.5 * j) * u
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,KV,D,window,block,pads", [
+    (4, 2, 16, None, (16, 32), [("left", 5), ("right", 9)]),
+    (3, 3, 24, 7, (32, 16), [("right", 0), ("left", 13)]),
+    (4, 1, 16, 16, (16, 16), [("right", 3), ("right", 0)]),
+])
+def test_column_sums_match_dense(dtype, H, KV, D, window, block, pads):
+    seed = _seed()
+    B, T = 2, 45
+    q, k, _ = _inputs(B, H, KV, T, D, dtype)
+    valid = _valid(B, T, pads)
+    scale = D ** -0.5
+    vis = _mask(valid, window)[:, :, :, :] & valid[:, None, :, None]  # rows that are tokens, columns they see
+    s = (q.double() @ k.double().repeat_interleave(H // KV, 1).transpose(-1, -2)) * scale
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    ref = torch.exp(s - lse[..., None]).masked_fill(~vis, 0).sum(dim=-2)
+    got = column_sums(q, k, lse.float(), valid, scale, window, block=block).double()
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err < (TOL if dtype == torch.float32 else REL_BF16), f"seed {seed}: rel err {err}"
+    assert (got[~valid[:, None, :].expand_as(got)] == 0).all(), "padding columns must sum to 0"
+
+
+def _compare_stats(s1, s2, tol, settings, seed):
+    fin = ~torch.isnan(s1.col_scores)
+    assert torch.equal(fin, ~torch.isnan(s2.col_scores)), f"seed {seed}: eligible columns differ"
+    scale = s1.col_scores[fin].abs().max()
+    assert (s2.col_scores[fin] - s1.col_scores[fin]).abs().max() <= tol * scale, f"seed {seed}"
+    assert torch.equal(s1.row_counts, s2.row_counts)
+    # identical sink sets, except columns whose score lies within 1e-3 of a threshold (bf16 ties)
+    for e_i, e in enumerate(settings.all_eps):
+        near = ((s1.col_scores - e).abs() < 1e-3).any(dim=-1)
+        same = s1.sweep_n_sinks[..., e_i] == s2.sweep_n_sinks[..., e_i]
+        assert (same | near).all(), f"seed {seed}: sink counts differ at eps {e}"
+    ok1 = torch.zeros_like(s1.col_scores, dtype=torch.bool).scatter(-1, s1.sink_idx, s1.sink_ok)
+    ok2 = torch.zeros_like(s2.col_scores, dtype=torch.bool).scatter(-1, s2.sink_idx, s2.sink_ok)
+    near = ((s1.col_scores - settings.eps).abs() < 1e-3).any(dim=-1)
+    assert ((ok1 == ok2).all(dim=-1) | near).all(), f"seed {seed}: sink positions differ"
+    same_heads = ~near[..., None].expand_as(s1.sweep_ve)
+    assert (s2.sweep_ve - s1.sweep_ve)[same_heads].abs().max() <= tol * 10, f"seed {seed}: VE"
+    assert (s2.sweep_r2 - s1.sweep_r2)[same_heads].abs().max() <= tol * 10, f"seed {seed}: R^2"
+    assert (s2.ve_uncentred - s1.ve_uncentred)[~near].abs().max() <= tol * 10, f"seed {seed}: uncentred VE"
+    return int(ok1.sum())
+
+
+@pytest.mark.parametrize("dtype,H,KV,window,pads,mask_none", [
+    (torch.float32, 4, 2, None, [("left", 6), ("right", 11)], False),
+    (torch.bfloat16, 4, 2, None, [("left", 6), ("right", 11)], False),
+    (torch.bfloat16, 4, 4, 10, [("right", 0), ("left", 4)], False),
+    (torch.float32, 6, 2, None, [("right", 0), ("right", 0)], True),
+])
+def test_triton_backend_matches_torch_path(dtype, H, KV, window, pads, mask_none):
+    seed = _seed()
+    B, T, D = 2, 50, 16
+    q, k, v = _inputs(B, H, KV, T, D, dtype, sinks=(0, 17))
+    valid = _valid(B, T, pads)
+    mask = None if mask_none else _mask(valid, window)
+    settings = SinkSettings(eps=0.06, min_rows=4, sweep_eps=(0.03, 0.2))
+    o1, t1, s1, _ = layer_statistics(q.float(), k.float(), v.float(), mask, D ** -0.5, None, settings, backend="torch")
+    o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, settings, backend="triton")
+    tol = TOL if dtype == torch.float32 else REL_BF16
+    rows = valid[:, None, :, None]
+    for name, a, b in (("out", o2, o1), ("tag", t2, t1)):
+        rel = ((a.float() - b) * rows).norm() / (b * rows).norm()
+        assert rel < tol, f"seed {seed}: {name} rel err {rel}"
+    assert _compare_stats(s1, s2, tol, settings, seed) > 0, f"seed {seed}: no sinks, the test shows nothing"
+
+
+def test_many_sinks_fall_back_to_the_torch_sink_pass(monkeypatch):
+    seed = _seed()
+    q, k, v = _inputs(2, 4, 2, 40, 16, torch.float32)
+    mask = _mask(_valid(2, 40, [("left", 3), ("right", 0)]), 12)
+    settings = SinkSettings(eps=0.05, min_rows=2)
+    _, t1, s1, _ = layer_statistics(q, k, v, mask, 0.25, None, settings, backend="torch")
+    monkeypatch.setattr(sinkpass, "MAX_SINKS", 1)
+    _, t2, s2, _ = layer_statistics(q, k, v, mask, 0.25, None, settings, backend="triton")
+    assert (t1 - t2).abs().max() < TOL
+    _compare_stats(s1, s2, TOL, settings, seed)
+
+
+def test_mask_structure_reads_padding_and_window_and_refuses_others():
+    valid = _valid(3, 30, [("left", 4), ("right", 7), ("right", 0)])
+    got_valid, window = mask_structure(_mask(valid, 9), 3, 30, "cpu")
+    assert torch.equal(got_valid, valid) and window == 9
+    assert mask_structure(_mask(valid), 3, 30, "cpu")[1] is None
+    odd = _mask(valid).clone()
+    odd[0, 0, 20, 10] = False  # a hole no padding/causal/window mask has
+    assert mask_structure(odd, 3, 30, "cpu") is None
+    additive = torch.zeros(3, 1, 30, 30).masked_fill(~_mask(valid, 5), torch.finfo(torch.float32).min)
+    assert mask_structure(additive, 3, 30, "cpu")[1] == 5
+
+
+def test_backend_choice():
+    q, k, v = _inputs(1, 2, 2, 20, 16, torch.float32)
+    settings = SinkSettings(min_rows=2)
+    calls = []
+    orig = backends.triton_statistics
+    try:
+        backends.triton_statistics = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+        layer_statistics(q, k, v, None, 0.25, None, settings, backend="auto")  # CPU: the torch path
+        assert not calls
+        layer_statistics(q, k, v, None, 0.25, None, settings, backend="triton")
+        assert calls
+    finally:
+        backends.triton_statistics = orig
+    with pytest.raises(ValueError, match="softcap"):
+        layer_statistics(q, k, v, None, 0.25, 30.0, settings, backend="triton")
+    with pytest.raises(ValueError, match="unknown engine backend"):
+        layer_statistics(q, k, v, None, 0.25, None, settings, backend="cuda")
+
+
+def _padded_batch(lengths, sides, T, seed, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, (n, side) in enumerate(zip(lengths, sides)):
+        if side == "left":
+            mask[b, T - n:] = 1
+        else:
+            mask[b, :n] = 1
+        ids[b][mask[b] == 0] = 258
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])  # GQA + window; 1 KV head, sliding and global layers
+def test_triton_backend_matches_reference_on_tiny_models(arch):
+    from catchtag.models import load_model
+
+    model, _ = load_model(f"tiny:{arch}", dtype="float32")
+    seed = random.randrange(1 << 30)
+    ids, mask = _padded_batch([30, 40], ["right", "left"], T=40, seed=seed)
+    settings = SinkSettings(eps=0.08, min_rows=4)
+    with torch.no_grad(), capture(settings, ActivationRequest(positions="last"), backend="triton") as cap:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    rows, ref_logits = reference_scan(model, ids, mask, eps=0.08, min_rows=4)
+    assert (logits - ref_logits.float())[mask.bool()].abs().max() < TOL, f"seed {seed}"
+    n_sinks = 0
+    for r in rows:
+        st, b, h = cap.layers[r["layer"]].stats, r["prompt"], r["head"]
+        valid = st.token_valid[b]
+        scores = st.col_scores[b, h][valid].numpy()
+        assert np.array_equal(np.isnan(scores), np.isnan(r["scores"])), f"seed {seed}"
+        assert np.nanmax(np.abs(scores - r["scores"])) < TOL, f"seed {seed}"
+        first = int(valid.float().argmax())
+        sinks = sorted((st.sink_idx[b, h][st.sink_ok[b, h]] - first).tolist())
+        assert sinks == r["sinks"], f"seed {seed}: layer {r['layer']} prompt {b} head {h}"
+        n_sinks += len(sinks)
+        for name in ("ve", "r2", "ve_uncentred"):
+            assert abs(float(getattr(st, name)[b, h]) - r[name]) < TOL, f"seed {seed}: {name}"
+        acts = cap.layers[r["layer"]].activations
+        scale = max(1.0, np.abs(r["full"]).max())
+        for name in ("full", "tag", "nontag"):
+            assert np.abs(acts[name][b, h, 0].numpy() - r[name]).max() < TOL * scale, f"seed {seed}: {name}"
+    assert n_sinks > 0, "no sinks at all: the comparison shows nothing"
