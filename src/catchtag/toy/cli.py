@@ -111,15 +111,15 @@ def train(
     """Train N seeds, report held-out R^2, success rate and the mechanism per seed."""
     from catchtag.toy.figures import plot_attention, plot_seeds
     from catchtag.toy.model import ToyConfig
-    from catchtag.toy.train import eval_batch, load_trained, make_recipe, summarize, train_seeds
+    from catchtag.toy.train import eval_batch, load_trained, make_recipe, recipe_model_options, summarize, train_seeds
     from catchtag.toy.task import TaskConfig
 
     if seeds < 1:
         _fail(f"--seeds must be >= 1, got {seeds}")
     try:
         task = TaskConfig(variant, length)
-        mc = ToyConfig(variant, n_heads=heads or None, init_tag=init_tag)
         tc = make_recipe(recipe, steps=steps or None, threshold=threshold)
+        mc = ToyConfig(variant, n_heads=heads or None, init_tag=init_tag, **recipe_model_options(recipe))
     except ValueError as e:
         _fail(str(e))
     t0 = time.time()

@@ -61,11 +61,14 @@ def make_batch(
     low: float = -1.0,
     high: float = 1.0,
     generator: torch.Generator | None = None,
+    prefix_scale: float = 1.0,
 ) -> Batch:
     """Draw a batch. [SEP] sits uniformly in 1..L-2 (single) so there is at least one number on each side;
     in the two-sink variant [SEP2] sits uniformly after [SEP] leaving >=1 number between them and after it.
 
     Target: mean of the numbers after [SEP] (two-sink: that mean plus the mean strictly between [SEP] and [SEP2]).
+    ``prefix_scale`` multiplies the numbers before [SEP] (which never enter the target); a training
+    curriculum may start it at 0 (see ``TrainConfig.prefix_zero_steps``).
     """
     check_task(variant, length, low, high)
     if batch_size < 1:
@@ -86,6 +89,8 @@ def make_batch(
     if variant != "single":
         types[pos == sep2[:, None]] = SEP2
     values = values.masked_fill(types != NUMBER, 0.0)
+    if prefix_scale != 1.0:
+        values = torch.where(pos < sep[:, None], values * prefix_scale, values)
     after = (pos > sep[:, None]) & (types == NUMBER)
     target = (values * after).sum(1) / after.sum(1)
     if variant != "single":

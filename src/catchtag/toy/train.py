@@ -28,7 +28,7 @@ class TrainConfig:
     silently: ``make_recipe`` builds the config and you may edit it afterwards."""
 
     recipe: str = "paper"
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -38,6 +38,9 @@ class TrainConfig:
     temp_steps: int = 0  # ... over this many steps (0: no ramp)
     length_curriculum: tuple[int, ...] = ()  # lengths for equal training fractions before the final length
     grad_clip: float = 0.0
+    l1_qk_std: float | None = None  # re-initialise layer-1 query/key weights and biases at this small std
+    prefix_zero_steps: int | None = None  # numbers before [SEP] are 0 for this many steps ...
+    prefix_ramp_steps: int | None = None  # ... then scaled up linearly to their full range over this many
     eval_size: int = 4096
     threshold: float = 0.99  # success: held-out R^2 >= threshold
     sink_threshold: float = 0.5  # mechanism: layer-1 mass on the sink from the tokens after it
@@ -45,21 +48,30 @@ class TrainConfig:
 
 
 RECIPES = {
-    # what we take the paper's setting to be: default init, Adam, constant lr, attention as usual
-    "paper": dict(),
-    # ours: see docs/toy.md
-    "robust": dict(
-        steps=3000, lr=1e-2, warmup_steps=200, schedule="cosine", temp_start=0.0, temp_steps=1000, grad_clip=1.0
-    ),
+    # what we take the paper's setting to be: default init, Adam, constant lr, plain softmax attention
+    "paper": {"train": {}, "model": {}},
+    # ours (docs/toy.md): QK-normalised attention with a learnable gain (logits bounded at init, so no
+    # head starts saturated on the wrong side of [SEP]), plus lr warmup and cosine decay
+    "robust": {
+        "train": {"warmup_steps": 100, "schedule": "cosine"},
+        "model": {"qk_norm": True, "qk_gain": 1.0},
+    },
 }
 
 
 def make_recipe(name: str = "paper", **overrides) -> TrainConfig:
+    """The training settings of a named recipe; ``recipe_model_options`` gives its model settings."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    kw = dict(RECIPES[name])
+    kw = dict(RECIPES[name]["train"])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(recipe=name, **kw)
+
+
+def recipe_model_options(name: str = "paper") -> dict:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name]["model"])
 
 
 def r2_score(y: torch.Tensor, t: torch.Tensor) -> float:
@@ -81,6 +93,16 @@ def _temperature(step: int, cfg: TrainConfig) -> float:
     return cfg.temp_start + (1.0 - cfg.temp_start) * step / cfg.temp_steps
 
 
+def _prefix_scale(step: int, cfg: TrainConfig) -> float:
+    zero = getattr(cfg, "prefix_zero_steps", None) or 0
+    ramp = getattr(cfg, "prefix_ramp_steps", None) or 0
+    if step < zero:
+        return 0.0
+    if ramp and step < zero + ramp:
+        return (step - zero) / ramp
+    return 1.0
+
+
 def _length_at(step: int, cfg: TrainConfig, final: int) -> int:
     stages = list(cfg.length_curriculum) + [final]
     i = min(len(stages) - 1, step * len(stages) // max(1, cfg.steps))
@@ -92,20 +114,34 @@ def eval_batch(task: TaskConfig, size: int = 4096) -> Batch:
     return make_batch(size, task.length, task.variant, task.low, task.high, generator=g)
 
 
+def init_model(model_cfg: ToyConfig, train_cfg: TrainConfig, seed: int) -> ToyAttentionModel:
+    """The initial weights of seed ``seed`` (the recipe may shrink layer 1's query/key so that the gradient,
+    not the random draw, decides whether [SEP] becomes a sink)."""
+    torch.manual_seed(seed)
+    model = ToyAttentionModel(model_cfg)
+    std = getattr(train_cfg, "l1_qk_std", None)
+    if std is not None:
+        with torch.no_grad():
+            for lin in (model.layers[0].q, model.layers[0].k):
+                lin.weight.normal_(0.0, std)
+                lin.bias.normal_(0.0, std)
+    return model
+
+
 def train_model(
     model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig, seed: int = 0, log_every: int = 0
 ) -> tuple[ToyAttentionModel, list[dict]]:
     """Train one model from seed ``seed``; returns the model and a short loss history."""
-    torch.manual_seed(seed)
-    model = ToyAttentionModel(model_cfg)
+    model = init_model(model_cfg, train_cfg, seed)
     g = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, train_cfg))
     history = []
     for step in range(train_cfg.steps):
         model.set_temperature(_temperature(step, train_cfg))
         L = _length_at(step, train_cfg, task.length)
-        b = make_batch(train_cfg.batch_size, L, task.variant, task.low, task.high, generator=g)
+        b = make_batch(train_cfg.batch_size, L, task.variant, task.low, task.high, generator=g,
+                       prefix_scale=_prefix_scale(step, train_cfg))
         loss = torch.nn.functional.mse_loss(model(b.values, b.types), b.target)
         opt.zero_grad()
         loss.backward()
@@ -178,7 +214,8 @@ def mechanism_ok(m: dict, cfg: TrainConfig) -> bool:
 
 def run_id(model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig) -> str:
     """Stable key of one table cell: every setting that changes the result (not the seed)."""
-    d = {"model": asdict(model_cfg), "train": asdict(train_cfg), "task": asdict(task)}
+    tr = {k: v for k, v in asdict(train_cfg).items() if v is not None}  # new options default to None: old ids stay
+    d = {"model": asdict(model_cfg), "train": tr, "task": asdict(task)}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
@@ -187,8 +224,9 @@ def _train_one(args: tuple) -> dict:
     model_cfg, train_cfg, task, seed, model_dir = args
     torch.set_num_threads(1)
     t0 = time.time()
-    model, hist = train_model(model_cfg, train_cfg, task, seed)
     ev = eval_batch(task, train_cfg.eval_size)
+    init = mechanism_metrics(init_model(model_cfg, train_cfg, seed), ev)  # what train_model starts from
+    model, hist = train_model(model_cfg, train_cfg, task, seed)
     m = mechanism_metrics(model, ev)
     if not math.isfinite(m["r2"]):
         m["r2"] = float("-inf")
@@ -196,6 +234,7 @@ def _train_one(args: tuple) -> dict:
         "seed": seed,
         "r2": m.pop("r2"),
         **m,
+        "init_sink_mass": init["sink_mass"],
         "tag": [float(t) for t in model.tag.detach()],
         "seconds": round(time.time() - t0, 2),
     }
@@ -343,13 +382,14 @@ def success_table(
     rows = []
     for tag in init_tags:
         res = train_seeds(
-            ToyConfig("single", init_tag=tag), make_recipe(recipe, steps=steps), TaskConfig("single", length),
+            ToyConfig("single", init_tag=tag, **recipe_model_options(recipe)), make_recipe(recipe, steps=steps), TaskConfig("single", length),
             seeds, out, workers, label=f"single tag={tag:g} {recipe}", progress=progress,
         )
         rows.append(summarize(res, variant="single", heads=1, init_tag=tag, recipe=recipe))
     for h in two_sink_heads:
         res = train_seeds(
-            ToyConfig("two-sink", n_heads=h, init_tag=init_tag_two_sink), make_recipe(recipe, steps=steps),
+            ToyConfig("two-sink", n_heads=h, init_tag=init_tag_two_sink, **recipe_model_options(recipe)),
+            make_recipe(recipe, steps=steps),
             TaskConfig("two-sink", length), seeds, out, workers,
             label=f"two-sink heads={h} {recipe}", progress=progress,
         )
