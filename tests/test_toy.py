@@ -39,10 +39,10 @@ def test_targets_match_plain_loop(variant):
         assert all(0.0 <= v <= 5.0 for v in vals)
 
 
-@pytest.mark.parametrize("variant", ["single", "two-sink"])
-def test_causal_masking(variant):
+@pytest.mark.parametrize("variant,qk_norm", [("single", False), ("two-sink", False), ("single", True)])
+def test_causal_masking(variant, qk_norm):
     torch.manual_seed(0)
-    m = ToyAttentionModel(ToyConfig(variant, init_tag=3.0))
+    m = ToyAttentionModel(ToyConfig(variant, init_tag=3.0, qk_norm=qk_norm))
     b = make_batch(8, 12, variant, generator=torch.Generator().manual_seed(2))
     _, aux = m(b.values, b.types, return_all=True)
     vals = b.values.clone()
@@ -92,6 +92,17 @@ def test_resume_does_not_duplicate(tmp_path):
     train_seeds(ToyConfig("single", init_tag=2.0), cfg, task, 1, tmp_path, workers=1, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "seeds.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 2
+
+
+def test_recipes_and_prefix_curriculum():
+    from catchtag.toy import recipe_model_options
+
+    assert recipe_model_options("robust")["qk_norm"] is True and recipe_model_options("paper") == {}
+    b = make_batch(16, 10, "single", generator=torch.Generator().manual_seed(4), prefix_scale=0.0)
+    b1 = make_batch(16, 10, "single", generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(10)
+    assert (b.values[pos < b.sep[:, None]] == 0).all()
+    torch.testing.assert_close(b.target, b1.target)  # the prefix never enters the target
 
 
 def test_bad_inputs_give_clear_errors():
