@@ -21,6 +21,11 @@ app = typer.Typer(
 )
 
 
+from catchtag.toy.cli import toy_app  # noqa: E402
+
+app.add_typer(toy_app, name="toy")
+
+
 @app.callback()
 def _root() -> None:
     """catchtag: detect sinks, decompose heads into tag / non-tag, and show it."""

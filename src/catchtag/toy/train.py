@@ -1,0 +1,394 @@
+"""Training seeds in parallel processes, held-out R^2, mechanism checks, resumable per-seed results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import multiprocessing as mp
+
+import pandas as pd
+import torch
+
+from catchtag.toy.model import ToyAttentionModel, ToyConfig
+from catchtag.toy.task import SEP, SEP2, Batch, TaskConfig, make_batch, token_masks
+
+EVAL_SEED = 12345  # held-out set: a generator stream never used for training
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``recipe`` names a preset (see ``RECIPES``); explicit fields override nothing
+    silently: ``make_recipe`` builds the config and you may edit it afterwards."""
+
+    recipe: str = "paper"
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine"
+    temp_start: float = 1.0  # attention-score multiplier at step 0, ramped linearly to 1 ...
+    temp_steps: int = 0  # ... over this many steps (0: no ramp)
+    length_curriculum: tuple[int, ...] = ()  # lengths for equal training fractions before the final length
+    grad_clip: float = 0.0
+    l1_qk_std: float | None = None  # re-initialise layer-1 query/key weights and biases at this small std
+    prefix_zero_steps: int | None = None  # numbers before [SEP] are 0 for this many steps ...
+    prefix_ramp_steps: int | None = None  # ... then scaled up linearly to their full range over this many
+    eval_size: int = 4096
+    threshold: float = 0.99  # success: held-out R^2 >= threshold
+    sink_threshold: float = 0.5  # mechanism: layer-1 mass on the sink from the tokens after it
+    release_threshold: float = 0.8  # mechanism: layer-2 mass (last token) on the tagged tokens
+
+
+RECIPES = {
+    # what we take the paper's setting to be: default init, Adam, constant lr, plain softmax attention
+    "paper": {"train": {}, "model": {}},
+    # ours (docs/toy.md): QK-normalised attention with a learnable gain, so that logits are bounded at
+    # init and no head starts (or gets stuck) saturated on the wrong side of [SEP]; optimiser as "paper"
+    "robust": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
+}
+
+
+def make_recipe(name: str = "paper", **overrides) -> TrainConfig:
+    """The training settings of a named recipe; ``recipe_model_options`` gives its model settings."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    kw = dict(RECIPES[name]["train"])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(recipe=name, **kw)
+
+
+def recipe_model_options(name: str = "paper") -> dict:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name]["model"])
+
+
+def r2_score(y: torch.Tensor, t: torch.Tensor) -> float:
+    return float(1 - ((y - t) ** 2).sum() / ((t - t.mean()) ** 2).sum())
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return 1.0
+
+
+def _temperature(step: int, cfg: TrainConfig) -> float:
+    if cfg.temp_steps <= 0 or step >= cfg.temp_steps:
+        return 1.0
+    return cfg.temp_start + (1.0 - cfg.temp_start) * step / cfg.temp_steps
+
+
+def _prefix_scale(step: int, cfg: TrainConfig) -> float:
+    zero = getattr(cfg, "prefix_zero_steps", None) or 0
+    ramp = getattr(cfg, "prefix_ramp_steps", None) or 0
+    if step < zero:
+        return 0.0
+    if ramp and step < zero + ramp:
+        return (step - zero) / ramp
+    return 1.0
+
+
+def _length_at(step: int, cfg: TrainConfig, final: int) -> int:
+    stages = list(cfg.length_curriculum) + [final]
+    i = min(len(stages) - 1, step * len(stages) // max(1, cfg.steps))
+    return int(stages[i])
+
+
+def eval_batch(task: TaskConfig, size: int = 4096) -> Batch:
+    g = torch.Generator().manual_seed(EVAL_SEED)
+    return make_batch(size, task.length, task.variant, task.low, task.high, generator=g)
+
+
+def init_model(model_cfg: ToyConfig, train_cfg: TrainConfig, seed: int) -> ToyAttentionModel:
+    """The initial weights of seed ``seed`` (the recipe may shrink layer 1's query/key so that the gradient,
+    not the random draw, decides whether [SEP] becomes a sink)."""
+    torch.manual_seed(seed)
+    model = ToyAttentionModel(model_cfg)
+    std = getattr(train_cfg, "l1_qk_std", None)
+    if std is not None:
+        with torch.no_grad():
+            for lin in (model.layers[0].q, model.layers[0].k):
+                lin.weight.normal_(0.0, std)
+                lin.bias.normal_(0.0, std)
+    return model
+
+
+def train_model(
+    model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig, seed: int = 0, log_every: int = 0
+) -> tuple[ToyAttentionModel, list[dict]]:
+    """Train one model from seed ``seed``; returns the model and a short loss history."""
+    model = init_model(model_cfg, train_cfg, seed)
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1))
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, train_cfg))
+    history = []
+    for step in range(train_cfg.steps):
+        model.set_temperature(_temperature(step, train_cfg))
+        L = _length_at(step, train_cfg, task.length)
+        b = make_batch(train_cfg.batch_size, L, task.variant, task.low, task.high, generator=g,
+                       prefix_scale=_prefix_scale(step, train_cfg))
+        loss = torch.nn.functional.mse_loss(model(b.values, b.types), b.target)
+        opt.zero_grad()
+        loss.backward()
+        if not torch.isfinite(loss):
+            history.append({"step": step, "loss": float("nan")})
+            break
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == train_cfg.steps - 1):
+            history.append({"step": step, "loss": float(loss.detach())})
+    model.set_temperature(1.0)
+    return model, history
+
+
+@torch.no_grad()
+def mechanism_metrics(model: ToyAttentionModel, batch: Batch) -> dict:
+    """How much the learned model looks like catch, tag, release.
+
+    sink_mass: layer-1 mean attention on [SEP] from the numbers after it (best head);
+    release_mass: layer-2 attention of the last token on the numbers after [SEP] (best head);
+    release_entropy: entropy of that attention renormalised on those numbers / log(count) (1 = uniform).
+    Two-sink: also sink2_mass ([SEP2] from numbers after it) and between_mass / between_entropy
+    (a head attending to the numbers between [SEP] and [SEP2]); ``*_head`` says which head.
+    """
+    y, aux = model(batch.values, batch.types, return_all=True)
+    a1, a2 = aux["attn"]  # (B, H, L, L)
+    masks = token_masks(batch)
+    B, H, L, _ = a1.shape
+    out: dict = {}
+
+    def sink(kind_mask: torch.Tensor, pos: torch.Tensor, name: str) -> None:
+        on = a1[torch.arange(B), :, :, pos]  # (B, H, L): mass every query gives the sink
+        w = kind_mask[:, None, :].float()
+        per_head = (on * w).sum((0, 2)) / w.sum((0, 2))
+        h = int(per_head.argmax())
+        out[f"{name}_mass"] = float(per_head[h])
+        out[f"{name}_head"] = h
+
+    def release(group: torch.Tensor, name: str) -> None:
+        last = a2[:, :, -1, :]  # (B, H, L)
+        m = group[:, None, :].float()
+        mass = (last * m).sum(-1)  # (B, H)
+        p = (last * m) / mass.clamp_min(1e-12)[..., None]
+        ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        n = group.sum(-1).float()[:, None]
+        ratio = torch.where(n > 1, ent / n.log().clamp_min(1e-12), torch.ones_like(ent))
+        per_head = mass.mean(0)
+        h = int(per_head.argmax())
+        out[f"{name}_mass"] = float(per_head[h])
+        out[f"{name}_entropy"] = float(ratio[:, h].mean())
+        out[f"{name}_head"] = h
+
+    sink(masks["after_sep"], batch.sep, "sink")
+    release(masks["after_sep"], "release")
+    if "between" in masks:
+        sink(masks["after_sep2"], batch.sep2, "sink2")
+        release(masks["between"], "between")
+    out["r2"] = r2_score(y, batch.target)
+    return out
+
+
+def mechanism_ok(m: dict, cfg: TrainConfig) -> bool:
+    ok = m["sink_mass"] >= cfg.sink_threshold and m["release_mass"] >= cfg.release_threshold
+    if "sink2_mass" in m:
+        ok = ok and m["sink2_mass"] >= cfg.sink_threshold and m["between_mass"] >= cfg.release_threshold
+    return bool(ok)
+
+
+def run_id(model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig) -> str:
+    """Stable key of one table cell: every setting that changes the result (not the seed)."""
+    tr = {k: v for k, v in asdict(train_cfg).items() if v is not None}  # new options default to None: old ids stay
+    d = {"model": asdict(model_cfg), "train": tr, "task": asdict(task)}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def _train_one(args: tuple) -> dict:
+    """Worker: one seed, one process, one thread."""
+    model_cfg, train_cfg, task, seed, model_dir = args
+    torch.set_num_threads(1)
+    t0 = time.time()
+    ev = eval_batch(task, train_cfg.eval_size)
+    init = mechanism_metrics(init_model(model_cfg, train_cfg, seed), ev)  # what train_model starts from
+    model, hist = train_model(model_cfg, train_cfg, task, seed)
+    m = mechanism_metrics(model, ev)
+    if not math.isfinite(m["r2"]):
+        m["r2"] = float("-inf")
+    row = {
+        "seed": seed,
+        "r2": m.pop("r2"),
+        **m,
+        "init_sink_mass": init["sink_mass"],
+        "tag": [float(t) for t in model.tag.detach()],
+        "seconds": round(time.time() - t0, 2),
+    }
+    row["success"] = bool(row["r2"] >= train_cfg.threshold)
+    row["mechanism"] = mechanism_ok(row, train_cfg)
+    if model_dir:
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(model_dir) / f"seed{seed}.pt")
+    return row
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a half-written last line from an interrupted run
+                continue
+    return rows
+
+
+@dataclass
+class SeedResults:
+    """Per-seed rows of one cell plus its summary."""
+
+    run_id: str
+    rows: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def successes(self) -> int:
+        return int(self.rows["success"].sum()) if self.n else 0
+
+    @property
+    def verified(self) -> int:
+        return int((self.rows["success"] & self.rows["mechanism"]).sum()) if self.n else 0
+
+
+def train_seeds(
+    model_cfg: ToyConfig,
+    train_cfg: TrainConfig,
+    task: TaskConfig,
+    seeds: int | list[int] = 10,
+    out: str | Path | None = None,
+    workers: int | None = None,
+    label: str = "",
+    progress: bool = True,
+) -> SeedResults:
+    """Train several seeds in parallel processes; with ``out``, append one JSONL row per finished seed to
+    ``out/seeds.jsonl`` and skip seeds already there (rerunning resumes, never duplicates)."""
+    if model_cfg.variant != task.variant:
+        raise ValueError(f"model variant {model_cfg.variant!r} differs from task variant {task.variant!r}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if isinstance(seeds, int) and seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    rid = run_id(model_cfg, train_cfg, task)
+    settings = {"model": asdict(model_cfg), "train": asdict(train_cfg), "task": asdict(task), "label": label}
+    path = Path(out) / "seeds.jsonl" if out else None
+    done = {}
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for r in read_rows(path):
+            if r.get("run_id") == rid:
+                done.setdefault(r["seed"], r)
+    todo = [s for s in seed_list if s not in done]
+    if path:  # settings first, so that an interrupted cell can still be read back
+        (Path(out) / "runs").mkdir(exist_ok=True)
+        (Path(out) / "runs" / f"{rid}.json").write_text(json.dumps(settings, indent=1, default=list))
+    model_dir = str(Path(out) / "models" / rid) if out else None
+    new = []
+    if todo:
+        workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+        jobs = [(model_cfg, train_cfg, task, s, model_dir) for s in todo]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=label or rid, disable=not progress, leave=False)
+        if workers == 1:
+            results = (_train_one(j) for j in jobs)
+            it = results
+        else:
+            ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            it = (f.result() for f in as_completed([ex.submit(_train_one, j) for j in jobs]))
+        try:
+            for row in it:
+                row = {"run_id": rid, "label": label, **row}
+                if path:
+                    with path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                new.append(row)
+                bar.update(1)
+        finally:
+            bar.close()
+            if workers != 1:
+                ex.shutdown(cancel_futures=True)
+    rows = [done[s] for s in seed_list if s in done] + new
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("seed").reset_index(drop=True)
+    return SeedResults(run_id=rid, rows=df, settings=settings)
+
+
+def load_trained(out: str | Path, res: SeedResults, seed: int) -> ToyAttentionModel:
+    m = ToyAttentionModel(ToyConfig(**res.settings["model"]))
+    m.load_state_dict(torch.load(Path(out) / "models" / res.run_id / f"seed{seed}.pt"))
+    return m
+
+
+def summarize(res: SeedResults, **extra) -> dict:
+    df = res.rows
+    return {
+        **extra,
+        "seeds": res.n,
+        "success": res.successes,
+        "verified": res.verified,
+        "rate": f"{res.successes}/{res.n}",
+        "median_r2": float(df["r2"].median()) if res.n else float("nan"),
+        "mean_sink_mass_success": float(df.loc[df.success, "sink_mass"].mean()) if res.successes else float("nan"),
+        "sec_per_seed": float(df["seconds"].mean()) if res.n else float("nan"),
+        "run_id": res.run_id,
+    }
+
+
+def success_table(
+    init_tags=(1.0, 6.0, 10.0),
+    seeds: int = 10,
+    recipe: str = "paper",
+    length: int = 16,
+    two_sink_heads=(2, 1),
+    out: str | Path | None = None,
+    workers: int | None = None,
+    steps: int | None = None,
+    init_tag_two_sink: float = 10.0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The two published comparisons: single variant over initial tag values, two-sink over heads per layer."""
+    rows = []
+    for tag in init_tags:
+        res = train_seeds(
+            ToyConfig("single", init_tag=tag, **recipe_model_options(recipe)), make_recipe(recipe, steps=steps), TaskConfig("single", length),
+            seeds, out, workers, label=f"single tag={tag:g} {recipe}", progress=progress,
+        )
+        rows.append(summarize(res, variant="single", heads=1, init_tag=tag, recipe=recipe))
+    for h in two_sink_heads:
+        res = train_seeds(
+            ToyConfig("two-sink", n_heads=h, init_tag=init_tag_two_sink, **recipe_model_options(recipe)),
+            make_recipe(recipe, steps=steps),
+            TaskConfig("two-sink", length), seeds, out, workers,
+            label=f"two-sink heads={h} {recipe}", progress=progress,
+        )
+        rows.append(summarize(res, variant="two-sink", heads=h, init_tag=init_tag_two_sink, recipe=recipe))
+    return pd.DataFrame(rows)
