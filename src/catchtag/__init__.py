@@ -20,8 +20,9 @@ from catchtag.analysis.sweep import SWEEP_EPS, sweep_table
 from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
 from catchtag.report.html import write_report
 from catchtag.report.viewer import token_view
+from catchtag import toy  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
 
 __all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "SWEEP_EPS", "ScanResult", "SinkSettings", "TagProbe",
            "answer_logprobs", "available_models", "compare_runs", "kind_shares", "load_model", "pca_picture",
            "run_probe", "run_scan", "run_steer", "scan", "sink_taxonomy", "steering_curve", "sweep_table",
-           "tag_geometry", "token_view", "write_report"]
+           "tag_geometry", "token_view", "toy", "write_report"]

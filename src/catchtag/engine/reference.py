@@ -25,6 +25,7 @@ def _recording_eager(records: list):
         n_rep = query.shape[1] // value.shape[1]
         records.append(dict(module=module, weights=weights.detach().double(),
                             values=value.detach().double().repeat_interleave(n_rep, dim=1),
+                            rtol=max(1e-5, 2 * torch.finfo(value.dtype).eps),
                             out=out.detach().double().transpose(1, 2)))  # (B,H,T,D)
         return out, weights
 
@@ -41,12 +42,13 @@ def layer_windows(config) -> list[int | None]:
     return [window] * n
 
 
-def _orth(vectors: np.ndarray) -> np.ndarray:
-    """Orthonormal basis (columns) of the span of the given row vectors."""
+def _orth(vectors: np.ndarray, rtol: float) -> np.ndarray:
+    """Orthonormal basis (columns) of the span of the given row vectors; directions whose singular value is below
+    rtol x the largest are rounding, not span (sink values equal up to the model's rounding count once)."""
     if len(vectors) == 0:
         return np.zeros((0, 0))
     u, s, _ = np.linalg.svd(vectors.T, full_matrices=False)
-    rank = int((s > s.max() * max(vectors.shape) * np.finfo(float).eps).sum()) if s.size and s.max() > 0 else 0
+    rank = int((s > s.max() * rtol).sum()) if s.size and s.max() > 0 else 0
     return u[:, :rank]
 
 
@@ -90,7 +92,7 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                     tag += a[:, p:p + 1] * V[b, h, valid[p]][None, :]
                 oc = o - o.mean(axis=0)
                 nc = (o - tag) - (o - tag).mean(axis=0)
-                basis = _orth(np.stack([V[b, h, valid[p]] for p in sinks])) if sinks else np.zeros((o.shape[1], 0))
+                basis = _orth(np.stack([V[b, h, valid[p]] for p in sinks]), rec["rtol"]) if sinks else np.zeros((o.shape[1], 0))
                 total = (oc ** 2).sum()
                 ve = float(((oc @ basis) ** 2).sum() / total) if sinks and total > 0 else 0.0
                 r2 = float(1 - (nc ** 2).sum() / total) if sinks and total > 0 else 0.0

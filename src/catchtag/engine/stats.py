@@ -17,6 +17,12 @@ from catchtag.engine.request import SinkSettings
 SCORE_BUDGET = 1 << 25  # float32 elements of one chunk of scores (128 MiB)
 
 
+def span_rtol(dtype: torch.dtype) -> float:
+    """Relative singular-value cut for the span of sink values: values that agree to within the rounding of the
+    model's dtype (the same token at two positions, seen through layers that round differently) span one direction."""
+    return max(1e-5, 2 * torch.finfo(dtype).eps)
+
+
 @dataclass
 class HeadStats:
     """Per-layer statistics; shapes use B prompts, H heads, T positions, K kept sinks, E thresholds.
@@ -117,11 +123,13 @@ def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings
     eligible = token_valid & (row_counts >= settings.min_rows)
     col_scores = col_sum / row_counts.clamp_min(1)[:, None, :]
     col_scores = col_scores.masked_fill(~eligible[:, None, :], float("nan"))
-    tag, stats = _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings)
+    tag, stats = _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings,
+                            v.dtype)
     return out, tag, stats, maps
 
 
-def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings):
+def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings,
+               v_dtype=torch.float32):
     B, H, T, _ = qf.shape
     dev = qf.device
     all_eps = settings.all_eps
@@ -174,7 +182,7 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     for e_i, e in enumerate(all_eps):
         ok = top_scores > e  # (B,H,K)
         okf = ok.double()
-        to_basis = _span_basis(v_s64 * okf[..., None])  # (B,H,K,r): sink-value coordinates -> orthonormal basis
+        to_basis = _span_basis(v_s64 * okf[..., None], span_rtol(v_dtype))  # (B,H,K,r): sink-value coordinates -> orthonormal basis
         proj = torch.matmul(x * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
         tag = torch.matmul(a_s * ok[:, :, None, :], v_s)  # (B,H,T,Dv)
         nontag = (out - tag)
@@ -194,12 +202,12 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     return main_tag, stats
 
 
-def _span_basis(v: torch.Tensor) -> torch.Tensor:
+def _span_basis(v: torch.Tensor, rtol: float) -> torch.Tensor:
     """For sink values v (..., K, D), the (..., K, r) matrix W with (o @ v^T) @ W = o @ Q, Q an orthonormal basis
-    of span{v_k}: from v = U S Wh, Q = Wh^T and W = U / S. Singular values under the rank tolerance (the same rule
-    as numpy's matrix_rank) are dropped, so repeated or zero (masked) sink values add no direction."""
+    of span{v_k}: from v = U S Wh, Q = Wh^T and W = U / S. Singular values below rtol x the largest are dropped
+    (see span_rtol), so repeated or masked sink values add no direction."""
     u, s, _ = torch.linalg.svd(v, full_matrices=False)
-    tol = s.amax(dim=-1, keepdim=True) * max(v.shape[-2:]) * torch.finfo(v.dtype).eps
+    tol = s.amax(dim=-1, keepdim=True) * rtol
     keep = s > tol
     inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
     return u * inv[..., None, :]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from catchtag.engine.stats import HeadStats
+from catchtag.engine.stats import HeadStats, span_rtol
 
 
 
@@ -90,7 +90,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
         okf = ok.double()
         sel = okf[..., :, None] * okf[..., None, :]
         g = gram * sel
-        g_inv = torch.linalg.pinv(g, hermitian=True)
+        g_inv = torch.linalg.pinv(g, hermitian=True, rtol=span_rtol(v.dtype) ** 2)  # G's eigenvalues are s^2
         proj = (g_inv * (c_yy * sel)).sum(dim=(-1, -2))
         # |centred(o - tag)|^2 = |o_c|^2 - 2 o_c . tag_c + |tag_c|^2, tag_c = sum_k ok_k (a_ik - mean a_k) v_k
         resid = total - 2 * (diag_ay * okf).sum(dim=-1) + (c_aa * g).sum(dim=(-1, -2))
