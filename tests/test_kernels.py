@@ -22,6 +22,7 @@ for _name in ("triton.language.standard", "triton.language.random", "triton.lang
 from catchtag.engine import backends  # noqa: E402
 from catchtag.engine.attention import capture  # noqa: E402
 from catchtag.engine.backends import layer_statistics, mask_structure  # noqa: E402
+from conftest import padded_batch  # noqa: E402
 from catchtag.engine.kernels import sinkpass  # noqa: E402
 from catchtag.engine.kernels.colsum import column_sums  # noqa: E402
 from catchtag.engine.reference import reference_scan  # noqa: E402
@@ -180,26 +181,13 @@ def test_backend_choice():
         layer_statistics(q, k, v, None, 0.25, None, settings, backend="cuda")
 
 
-def _padded_batch(lengths, sides, T, seed, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, (n, side) in enumerate(zip(lengths, sides)):
-        if side == "left":
-            mask[b, T - n:] = 1
-        else:
-            mask[b, :n] = 1
-        ids[b][mask[b] == 0] = 258
-    return ids, mask
-
-
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])  # GQA + window; 1 KV head, sliding and global layers
 def test_triton_backend_matches_reference_on_tiny_models(arch):
     from catchtag.models import load_model
 
     model, _ = load_model(f"tiny:{arch}", dtype="float32")
     seed = random.randrange(1 << 30)
-    ids, mask = _padded_batch([30, 40], ["right", "left"], T=40, seed=seed)
+    ids, mask = padded_batch([30, 40], ["right", "left"], T=40, seed=seed)
     settings = SinkSettings(eps=0.08, min_rows=4)
     with torch.no_grad(), capture(settings, ActivationRequest(positions="last"), backend="triton") as cap:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
