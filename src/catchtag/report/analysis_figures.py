@@ -12,17 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from catchtag.report.figures import save_figure  # noqa: E402
 
 SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 RUN_COLORS = ["#3b6ea8", "#c0504d", "#6a9f58", "#8064a2", "#f79646", "#4bacc6"]
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _show_token(tok: str) -> str:
@@ -117,7 +110,7 @@ def pca_figure(pic, path) -> Path:
                  f"that tags the token (attention >= {pic.tag_level})", fontsize=9, loc="left")
     fig.suptitle(f"{pic.model}: catch, tag, release in head L{pic.layer}.H{pic.head} on one {T}-token prompt; "
                  f"sinks {sink_desc}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare_figure(cmp, path) -> Path:
@@ -168,7 +161,7 @@ def compare_figure(cmp, path) -> Path:
     fig.suptitle(f"Models side by side (eps={', '.join(map(str, eps))}; "
                  + "; ".join(f"{r}: {n} prompts" for r, n in zip(runs, cmp.summary["n_prompts"])) + ")", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sweep_figure(table, path, published: dict | None = None) -> Path:
@@ -209,7 +202,7 @@ def sweep_figure(table, path, published: dict | None = None) -> Path:
     ax2.legend(fontsize=7)
     fig.suptitle("Threshold sweep: all eps from one forward pass per prompt", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
@@ -256,7 +249,7 @@ def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
         ax.set_title(f"{run}: kinds of sinks beyond the first token\n(position 0 is {100 * first:.1f}% of all sinks)",
                      fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def geometry_figure(geoms: dict, path) -> Path:
@@ -304,4 +297,4 @@ def geometry_figure(geoms: dict, path) -> Path:
         ax.legend(fontsize=6)
     fig.suptitle("Tag geometry: are tags orthogonal to each other and to the tokens they tag?", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

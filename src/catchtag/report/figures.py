@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 from catchtag.result import ScanResult  # noqa: E402
 
 
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Write a figure as PNG (creating its folder) and close it: the one way every figure is saved."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _title(result: ScanResult, what: str) -> str:
     s = result.settings
     return f"{what}\n{s.get('model', '')} · eps={s.get('eps')} · {result.heads['prompt_id'].nunique()} prompts"
@@ -30,9 +39,7 @@ def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str =
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(_title(result, f"{label} per layer and head"), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def ve_distribution(result: ScanResult, path: Path) -> Path:
@@ -54,9 +61,7 @@ def ve_distribution(result: ScanResult, path: Path) -> Path:
     ax2.set_title("per-layer means", fontsize=9)
     fig.suptitle(_title(result, "Variance explained by tags"), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
@@ -72,9 +77,7 @@ def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
         ax.text(ax.get_xlim()[1] * 0.99, i, f"VE {ve:.2f}", va="center", ha="right", fontsize=7)
     ax.set_title(_title(result, f"Most frequent sink tokens (top {top})"), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def scan_figures(result: ScanResult, folder: str | Path) -> list[Path]:

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from catchtag.toy.task import SEP, SEP2, Batch  # noqa: E402
+from catchtag.report.figures import save_figure  # noqa: E402
 
 
 def _labels(batch: Batch, i: int) -> list[str]:
@@ -46,11 +47,7 @@ def plot_attention(model, batch: Batch, path: str | Path, index: int = 0, title:
     t = float(batch.target[index])
     fig.suptitle(f"{title}  target {t:.3f}  prediction {float(y[0]):.3f}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
@@ -63,11 +60,7 @@ def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("Theorem 7.1 construction", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_seeds(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -83,8 +76,4 @@ def plot_seeds(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
