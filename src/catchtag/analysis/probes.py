@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from catchtag.errors import CatchtagError
+from catchtag.report.figures import save_figure  # noqa: E402
 
 KINDS = ("full", "tag", "nontag")
 DEFAULT_CS = tuple(np.logspace(-3, 3, 7))
@@ -450,7 +451,4 @@ def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
     fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probe test accuracy\n{summary['n_train']} train / "
                  f"{summary['n_test']} test prompts; model's own {summary['shots']}-shot accuracy {100 * m:.0f}%"
                  f" (red box: selected head)", fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

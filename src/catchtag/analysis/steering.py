@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from catchtag.errors import CatchtagError
+from catchtag.report.figures import save_figure  # noqa: E402
 
 DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
 
@@ -243,7 +244,4 @@ def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prom
     fig.suptitle(f"{summary['model']}, {summary['task']}: steering one head at the last token\n"
                  f"({n_prompts} test prompts; shift of the mean log-odds vs no steering)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
