@@ -21,7 +21,7 @@ import torch
 
 from catchtag.data.prompts import Prompt, model_context, tokenize_prompts
 from catchtag.distributed import Dist
-from catchtag.engine.attention import capture
+from catchtag.engine.attention import capture, request_positions
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.errors import CatchtagError
 from catchtag.result import HEAD_COLUMNS, ScanResult
@@ -100,9 +100,7 @@ def _batch_activations(cap, request, hidden, prompts):
     hidden_out = {}
     if request.hidden_states and hidden is not None:
         any_layer = next(iter(cap.layers.values()))
-        from catchtag.engine.attention import _positions
-
-        pos_abs = _positions(request, any_layer.stats.token_valid.to(hidden[0].device))
+        pos_abs = request_positions(request, any_layer.stats.token_valid.to(hidden[0].device))
         for i in request.hidden_states:
             hs = hidden[i].float()
             idx = pos_abs.clamp_min(0)[:, :, None].expand(-1, -1, hs.shape[-1])

@@ -68,7 +68,8 @@ def capture(settings: SinkSettings, request: ActivationRequest | None = None, ba
         _ACTIVE.reset(token)
 
 
-def _positions(request: ActivationRequest, token_valid: torch.Tensor) -> torch.Tensor:
+def request_positions(request: ActivationRequest, token_valid: torch.Tensor) -> torch.Tensor:
+    """Absolute positions (B,P) the request names for each prompt (-1 where a prompt has none)."""
     B, T = token_valid.shape
     dev = token_valid.device
     if request.positions == "last":
@@ -117,10 +118,10 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
         if request is None or not request.sink_attention:
             stats.sink_attn = None  # O(T*K) per head, kept only when asked for
         record = LayerRecord(stats=_to_cpu(stats), attention_maps={h: m.cpu() for h, m in maps.items()})
+        pos = request_positions(request, stats.token_valid) if request is not None else None
         if request is not None and request.wants_layer(layer):
             H = query.shape[1]
             heads = list(request.heads) if request.heads is not None else list(range(H))
-            pos = _positions(request, stats.token_valid)
             full = _gather_tokens(out, heads, pos).float()  # the triton backend keeps out in the model dtype
             tag_t = _gather_tokens(tag, heads, pos).float()
             acts = {}
@@ -134,7 +135,6 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
             record.heads, record.positions = heads, pos.cpu()
             record.activations = {k: v.cpu() for k, v in acts.items()}
         if request is not None and request.steer:
-            pos = _positions(request, stats.token_valid)
             for (lay, h), vec in request.steer.items():
                 if lay == layer:
                     add = vec.to(out.device, out.dtype)[None, None, :].expand(out.shape[0], pos.shape[1], -1)

@@ -75,7 +75,3 @@ class ActivationRequest:
 
     def wants_layer(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
-
-    @property
-    def keeps_tokens(self) -> bool:
-        return self.layers is None or len(self.layers) > 0
