@@ -97,7 +97,7 @@ def test_resume_does_not_duplicate(tmp_path):
 def test_recipes_and_prefix_curriculum():
     from catchtag.toy import recipe_model_options
 
-    assert recipe_model_options("robust")["qk_norm"] is True and recipe_model_options("paper") == {}
+    assert recipe_model_options("qk-norm")["qk_norm"] is True and recipe_model_options("paper") == {}
     b = make_batch(16, 10, "single", generator=torch.Generator().manual_seed(4), prefix_scale=0.0)
     b1 = make_batch(16, 10, "single", generator=torch.Generator().manual_seed(4))
     pos = torch.arange(10)
@@ -133,3 +133,79 @@ def test_cli_errors_and_construct(tmp_path):
     r = runner.invoke(toy_app, ["construct", "--tags", "2,10", "--eval-size", "256", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "construct.csv").exists() and (tmp_path / "construct_attention_single.png").exists()
+
+
+@pytest.mark.parametrize("variant", ["single", "two-sink"])
+def test_prefix_targets_match_plain_loop(variant):
+    from catchtag.toy.task import prefix_targets
+
+    b = make_batch(32, 12, variant, generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,)))))
+    t, valid = prefix_targets(b)
+    torch.testing.assert_close(t[:, -1], b.target)
+    for i in range(32):
+        vals, types = b.values[i].tolist(), b.types[i].tolist()
+        s = types.index(SEP)
+        s2 = types.index(SEP2) if variant == "two-sink" else None
+        for j in range(len(types)):
+            ok = types[j] == NUMBER and j > (s2 if s2 is not None else s)
+            assert bool(valid[i, j]) == ok
+            if ok:
+                after = [v for v, ty in zip(vals[s + 1 : j + 1], types[s + 1 : j + 1]) if ty == NUMBER]
+                want = sum(after) / len(after)
+                if s2 is not None:
+                    want += sum(vals[s + 1 : s2]) / (s2 - s - 1)
+                assert t[i, j].item() == pytest.approx(want, abs=1e-5)
+
+
+def test_value_scale_matches_plain_attention():
+    from catchtag.toy.model import CausalAttention
+
+    torch.manual_seed(int(torch.randint(0, 10**6, (1,))))
+    layer = CausalAttention(4, 2, 3).double()
+    x = torch.randn(5, 7, 4, dtype=torch.float64)
+    scale = torch.rand(5, 7, dtype=torch.float64)
+    out, a = layer(x, scale)
+    q = layer.q(x).view(5, 7, 2, 3).transpose(1, 2)
+    k = layer.k(x).view(5, 7, 2, 3).transpose(1, 2)
+    v = (layer.v(x) * scale[..., None]).view(5, 7, 2, 3).transpose(1, 2)
+    s = q @ k.transpose(-1, -2) / 3**0.5
+    s = s.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    ref = layer.o((s.softmax(-1) @ v).transpose(1, 2).reshape(5, 7, 6))
+    torch.testing.assert_close(out, ref)
+    # the model's switch: layer 2 (only) gets scale 0 at [SEP]/[SEP2] and 1 at numbers
+    m = ToyAttentionModel(ToyConfig("two-sink", init_tag=3.0))
+    b = make_batch(16, 9, "two-sink", generator=torch.Generator().manual_seed(5))
+    seen = []
+    for layer in m.layers:
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[1] if len(args) > 1 else None))
+    y0 = m(b.values, b.types, special_value_scale={(1, SEP): 0.0, (1, SEP2): 0.0})
+    assert seen[0] is None and torch.equal(seen[1], (b.types == NUMBER).float())
+    y1 = m(b.values, b.types)
+    assert seen[3] is None and not torch.allclose(y0, y1)
+
+
+def test_two_sink_metrics_pick_distinct_release_heads():
+    # in the construction layer-2 head 0 averages everything after [SEP] and head 1 only the numbers
+    # between: both heads have all their mass after [SEP], the metric must still tell them apart
+    from catchtag.toy.train import mechanism_metrics
+
+    b = make_batch(512, 16, "two-sink", generator=torch.Generator().manual_seed(6))
+    m = mechanism_metrics(construct_model(12.0, "two-sink"), b)
+    assert (m["release_head"], m["between_head"]) == (0, 1)
+    assert m["release_entropy"] > 0.99 and m["between_entropy"] > 0.99
+    assert m["sink_mass"] > 0.95 and m["sink2_mass"] > 0.95 and m["sink_head"] != m["sink2_head"]
+
+
+def test_hidden_sep_recipe_trains_densely():
+    cfg = make_recipe("hidden-sep", steps=120, batch_size=64, hide_sep_steps=40, warmup_steps=10)
+    assert cfg.dense_loss and cfg.schedule == "cosine"
+    task = TaskConfig("two-sink", 8)
+    b = make_batch(512, 8, "two-sink", generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(ToyAttentionModel(ToyConfig("two-sink"))(b.values, b.types), b.target)
+    model, hist = train_model(ToyConfig("two-sink"), cfg, task, seed=0, log_every=40)
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(model(b.values, b.types), b.target)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert float(after) < 0.7 * float(before)

@@ -90,7 +90,8 @@ def construct(
 
 def _print_rows(df: pd.DataFrame) -> None:
     cols = [c for c in ["seed", "r2", "success", "sink_mass", "release_mass", "release_entropy", "sink2_mass",
-                        "between_mass", "between_entropy", "mechanism", "tag", "seconds"] if c in df]
+                        "between_mass", "between_entropy", "r2_without_tag", "r2_without_tag2", "mechanism",
+                        "tag_causal", "tag", "seconds"] if c in df]
     typer.echo(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
@@ -100,7 +101,7 @@ def train(
     seeds: int = typer.Option(10, help="Number of seeds (0..N-1)."),
     init_tag: float = typer.Option(10.0, help="Initial value of the learnable [SEP] tag."),
     heads: int = typer.Option(0, help="Heads per layer (0: 1 for single, 2 for two-sink)."),
-    recipe: str = typer.Option("paper", help="paper (plain Adam) or robust (our recipe, docs/toy.md)."),
+    recipe: str = typer.Option("paper", help="paper (plain Adam), hidden-sep (our recipe, docs/toy.md) or qk-norm."),
     steps: int = typer.Option(0, help="Training steps (0: the recipe's)."),
     length: int = typer.Option(16, help="Sequence length."),
     threshold: float = typer.Option(0.99, help="Success: held-out R^2 >= threshold."),
@@ -137,15 +138,16 @@ def train(
         plot_attention(load_trained(out, res, int(s)), ev, out / f"attention_{tagname}_seed{s}.png",
                        title=f"trained seed {s}")
     _print_rows(df)
-    typer.echo(f"success {res.successes}/{res.n} (R^2 >= {threshold}); mechanism verified in "
-               f"{res.verified}/{res.successes} successes; wall {time.time() - t0:.0f}s; out {out}")
+    typer.echo(f"success {res.successes}/{res.n} (R^2 >= {threshold}); in the successes: attention check "
+               f"(sinks >= {tc.sink_threshold}, release >= {tc.release_threshold}) {res.verified}/{res.successes}, "
+               f"tag causally used {res.tag_verified}/{res.successes}; wall {time.time() - t0:.0f}s; out {out}")
 
 
 @toy_app.command()
 def table(
     seeds: int = typer.Option(10, help="Seeds per cell."),
     init_tags: str = typer.Option("1,6,10", help="Initial tag values of the single variant."),
-    recipe: str = typer.Option("paper", help="paper or robust."),
+    recipe: str = typer.Option("paper", help="paper, hidden-sep or qk-norm."),
     steps: int = typer.Option(0, help="Training steps (0: the recipe's)."),
     length: int = typer.Option(16, help="Sequence length."),
     two_sink: bool = typer.Option(True, help="Also the two-sink variant with 2 vs 1 heads per layer."),
@@ -171,7 +173,7 @@ def table(
     df["published"] = [PUBLISHED.get((r.variant, r.heads, float(r.init_tag)), "") for r in df.itertuples()]
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / f"table_{recipe}.csv", index=False)
-    cols = ["variant", "heads", "init_tag", "recipe", "rate", "verified", "published", "median_r2",
+    cols = ["variant", "heads", "init_tag", "recipe", "rate", "verified", "tag_verified", "published", "median_r2",
             "mean_sink_mass_success", "sec_per_seed"]
     typer.echo(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     typer.echo(f"wall {time.time() - t0:.0f}s; wrote {out}/table_{recipe}.csv")

@@ -59,11 +59,15 @@ class CausalAttention(nn.Module):
             self.gain = nn.Parameter(torch.full((n_heads,), float(qk_gain)))
         self.temperature = 1.0  # multiplies scores; a schedule may change it during training
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, value_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``value_scale`` (B, L): multiplies each token's value (a training curriculum's knob; None = 1)."""
         B, L, _ = x.shape
         q = self.q(x).view(B, L, self.h, self.dh).transpose(1, 2)
         k = self.k(x).view(B, L, self.h, self.dh).transpose(1, 2)
-        v = self.v(x).view(B, L, self.h, self.dh).transpose(1, 2)
+        v = self.v(x)
+        if value_scale is not None:
+            v = v * value_scale[..., None]
+        v = v.view(B, L, self.h, self.dh).transpose(1, 2)
         if self.qk_norm:
             q = q / q.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
             k = k / k.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -110,18 +114,28 @@ class ToyAttentionModel(nn.Module):
         for layer in self.layers:
             layer.temperature = float(t)
 
-    def forward(self, values: torch.Tensor, types: torch.Tensor, return_all: bool = False):
-        """Prediction (B,) at the last position; with ``return_all`` also the residual states and attentions."""
+    def forward(self, values: torch.Tensor, types: torch.Tensor, return_all: bool = False,
+                special_value_scale: dict[tuple[int, int], float] | None = None):
+        """Prediction (B,) at the last position; with ``return_all`` also the residual states and attentions.
+
+        ``special_value_scale`` maps (layer index, token type) to a factor on that token's value in that layer,
+        attention unchanged: ``{(1, SEP): 0.0, (1, SEP2): 0.0}`` lets layer 2 read nothing from the special
+        tokens (recipe ``hidden-sep`` starts training so); ``{(0, SEP): 0.0}`` removes [SEP]'s tag (ablation)."""
         x = self.embed(values, types)
         states, attns = [x], []
-        for layer in self.layers:
-            dx, a = layer(x)
+        scales: list[torch.Tensor | None] = [None] * len(self.layers)
+        for (li, kind), factor in (special_value_scale or {}).items():
+            if factor != 1.0:
+                base = scales[li] if scales[li] is not None else torch.ones_like(values)
+                scales[li] = torch.where(types == kind, float(factor), base)
+        for layer, scale in zip(self.layers, scales):
+            dx, a = layer(x, scale)
             x = x + dx
             states.append(x)
             attns.append(a)
         y = self.readout(x[:, -1]).squeeze(-1)
         if return_all:
-            return y, {"states": states, "attn": attns}
+            return y, {"states": states, "attn": attns, "every_position": self.readout(x).squeeze(-1)}
         return y
 
 

@@ -110,3 +110,23 @@ def token_masks(batch: Batch) -> dict[str, torch.Tensor]:
         out["between"] = (pos > batch.sep[:, None]) & (pos < batch.sep2[:, None])
         out["after_sep2"] = (pos > batch.sep2[:, None]) & num
     return out
+
+
+def prefix_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's target at every position, as if the sequence ended there: (targets (B, L), valid (B, L)).
+
+    Single: mean of the numbers after [SEP] up to and including position i, valid at numbers after [SEP].
+    Two-sink: that plus the mean strictly between [SEP] and [SEP2], valid at numbers after [SEP2]. The last
+    column equals ``batch.target``. Used by the dense training loss (``TrainConfig.dense_loss``).
+    """
+    B, L = batch.types.shape
+    pos = torch.arange(L).expand(B, L)
+    after = (pos > batch.sep[:, None]) & (batch.types == NUMBER)
+    count = after.cumsum(1).clamp_min(1)
+    target = (batch.values * after).cumsum(1) / count
+    valid = after
+    if (batch.sep2 >= 0).any():
+        between = (pos > batch.sep[:, None]) & (pos < batch.sep2[:, None])
+        target = target + ((batch.values * between).sum(1) / between.sum(1))[:, None]
+        valid = after & (pos > batch.sep2[:, None])
+    return target, valid
