@@ -126,7 +126,7 @@ def pca(
     """Figure-2 picture of one head: outputs coloured by top-3 PCs, attention with sinks, the residual stream deeper.
 
     Default head: the highest VE among heads with a sink beyond the first token."""
-    from catchtag.analysis.jobs import run_pca
+    from catchtag.api import run_pca
 
     s = _run_job(run_pca, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, layer=layer, head=head, deeper=deeper, eps=eps,
@@ -144,7 +144,7 @@ def compare(
     ve_level: float = typer.Option(0.3, help="report the share of heads with VE above this"),
 ) -> None:
     """Models side by side: sinks per head (violin), VE per head (box), share of high-VE heads, per-layer means."""
-    from catchtag.analysis.jobs import run_compare
+    from catchtag.api import run_compare
 
     s = _run_job(run_compare, runs, out, ve_level=ve_level)
     for r in s["runs"]:
@@ -166,7 +166,7 @@ def sweep(
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """Threshold sweep, eps 0.03..0.4 (12 values, one forward pass): mean sinks per head vs mean VE per model."""
-    from catchtag.analysis.jobs import run_sweep
+    from catchtag.api import run_sweep
 
     s = _run_job(run_sweep, runs, out, model=model, data=data, max_tokens=max_tokens, limit=limit,
                  batch_size=batch_size, device=device)
@@ -183,7 +183,7 @@ def taxonomy(
     top: int = typer.Option(15, help="how many sink tokens to list"),
 ) -> None:
     """Sink-token taxonomy: each sink token's count, heads and mean VE; kinds (punctuation, function words, ...)."""
-    from catchtag.analysis.jobs import run_taxonomy
+    from catchtag.api import run_taxonomy
 
     s = _run_job(run_taxonomy, runs, out, top=top)
     for name, r in s["runs"].items():
@@ -204,7 +204,7 @@ def geometry(
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
-    from catchtag.analysis.jobs import run_geometry
+    from catchtag.api import run_geometry
 
     s = _run_job(run_geometry, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, n_positions=n_positions, max_pairs=max_pairs, eps=eps,
@@ -227,7 +227,7 @@ def report(
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """One self-contained HTML report (figures embedded, no network) with every analysis of RUNS."""
-    from catchtag.analysis.jobs import run_report
+    from catchtag.api import run_report
 
     s = _run_job(run_report, runs, out, per_token=per_token, text=text, prompt=prompt, device=device)
     typer.echo(f"wrote {s['out']} ({s['bytes'] / 1e6:.1f} MB)")
@@ -246,7 +246,7 @@ def view(
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
-    from catchtag.analysis.jobs import run_view
+    from catchtag.api import run_view
 
     s = _run_job(run_view, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, eps=eps, min_rows=min_rows, layer=layer, head=head,

@@ -149,7 +149,7 @@ def write_report(runs, out="report.html", *, per_token: bool = True, text: str |
 
 def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> list[str]:
     from catchtag.analysis.geometry import tag_geometry
-    from catchtag.analysis.jobs import resolve_model, resolve_text
+    from catchtag.api import resolve_model, resolve_text
     from catchtag.analysis.pca import pca_picture
     from catchtag.report import analysis_figures as af
 
