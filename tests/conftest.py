@@ -8,6 +8,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox", "phi3", "olmo2", "gemma3"]
 
+# analyses and reports on tiny random models: random weights have no real sinks at eps 0.2, so a low eps and
+# min_rows 4 make sure there are sinks to analyse
+EPS, MIN_ROWS = 0.03, 4
+TEXTS = ["The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.",
+         "In the beginning the Universe was created; this has made a lot of people very angry.",
+         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about."]
+
 
 @pytest.fixture(scope="session")
 def tiny_models():
@@ -22,6 +29,28 @@ def tiny_models():
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models):
+    """tiny:llama (model, tokenizer), shared by the analysis and report tests."""
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Two tiny models (llama, qwen3) scanned on TEXTS with the 12-eps sweep, as run folders."""
+    from catchtag import load_model, scan
+    from catchtag.analysis.sweep import SWEEP_EPS
+
+    folder = tmp_path_factory.mktemp("runs")
+    out = []
+    for arch in ("llama", "qwen3"):
+        net, tok = load_model(f"tiny:{arch}")
+        scan(net, tok, TEXTS, eps=EPS, min_rows=MIN_ROWS, sweep_eps=SWEEP_EPS, out=folder / arch, progress=False,
+             model_name=f"tiny:{arch}", data_name="tests")
+        out.append(folder / arch)
+    return out
 
 
 def padded_batch(lengths, sides, T=None, seed=0, vocab=256):

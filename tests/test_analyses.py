@@ -10,11 +10,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import catchtag
-from catchtag import ActivationRequest, CatchtagError, load_model, scan
+from catchtag import ActivationRequest, CatchtagError, scan
 from catchtag.analysis.compare import compare_runs
 from catchtag.analysis.geometry import tag_geometry
 from catchtag.analysis.pca import choose_head, pca_picture, to_rgb, top_components
@@ -22,29 +21,9 @@ from catchtag.analysis.sweep import SWEEP_EPS, sweep_table
 from catchtag.analysis.taxonomy import kind_shares, sink_rows, sink_taxonomy, token_kind
 from catchtag.cli import app
 
-EPS, MIN_ROWS = 0.03, 4
-TEXTS = ["The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.",
-         "In the beginning the Universe was created; this has made a lot of people very angry.",
-         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about."]
+from conftest import EPS, MIN_ROWS, TEXTS  # noqa: E402
+
 TEXT = " ".join(TEXTS)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny:llama")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two tiny models scanned on the same prompts with the 12-eps sweep, as run folders."""
-    folder = tmp_path_factory.mktemp("runs")
-    out = []
-    for arch in ("llama", "qwen3"):
-        net, tok = load_model(f"tiny:{arch}")
-        scan(net, tok, TEXTS, eps=EPS, min_rows=MIN_ROWS, sweep_eps=SWEEP_EPS, out=folder / arch, progress=False,
-             model_name=f"tiny:{arch}", data_name="tests")
-        out.append(folder / arch)
-    return out
 
 
 def test_sink_attention_request_matches_attention_maps(llama):

@@ -12,14 +12,14 @@ import re
 import numpy as np
 import pytest
 
-from catchtag import load_model, scan
+from catchtag import scan
 from catchtag.report.html import write_report
 from catchtag.report.viewer import render_view, token_view
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-EPS, MIN_ROWS = 0.03, 4
+from conftest import EPS, MIN_ROWS  # noqa: E402
 TEXT = ("The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.\n"
         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.")
 
@@ -44,11 +44,6 @@ def open_page(browser, path):
     page.goto(path.as_uri())
     page.wait_for_load_state("load")
     return page, errors, requests
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny:llama")
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +135,6 @@ def test_viewer_fast_with_2k_tokens(browser, tmp_path):
     assert ms[0] < 1500 and ms[1] < 300, f"render took {ms} ms"
     page.screenshot(path=str(tmp_path / "big.png"))
     assert errors == []
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runs")
-    out = []
-    for arch in ("llama", "qwen3"):
-        net, tok = load_model(f"tiny:{arch}")
-        scan(net, tok, [TEXT, TEXT[::-1]], eps=EPS, min_rows=MIN_ROWS, sweep_eps=(0.03, 0.1, 0.2, 0.4),
-             out=folder / arch, progress=False, model_name=f"tiny:{arch}")
-        out.append(folder / arch)
-    return out
 
 
 def test_report_in_browser(browser, runs, tmp_path):

@@ -1,12 +1,10 @@
 """scan(), run folders (resume after a kill), the CLI, data loading and bad-input messages."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -206,7 +206,7 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     splits the layers over the visible GPUs (accelerate) for models larger than one GPU; the engine computes
     each layer's statistics where that layer lives.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not name or not isinstance(name, str):
         raise CatchtagError("no model name given. Run `catchtag models` to see what is available")

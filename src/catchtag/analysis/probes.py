@@ -401,7 +401,7 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
 
 def selected_heads_markdown(summary: dict) -> str:
     """The selected heads' test accuracies (95% Wilson CI) next to the published numbers, as a Markdown table."""
-    lines = [f"| head (layer.head) | tag | non-tag | full | tag CV (train) | non-tag CV (train) | passes |",
+    lines = ["| head (layer.head) | tag | non-tag | full | tag CV (train) | non-tag CV (train) | passes |",
              "|---|---|---|---|---|---|---|"]
     for r in summary["selected_heads"]:
         def cell(kind):

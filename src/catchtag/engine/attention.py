@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from catchtag.engine.arch import head_output_projection
 from catchtag.engine.request import ActivationRequest, SinkSettings
-from catchtag.engine.stats import HeadStats, attention_with_stats
+from catchtag.engine.stats import HeadStats
 from catchtag.errors import CatchtagError
 
 ATTN_NAME = "catchtag"

@@ -45,7 +45,6 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     window as in colsum.column_sums.
     """
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
     dev = q.device
     all_eps = settings.all_eps
     E = len(all_eps)
