@@ -104,22 +104,13 @@ def _temperature(step: int, cfg: TrainConfig) -> float:
     return cfg.temp_start + (1.0 - cfg.temp_start) * step / cfg.temp_steps
 
 
-def _prefix_scale(step: int, cfg: TrainConfig) -> float:
-    zero = getattr(cfg, "prefix_zero_steps", None) or 0
-    ramp = getattr(cfg, "prefix_ramp_steps", None) or 0
+def _delayed_ramp(step: int, zero_steps: int | None, ramp_steps: int | None) -> float:
+    """0 for the first ``zero_steps`` steps, then linearly up to 1 over ``ramp_steps`` (a curriculum factor)."""
+    zero, ramp = zero_steps or 0, ramp_steps or 0
     if step < zero:
         return 0.0
     if ramp and step < zero + ramp:
         return (step - zero) / ramp
-    return 1.0
-
-
-def _special_value_scale(step: int, cfg: TrainConfig) -> float:
-    hide, ramp = cfg.hide_sep_steps or 0, cfg.hide_sep_ramp or 0
-    if step < hide:
-        return 0.0
-    if ramp and step < hide + ramp:
-        return (step - hide) / ramp
     return 1.0
 
 
@@ -166,8 +157,8 @@ def train_model(
         model.set_temperature(_temperature(step, train_cfg))
         L = _length_at(step, train_cfg, task.length)
         b = make_batch(train_cfg.batch_size, L, task.variant, task.low, task.high, generator=g,
-                       prefix_scale=_prefix_scale(step, train_cfg))
-        f = _special_value_scale(step, train_cfg)
+                       prefix_scale=_delayed_ramp(step, train_cfg.prefix_zero_steps, train_cfg.prefix_ramp_steps))
+        f = _delayed_ramp(step, train_cfg.hide_sep_steps, train_cfg.hide_sep_ramp)  # layer-2 value of specials
         scale = {(1, SEP): f, (1, SEP2): f} if f != 1.0 else None
         if train_cfg.dense_loss:
             _, aux = model(b.values, b.types, return_all=True, special_value_scale=scale)
