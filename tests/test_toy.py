@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,12 +137,14 @@ def test_cli_errors_and_construct(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["single", "two-sink"])
-def test_prefix_targets_match_plain_loop(variant):
+@pytest.mark.parametrize("second", ["between", "after-sep2"])
+def test_prefix_targets_match_plain_loop(variant, second):
     from catchtag.toy.task import prefix_targets
 
     b = make_batch(32, 12, variant, generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,)))))
-    t, valid = prefix_targets(b)
-    torch.testing.assert_close(t[:, -1], b.target)
+    t, valid = prefix_targets(b, second=second)
+    if second == "between" or variant == "single":
+        torch.testing.assert_close(t[:, -1], b.target)
     for i in range(32):
         vals, types = b.values[i].tolist(), b.types[i].tolist()
         s = types.index(SEP)
@@ -152,8 +155,11 @@ def test_prefix_targets_match_plain_loop(variant):
             if ok:
                 after = [v for v, ty in zip(vals[s + 1 : j + 1], types[s + 1 : j + 1]) if ty == NUMBER]
                 want = sum(after) / len(after)
-                if s2 is not None:
+                if s2 is not None and second == "between":
                     want += sum(vals[s + 1 : s2]) / (s2 - s - 1)
+                elif s2 is not None:  # warm-up target of the two-sink curriculum: the mean after [SEP2] too
+                    after2 = [v for v, ty in zip(vals[s2 + 1 : j + 1], types[s2 + 1 : j + 1]) if ty == NUMBER]
+                    want += sum(after2) / len(after2)
                 assert t[i, j].item() == pytest.approx(want, abs=1e-5)
 
 
@@ -194,6 +200,42 @@ def test_two_sink_metrics_pick_distinct_release_heads():
     assert (m["release_head"], m["between_head"]) == (0, 1)
     assert m["release_entropy"] > 0.99 and m["between_entropy"] > 0.99
     assert m["sink_mass"] > 0.95 and m["sink2_mass"] > 0.95 and m["sink_head"] != m["sink2_head"]
+
+
+def test_two_sink_attention_check_follows_the_nearest_sink():
+    # a layer-1 head that catches at whichever special came last (the numbers after [SEP2] leave [SEP] for
+    # [SEP2]) still catches every number at its nearest sink: the check must pass it, and fail a weak [SEP2]
+    from catchtag.toy.train import mechanism_metrics, mechanism_ok
+
+    b = make_batch(512, 16, "two-sink", generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,)))))
+    cfg = make_recipe("hidden-sep")
+    m = construct_model(12.0, "two-sink")
+    assert mechanism_ok(mechanism_metrics(m, b), cfg)
+    with torch.no_grad():
+        m.layers[0].k.weight[0, 2] = 2.0  # head 0: [SEP2]'s key now beats [SEP]'s
+    got = mechanism_metrics(m, b)
+    assert got["sink_between_mass"] > 0.95 and got["sink2_mass"] > 0.95 and got["sink_mass"] < 0.6
+    assert mechanism_ok(got, cfg)
+    with torch.no_grad():
+        m.layers[0].k.weight[0, 2] = 0.0
+        m.layers[0].k.weight[3, 2] = 0.2  # head 1: [SEP2] a weak sink
+    got = mechanism_metrics(m, b)
+    assert got["sink2_mass"] < 0.5 and not mechanism_ok(got, cfg)
+
+
+def test_qk_norm_layers_and_sep2_warmup():
+    m = ToyAttentionModel(ToyConfig("two-sink", qk_norm=True, qk_gain=10.0, qk_norm_layers=(0,)))
+    assert m.layers[0].qk_norm and not m.layers[1].qk_norm and not hasattr(m.layers[1], "gain")
+    with pytest.raises(ValueError, match="qk_norm_layers"):
+        ToyConfig("single", qk_norm=True, qk_norm_layers=(2,))
+    from catchtag.toy.train import run_id
+
+    task = TaskConfig("two-sink", 8)
+    base = run_id(ToyConfig("two-sink"), make_recipe("hidden-sep"), task)
+    assert run_id(ToyConfig("two-sink", qk_norm_layers=None), make_recipe("hidden-sep"), task) == base
+    cfg = make_recipe("hidden-sep", steps=30, batch_size=16, sep2_warmup_steps=15, hide_sep_steps=10)
+    model, hist = train_model(ToyConfig("two-sink"), cfg, task, seed=0, log_every=5)
+    assert all(math.isfinite(h["loss"]) for h in hist)
 
 
 def test_hidden_sep_recipe_trains_densely():

@@ -29,6 +29,7 @@ class ToyConfig:
     learn_tag: bool = True
     qk_norm: bool = False  # RMS-normalise q and k per head, then a learnable gain (recipe option)
     qk_gain: float = 1.0  # initial gain when qk_norm is on
+    qk_norm_layers: tuple[int, ...] | None = None  # which layers (0 = first) qk_norm applies to; None: all
     init_std: float | None = None  # None: PyTorch default Linear init
 
     def __post_init__(self) -> None:
@@ -40,6 +41,10 @@ class ToyConfig:
             self.d_model = 3 if self.variant == "single" else 4
         if self.n_heads < 1 or self.head_dim < 1:
             raise ValueError("n_heads and head_dim must be >= 1")
+        if self.qk_norm_layers is not None:
+            self.qk_norm_layers = tuple(int(i) for i in self.qk_norm_layers)
+            if any(i not in (0, 1) for i in self.qk_norm_layers):
+                raise ValueError(f"qk_norm_layers must hold layer indices 0 and/or 1, got {self.qk_norm_layers}")
         if self.d_model < (3 if self.variant == "single" else 4):
             raise ValueError(f"d_model={self.d_model} too small for the {self.variant} variant")
 
@@ -91,7 +96,9 @@ class ToyAttentionModel(nn.Module):
         self.n_tags = 1 if config.variant == "single" else 2
         self.tag = nn.Parameter(torch.full((self.n_tags,), float(config.init_tag)), requires_grad=config.learn_tag)
         self.layers = nn.ModuleList(
-            [CausalAttention(d, config.n_heads, config.head_dim, config.qk_norm, config.qk_gain) for _ in range(2)]
+            [CausalAttention(d, config.n_heads, config.head_dim,
+                             config.qk_norm and (config.qk_norm_layers is None or i in config.qk_norm_layers),
+                             config.qk_gain) for i in range(2)]
         )
         self.readout = nn.Linear(d, 1)
         if config.init_std is not None:

@@ -112,13 +112,17 @@ def token_masks(batch: Batch) -> dict[str, torch.Tensor]:
     return out
 
 
-def prefix_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_targets(batch: Batch, second: str = "between") -> tuple[torch.Tensor, torch.Tensor]:
     """The task's target at every position, as if the sequence ended there: (targets (B, L), valid (B, L)).
 
     Single: mean of the numbers after [SEP] up to and including position i, valid at numbers after [SEP].
     Two-sink: that plus the mean strictly between [SEP] and [SEP2], valid at numbers after [SEP2]. The last
     column equals ``batch.target``. Used by the dense training loss (``TrainConfig.dense_loss``).
+    ``second="after-sep2"`` replaces the mean between by the mean of the numbers after [SEP2] up to i (the
+    single task asked of [SEP2] too: a warm-up target of the two-sink curriculum, ``TrainConfig.sep2_warmup_steps``).
     """
+    if second not in ("between", "after-sep2"):
+        raise ValueError(f"second must be 'between' or 'after-sep2', got {second!r}")
     B, L = batch.types.shape
     pos = torch.arange(L).expand(B, L)
     after = (pos > batch.sep[:, None]) & (batch.types == NUMBER)
@@ -126,7 +130,11 @@ def prefix_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     target = (batch.values * after).cumsum(1) / count
     valid = after
     if (batch.sep2 >= 0).any():
-        between = (pos > batch.sep[:, None]) & (pos < batch.sep2[:, None])
-        target = target + ((batch.values * between).sum(1) / between.sum(1))[:, None]
-        valid = after & (pos > batch.sep2[:, None])
+        after2 = after & (pos > batch.sep2[:, None])
+        if second == "between":
+            between = (pos > batch.sep[:, None]) & (pos < batch.sep2[:, None])
+            target = target + ((batch.values * between).sum(1) / between.sum(1))[:, None]
+        else:
+            target = target + (batch.values * after2).cumsum(1) / after2.cumsum(1).clamp_min(1)
+        valid = after2
     return target, valid

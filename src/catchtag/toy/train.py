@@ -44,6 +44,7 @@ class TrainConfig:
     hide_sep_steps: int | None = None  # layer 2 reads nothing from [SEP]/[SEP2] for this many steps ...
     hide_sep_ramp: int | None = None  # ... then their layer-2 value is scaled up linearly to 1 over this many
     dense_loss: bool | None = None  # also fit the target at every earlier valid position (task.prefix_targets)
+    sep2_warmup_steps: int | None = None  # two-sink: first ask for mean after [SEP] + mean after [SEP2] this long
     eval_size: int = 4096
     threshold: float = 0.99  # success: held-out R^2 >= threshold
     sink_threshold: float = 0.5  # mechanism: layer-1 mass on the sink from the tokens after it
@@ -160,10 +161,15 @@ def train_model(
                        prefix_scale=_delayed_ramp(step, train_cfg.prefix_zero_steps, train_cfg.prefix_ramp_steps))
         f = _delayed_ramp(step, train_cfg.hide_sep_steps, train_cfg.hide_sep_ramp)  # layer-2 value of specials
         scale = {(1, SEP): f, (1, SEP2): f} if f != 1.0 else None
-        if train_cfg.dense_loss:
+        warm = task.variant == "two-sink" and step < (train_cfg.sep2_warmup_steps or 0)
+        if train_cfg.dense_loss or warm:
             _, aux = model(b.values, b.types, return_all=True, special_value_scale=scale)
-            t, valid = prefix_targets(b)
-            loss = ((aux["every_position"] - t) ** 2)[valid].mean()
+            t, valid = prefix_targets(b, second="after-sep2" if warm else "between")
+            if not train_cfg.dense_loss:  # the last position only
+                pred, t = aux["every_position"][:, -1], t[:, -1]
+                loss = torch.nn.functional.mse_loss(pred, t)
+            else:
+                loss = ((aux["every_position"] - t) ** 2)[valid].mean()
         else:
             loss = torch.nn.functional.mse_loss(model(b.values, b.types, special_value_scale=scale), b.target)
         opt.zero_grad()
@@ -188,7 +194,8 @@ def mechanism_metrics(model: ToyAttentionModel, batch: Batch) -> dict:
     sink_mass: layer-1 mean attention on [SEP] from the numbers after it (best head);
     release_mass: layer-2 attention of the last token on the numbers after [SEP] (best head);
     release_entropy: entropy of that attention renormalised on those numbers / log(count) (1 = uniform).
-    Two-sink: also sink2_mass ([SEP2] from numbers after it) and between_mass / between_entropy
+    Two-sink: also sink2_mass ([SEP2] from numbers after it), sink_between_mass ([SEP] from the numbers
+    between the sinks: the ones only [SEP] can catch) and between_mass / between_entropy
     (a head attending to the numbers between [SEP] and [SEP2]); ``*_head`` says which head. The between head
     is chosen first and the release head among the other heads (a head that releases only the numbers
     between also has all its mass after [SEP]).
@@ -231,6 +238,7 @@ def mechanism_metrics(model: ToyAttentionModel, batch: Batch) -> dict:
         # the between group lies inside the after-[SEP] group, so a head releasing only it also has all its
         # mass after [SEP]: pick the between head first, then the release head among the others
         sink(masks["after_sep2"], batch.sep2, "sink2")
+        sink(masks["between"], batch.sep, "sink_between")
         release(masks["between"], "between")
         release(masks["after_sep"], "release", exclude=out["between_head"])
     else:
@@ -246,7 +254,12 @@ def mechanism_metrics(model: ToyAttentionModel, batch: Batch) -> dict:
 
 
 def mechanism_ok(m: dict, cfg: TrainConfig) -> bool:
-    ok = m["sink_mass"] >= cfg.sink_threshold and m["release_mass"] >= cfg.release_threshold
+    """The attention check. Two-sink: every number is caught by its nearest sink before it ([SEP] from the
+    numbers between the sinks, [SEP2] from the numbers after it); whether the numbers after [SEP2] also give
+    [SEP] their attention (the construction) or only [SEP2] (a head that catches at whichever special came
+    last) does not matter to the mechanism, and ``sink_mass`` over all numbers after [SEP] mixes the two."""
+    first = m["sink_between_mass"] if "sink_between_mass" in m else m["sink_mass"]
+    ok = first >= cfg.sink_threshold and m["release_mass"] >= cfg.release_threshold
     if "sink2_mass" in m:
         ok = ok and m["sink2_mass"] >= cfg.sink_threshold and m["between_mass"] >= cfg.release_threshold
     return bool(ok)
@@ -262,10 +275,14 @@ def tag_causal_ok(m: dict, cfg: TrainConfig) -> bool:
     return bool(ok)
 
 
+NEW_MODEL_FIELDS = {"qk_norm_layers"}  # model options added later: left out of the key while unset (old ids stay)
+
+
 def run_id(model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig) -> str:
     """Stable key of one table cell: every setting that changes the result (not the seed)."""
     tr = {k: v for k, v in asdict(train_cfg).items() if v is not None}  # new options default to None: old ids stay
-    d = {"model": asdict(model_cfg), "train": tr, "task": asdict(task)}
+    mo = {k: v for k, v in asdict(model_cfg).items() if v is not None or k not in NEW_MODEL_FIELDS}
+    d = {"model": mo, "train": tr, "task": asdict(task)}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
