@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -156,6 +157,10 @@ def test_report_in_browser(browser, runs, tmp_path):
     assert errors == [] and requests == []
 
 
-def test_report_without_per_token(runs, tmp_path):
+def test_report_without_per_token(runs, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the figures are drawn before embedding
     out = write_report(runs, tmp_path / "r.html", per_token=False)
     assert "Release pictures" not in out.read_text() and "Threshold sweep" in out.read_text()
+    assert list(scratch.iterdir()) == [], "the report's figure folder is removed afterwards"

@@ -68,6 +68,12 @@ def write_report(runs, out="report.html", *, per_token: bool = True, text: str |
     ``models={run name: (model, tokenizer)}`` to reuse loaded ones). text: that prompt (default: prompt
     ``prompt`` of the run's data, cut as the scan cut it).
     """
+    with tempfile.TemporaryDirectory(prefix="catchtag-report-") as tmp:  # figures live only until embedded
+        return _write_report(runs, out, Path(tmp), per_token=per_token, text=text, prompt=prompt, device=device,
+                             models=models, title=title)
+
+
+def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, models, title) -> Path:
     from catchtag.analysis.compare import compare_runs, load_runs
     from catchtag.analysis.sweep import PUBLISHED_8B, sweep_runs
     from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
@@ -79,7 +85,6 @@ def write_report(runs, out="report.html", *, per_token: bool = True, text: str |
     results = load_runs(run_list)
     folders = {name: (r if not hasattr(r, "heads") else None) for name, r in zip(results, run_list)}
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix="catchtag-report-"))
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<p class='note'>Catch, tag, release (Zhang, Khan, Papyan, NeurIPS 2025): sinks are columns whose mean "
              "attention from the rows that can see them exceeds eps; a head's tag is the part of its output that "
