@@ -15,6 +15,7 @@ from catchtag.toy import (
     construct_model,
     make_batch,
     make_recipe,
+    recipe_model_options,
     train_model,
     train_seeds,
 )
@@ -232,7 +233,10 @@ def test_qk_norm_layers_and_sep2_warmup():
 
     task = TaskConfig("two-sink", 8)
     base = run_id(ToyConfig("two-sink"), make_recipe("hidden-sep"), task)
-    assert run_id(ToyConfig("two-sink", qk_norm_layers=None), make_recipe("hidden-sep"), task) == base
+    assert run_id(ToyConfig("two-sink", qk_norm_layers=None, init_tag2=None), make_recipe("hidden-sep"), task) == base
+    assert run_id(ToyConfig("two-sink", init_tag2=20.0), make_recipe("hidden-sep"), task) != base
+    assert ToyAttentionModel(ToyConfig("two-sink", init_tag=10.0, init_tag2=20.0)).tag.tolist() == [10.0, 20.0]
+    assert recipe_model_options("hidden-sep-l1norm")["qk_norm_layers"] == (0,)
     cfg = make_recipe("hidden-sep", steps=30, batch_size=16, sep2_warmup_steps=15, hide_sep_steps=10)
     model, hist = train_model(ToyConfig("two-sink"), cfg, task, seed=0, log_every=5)
     assert all(math.isfinite(h["loss"]) for h in hist)

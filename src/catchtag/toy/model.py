@@ -26,6 +26,7 @@ class ToyConfig:
     head_dim: int = 3
     d_model: int | None = None
     init_tag: float = 10.0
+    init_tag2: float | None = None  # two-sink: initial [SEP2] tag (None: init_tag)
     learn_tag: bool = True
     qk_norm: bool = False  # RMS-normalise q and k per head, then a learnable gain (recipe option)
     qk_gain: float = 1.0  # initial gain when qk_norm is on
@@ -94,7 +95,8 @@ class ToyAttentionModel(nn.Module):
         self.config = config = config or ToyConfig(**kwargs)
         d = config.d_model
         self.n_tags = 1 if config.variant == "single" else 2
-        self.tag = nn.Parameter(torch.full((self.n_tags,), float(config.init_tag)), requires_grad=config.learn_tag)
+        init = [float(config.init_tag)] + [float(config.init_tag if config.init_tag2 is None else config.init_tag2)]
+        self.tag = nn.Parameter(torch.tensor(init[: self.n_tags]), requires_grad=config.learn_tag)
         self.layers = nn.ModuleList(
             [CausalAttention(d, config.n_heads, config.head_dim,
                              config.qk_norm and (config.qk_norm_layers is None or i in config.qk_norm_layers),

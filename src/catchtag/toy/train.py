@@ -65,6 +65,14 @@ RECIPES = {
                   "schedule": "cosine", "grad_clip": 1.0},
         "model": {},
     },
+    # for the two-sink variant (docs/toy.md): hidden-sep with layer 1's queries and keys RMS-normalised and a
+    # learnable gain starting at 10: attention ranks keys by direction, so a head that catches at [SEP2] gives
+    # it nearly all the attention of the numbers after it (plain attention leaves [SEP2] a weak sink)
+    "hidden-sep-l1norm": {
+        "train": {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
+                  "schedule": "cosine", "grad_clip": 1.0},
+        "model": {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)},
+    },
     # tried first (docs/toy.md): QK-normalised attention with a learnable gain (bounded logits at init);
     # it helps the single variant but leaves weak catches
     "qk-norm": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
@@ -275,7 +283,7 @@ def tag_causal_ok(m: dict, cfg: TrainConfig) -> bool:
     return bool(ok)
 
 
-NEW_MODEL_FIELDS = {"qk_norm_layers"}  # model options added later: left out of the key while unset (old ids stay)
+NEW_MODEL_FIELDS = {"qk_norm_layers", "init_tag2"}  # model options added later: left out of the key while unset (old ids stay)
 
 
 def run_id(model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig) -> str:
