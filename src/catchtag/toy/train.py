@@ -52,6 +52,9 @@ class TrainConfig:
     tag_drop: float | None = None  # tag used: removing a sink's layer-1 value costs >= this much R^2 (None: 0.3)
 
 
+HIDDEN_SEP_TRAIN = {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
+                    "schedule": "cosine", "grad_clip": 1.0}
+
 RECIPES = {
     # what we take the paper's setting to be: default init, Adam, constant lr, plain softmax attention
     "paper": {"train": {}, "model": {}},
@@ -60,19 +63,12 @@ RECIPES = {
     # prefix, layer 2 reads it" solution while the catch forms; (2) the loss fits the target at every valid
     # position, not only the last (every token after [SEP] must be tagged alike); (3) lr 1e-2 with 100 warmup
     # steps, cosine decay to 0 and gradient clipping at 1, over 4000 steps. Plain attention, default init.
-    "hidden-sep": {
-        "train": {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
-                  "schedule": "cosine", "grad_clip": 1.0},
-        "model": {},
-    },
+    "hidden-sep": {"train": HIDDEN_SEP_TRAIN, "model": {}},
     # for the two-sink variant (docs/toy.md): hidden-sep with layer 1's queries and keys RMS-normalised and a
     # learnable gain starting at 10: attention ranks keys by direction, so a head that catches at [SEP2] gives
     # it nearly all the attention of the numbers after it (plain attention leaves [SEP2] a weak sink)
-    "hidden-sep-l1norm": {
-        "train": {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
-                  "schedule": "cosine", "grad_clip": 1.0},
-        "model": {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)},
-    },
+    "hidden-sep-l1norm": {"train": HIDDEN_SEP_TRAIN,
+                          "model": {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)}},
     # tried first (docs/toy.md): QK-normalised attention with a learnable gain (bounded logits at init);
     # it helps the single variant but leaves weak catches
     "qk-norm": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
