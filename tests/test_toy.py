@@ -237,7 +237,10 @@ def test_qk_norm_layers_and_sep2_warmup():
     assert run_id(ToyConfig("two-sink", init_tag2=20.0), make_recipe("hidden-sep"), task) != base
     assert ToyAttentionModel(ToyConfig("two-sink", init_tag=10.0, init_tag2=20.0)).tag.tolist() == [10.0, 20.0]
     assert recipe_model_options("hidden-sep-l1norm")["qk_norm_layers"] == (0,)
-    cfg = make_recipe("hidden-sep", steps=30, batch_size=16, sep2_warmup_steps=15, hide_sep_steps=10)
+    m.set_temperature(0.2, (0,))  # a score ramp for layer 1 alone (TrainConfig.temp_layers)
+    assert [layer.temperature for layer in m.layers] == [0.2, 1.0]
+    cfg = make_recipe("hidden-sep", steps=30, batch_size=16, sep2_warmup_steps=15, hide_sep_steps=10,
+                      temp_start=0.2, temp_steps=10, temp_layers=(0,))
     model, hist = train_model(ToyConfig("two-sink"), cfg, task, seed=0, log_every=5)
     assert all(math.isfinite(h["loss"]) for h in hist)
 

@@ -119,9 +119,10 @@ class ToyAttentionModel(nn.Module):
             x[..., 2] = (types == SEP2).float() * self.tag[1]
         return x
 
-    def set_temperature(self, t: float) -> None:
-        for layer in self.layers:
-            layer.temperature = float(t)
+    def set_temperature(self, t: float, layers: tuple[int, ...] | None = None) -> None:
+        """Multiply the attention scores of ``layers`` (None: all) by ``t``; the others by 1."""
+        for i, layer in enumerate(self.layers):
+            layer.temperature = float(t) if layers is None or i in layers else 1.0
 
     def forward(self, values: torch.Tensor, types: torch.Tensor, return_all: bool = False,
                 special_value_scale: dict[tuple[int, int], float] | None = None):

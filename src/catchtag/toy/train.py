@@ -36,6 +36,7 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine"
     temp_start: float = 1.0  # attention-score multiplier at step 0, ramped linearly to 1 ...
     temp_steps: int = 0  # ... over this many steps (0: no ramp)
+    temp_layers: tuple[int, ...] | None = None  # layers the ramp applies to (None: all)
     length_curriculum: tuple[int, ...] = ()  # lengths for equal training fractions before the final length
     grad_clip: float = 0.0
     l1_qk_std: float | None = None  # re-initialise layer-1 query/key weights and biases at this small std
@@ -159,7 +160,7 @@ def train_model(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, train_cfg))
     history = []
     for step in range(train_cfg.steps):
-        model.set_temperature(_temperature(step, train_cfg))
+        model.set_temperature(_temperature(step, train_cfg), train_cfg.temp_layers)
         L = _length_at(step, train_cfg, task.length)
         b = make_batch(train_cfg.batch_size, L, task.variant, task.low, task.high, generator=g,
                        prefix_scale=_delayed_ramp(step, train_cfg.prefix_zero_steps, train_cfg.prefix_ramp_steps))
