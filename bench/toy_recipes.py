@@ -24,8 +24,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import pandas as pd
+
 from catchtag.toy import TaskConfig, ToyConfig, make_recipe, recipe_model_options
-from catchtag.toy.train import _train_one, read_rows, run_id
+from catchtag.toy.train import SeedResults, _train_one, read_rows, run_id, summarize
 
 MODEL_FIELDS = {f.name for f in fields(ToyConfig)} - {"variant"}
 
@@ -79,12 +81,10 @@ def main() -> None:
     rows = [r for r in read_rows(path) if r["cell"] in cells and r["run_id"] == cells[r["cell"]]["run_id"]]
     print(f"\n{'cell':28s} seeds success verified tag_verified median_r2")
     for name, c in cells.items():
-        rs = [r for r in rows if r["cell"] == name and r["seed"] in c["seeds"]]
-        ok = sum(r["success"] for r in rs)
-        ver = sum(r["success"] and r["mechanism"] for r in rs)
-        tag = sum(r["success"] and r.get("tag_causal", False) for r in rs)
-        med = sorted(r["r2"] for r in rs)[len(rs) // 2] if rs else float("nan")
-        print(f"{name:28s} {len(rs):5d} {ok:7d} {ver:8d} {tag:12d} {med:.4f}")
+        rs = pd.DataFrame([r for r in rows if r["cell"] == name and r["seed"] in c["seeds"]])
+        s = summarize(SeedResults(c["run_id"], rs))
+        print(f"{name:28s} {s['seeds']:5d} {s['success']:7d} {s['verified']:8d} {s['tag_verified']:12d} "
+              f"{s['median_r2']:.4f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catchtag.data.prompts import load_prompts
+from catchtag.data.prompts import Prompt, load_prompts, tokenize_prompts
 from catchtag.distributed import finish, init
 from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError
@@ -53,8 +53,6 @@ def resolve_text(tokenizer, net, text: str | None = None, text_file: str | None 
                  data: str = "builtin:prose", prompt: int = 0, max_tokens: int | None = 256):
     """The one prompt to analyse: --text, else --text-file, else prompt number ``prompt`` of ``data`` (cut to
     max_tokens tokens, as ``catchtag scan`` cuts it, so the prompt is one of the scanned ones)."""
-    from catchtag.data.prompts import Prompt, load_prompts, tokenize_prompts
-
     if text is not None and text_file is not None:
         raise CatchtagError("give --text or --text-file, not both")
     if text_file is not None:

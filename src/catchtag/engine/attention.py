@@ -118,7 +118,9 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
         if request is None or not request.sink_attention:
             stats.sink_attn = None  # O(T*K) per head, kept only when asked for
         record = LayerRecord(stats=_to_cpu(stats), attention_maps={h: m.cpu() for h, m in maps.items()})
-        pos = request_positions(request, stats.token_valid) if request is not None else None
+        uses_positions = request is not None and (request.wants_layer(layer)
+                                                  or any(lay == layer for lay, _ in request.steer or {}))
+        pos = request_positions(request, stats.token_valid) if uses_positions else None
         if request is not None and request.wants_layer(layer):
             H = query.shape[1]
             heads = list(request.heads) if request.heads is not None else list(range(H))

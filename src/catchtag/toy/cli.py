@@ -15,6 +15,8 @@ toy_app = typer.Typer(
     add_completion=False,
 )
 
+RECIPE_HELP = "paper (plain Adam), hidden-sep (ours), hidden-sep-l1norm (ours, two-sink) or qk-norm; docs/toy.md."
+
 PUBLISHED = {
     ("single", 1, 1.0): "0/10",
     ("single", 1, 6.0): "3/10",
@@ -90,8 +92,8 @@ def construct(
 
 def _print_rows(df: pd.DataFrame) -> None:
     cols = [c for c in ["seed", "r2", "success", "sink_mass", "release_mass", "release_entropy", "sink2_mass",
-                        "sink_between_mass", "between_mass", "between_entropy", "r2_without_tag", "r2_without_tag2", "mechanism",
-                        "tag_causal", "tag", "seconds"] if c in df]
+                        "sink_between_mass", "between_mass", "between_entropy", "r2_without_tag",
+                        "r2_without_tag2", "mechanism", "tag_causal", "tag", "seconds"] if c in df]
     typer.echo(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
@@ -101,7 +103,7 @@ def train(
     seeds: int = typer.Option(10, help="Number of seeds (0..N-1)."),
     init_tag: float = typer.Option(10.0, help="Initial value of the learnable [SEP] tag."),
     heads: int = typer.Option(0, help="Heads per layer (0: 1 for single, 2 for two-sink)."),
-    recipe: str = typer.Option("paper", help="paper (plain Adam), hidden-sep (ours), hidden-sep-l1norm (ours, two-sink) or qk-norm; docs/toy.md."),
+    recipe: str = typer.Option("paper", help=RECIPE_HELP),
     steps: int = typer.Option(0, help="Training steps (0: the recipe's)."),
     length: int = typer.Option(16, help="Sequence length."),
     threshold: float = typer.Option(0.99, help="Success: held-out R^2 >= threshold."),
@@ -147,7 +149,7 @@ def train(
 def table(
     seeds: int = typer.Option(10, help="Seeds per cell."),
     init_tags: str = typer.Option("1,6,10", help="Initial tag values of the single variant."),
-    recipe: str = typer.Option("paper", help="paper (plain Adam), hidden-sep (ours), hidden-sep-l1norm (ours, two-sink) or qk-norm; docs/toy.md."),
+    recipe: str = typer.Option("paper", help=RECIPE_HELP),
     steps: int = typer.Option(0, help="Training steps (0: the recipe's)."),
     length: int = typer.Option(16, help="Sequence length."),
     two_sink: bool = typer.Option(True, help="Also the two-sink variant with 2 vs 1 heads per layer."),

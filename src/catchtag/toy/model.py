@@ -95,8 +95,8 @@ class ToyAttentionModel(nn.Module):
         self.config = config = config or ToyConfig(**kwargs)
         d = config.d_model
         self.n_tags = 1 if config.variant == "single" else 2
-        init = [float(config.init_tag)] + [float(config.init_tag if config.init_tag2 is None else config.init_tag2)]
-        self.tag = nn.Parameter(torch.tensor(init[: self.n_tags]), requires_grad=config.learn_tag)
+        tags = [config.init_tag, config.init_tag if config.init_tag2 is None else config.init_tag2][: self.n_tags]
+        self.tag = nn.Parameter(torch.tensor(tags, dtype=torch.float32), requires_grad=config.learn_tag)
         self.layers = nn.ModuleList(
             [CausalAttention(d, config.n_heads, config.head_dim,
                              config.qk_norm and (config.qk_norm_layers is None or i in config.qk_norm_layers),

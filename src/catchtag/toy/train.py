@@ -169,12 +169,10 @@ def train_model(
         warm = task.variant == "two-sink" and step < (train_cfg.sep2_warmup_steps or 0)
         if train_cfg.dense_loss or warm:
             _, aux = model(b.values, b.types, return_all=True, special_value_scale=scale)
-            t, valid = prefix_targets(b, second="after-sep2" if warm else "between")
-            if not train_cfg.dense_loss:  # the last position only
-                pred, t = aux["every_position"][:, -1], t[:, -1]
-                loss = torch.nn.functional.mse_loss(pred, t)
-            else:
-                loss = ((aux["every_position"] - t) ** 2)[valid].mean()
+            pred, (t, valid) = aux["every_position"], prefix_targets(b, second="after-sep2" if warm else "between")
+            if not train_cfg.dense_loss:  # the last position only (always a valid one)
+                pred, t, valid = pred[:, -1:], t[:, -1:], valid[:, -1:]
+            loss = ((pred - t) ** 2)[valid].mean()
         else:
             loss = torch.nn.functional.mse_loss(model(b.values, b.types, special_value_scale=scale), b.target)
         opt.zero_grad()
@@ -280,7 +278,8 @@ def tag_causal_ok(m: dict, cfg: TrainConfig) -> bool:
     return bool(ok)
 
 
-NEW_MODEL_FIELDS = {"qk_norm_layers", "init_tag2"}  # model options added later: left out of the key while unset (old ids stay)
+# model options added later: left out of the run key while unset, so the ids of earlier cells stay
+NEW_MODEL_FIELDS = {"qk_norm_layers", "init_tag2"}
 
 
 def run_id(model_cfg: ToyConfig, train_cfg: TrainConfig, task: TaskConfig) -> str:
