@@ -29,15 +29,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 SIZES = ((4, 1024), (1, 4096), (1, 16384), (1, 65536))
-QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)
-
 
 def build_model(layers: int | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """random:qwen2.5-7b (catchtag.models.RANDOM_SHAPES), optionally with fewer layers."""
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("qwen2", **{**QWEN25_7B, **({"num_hidden_layers": layers} if layers else {})})
+    from catchtag.models import random_config
+
+    cfg = random_config("qwen2.5-7b")
+    if layers:
+        cfg.num_hidden_layers = layers
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

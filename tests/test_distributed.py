@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -64,3 +65,19 @@ def test_device_map_auto_runs_the_engine(tiny_models):
     b = catchtag.scan(mapped, tok, texts, eps=0.08, min_rows=4, progress=False).heads
     pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]), b.drop(columns=["ve", "r2", "sink_scores"]))
     assert np.allclose(a["ve"], b["ve"], atol=1e-6)
+
+
+def test_failure_on_one_rank_stops_all_with_its_message(tmp_path):
+    """Rank 1 fails; rank 0 would wait for it at the barrier for hours: torchrun must stop both, with the message."""
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(f"Line {i}: a prompt for the failing-rank test." for i in range(8)))
+    cmd = TORCHRUN[:-2] + [str(Path(__file__).parent / "fail_one_rank.py")] + _args(data, tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "injected failure on rank 1" in output
+    assert "rank 0 of 2 stops: another rank failed" in output  # rank 0 says why it stopped, without a traceback
+    assert time.time() - t0 < 200, "rank 0 kept waiting after rank 1 failed"
+    assert not (tmp_path / "run" / "heads.parquet").exists()

@@ -62,7 +62,7 @@ def scan(
     no_truncate: bool = typer.Option(False, "--no-truncate", help="refuse prompts longer than the model's context"),
     overwrite: bool = typer.Option(False, help="discard an existing run in --out"),
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
-    device_map: Optional[str] = typer.Option(None, help="'auto': split the layers over the visible GPUs"),
+    device_map: Optional[str] = typer.Option(None, help="split the layers over the visible GPUs (accelerate): auto, balanced, balanced_low_0 or sequential"),
 ) -> None:
     """Detect sinks and decompose every head on DATA; write heads.parquet, summary.json and figures to OUT."""
     from catchtag.api import run_scan

@@ -13,6 +13,8 @@ from datetime import timedelta
 
 import torch
 
+from catchtag.errors import CatchtagError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -28,8 +30,13 @@ class Dist:
         return items[self.rank::self.world]
 
     def barrier(self) -> None:
+        """Wait for every rank; a rank that died on the way becomes one clear error here, not a traceback."""
         if self.world > 1:
-            torch.distributed.barrier()
+            try:
+                torch.distributed.barrier()
+            except RuntimeError as err:  # gloo: "Connection closed by peer"; NCCL: DistBackendError (a RuntimeError)
+                raise CatchtagError(f"rank {self.rank} of {self.world} stops: another rank failed before this point "
+                                    f"(its own error is printed above). ({str(err).splitlines()[0][:200]})") from None
 
     def device(self, device: str) -> str:
         """cuda -> this rank's GPU; anything else unchanged."""

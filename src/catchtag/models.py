@@ -69,6 +69,15 @@ TINY_ARCHS: dict[str, dict] = {
 }
 TINY_ALIASES = {"gemma3": "gemma3_text", "neox": "gpt_neox"}
 
+# Random weights at a real model's shape, for throughput benchmarks (bench/): name -> (model type, config).
+# Nothing can be learnt from them (random attention has no sinks), but they cost what the real model costs.
+RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6,
+                                 tie_word_embeddings=False, use_sliding_window=False)),
+}
+
 
 def cache_dir() -> Path:
     """Where assembled model files are cached once (outside the repo)."""
@@ -136,7 +145,7 @@ def gemma3_file() -> Path:
     return target
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(max_length: int = 512):
     """A byte-level tokenizer built in code (no download): 256 byte tokens + <bos> <eos> <pad> <unk>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -149,7 +158,7 @@ def tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=512,
+        model_max_length=max_length,
     )
 
 
@@ -166,6 +175,36 @@ def tiny_config(arch: str, **overrides):
     return AutoConfig.for_model(arch, **kwargs)
 
 
+def random_config(shape: str):
+    """Config of the random-weight model ``random:<shape>`` (see RANDOM_SHAPES)."""
+    from transformers import AutoConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise CatchtagError(f"unknown random shape {shape!r}. Known: {', '.join(sorted(RANDOM_SHAPES))}")
+    model_type, kwargs = RANDOM_SHAPES[shape]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(model, device_map):
+    """accelerate's placement of a model built from a config, for the same names from_pretrained takes."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, dict):
+        return device_map
+    if device_map not in DEVICE_MAPS:
+        raise CatchtagError(f"unknown device map {device_map!r}. Use one of: {', '.join(DEVICE_MAPS)}")
+    no_split = getattr(model, "_no_split_modules", None) or []
+    if device_map in ("auto", "balanced", "balanced_low_0"):
+        memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                     low_zero=device_map == "balanced_low_0")
+        return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return infer_auto_device_map(model, no_split_module_classes=no_split)
+
+
 def _finish(model, tokenizer, device, dtype, device_map=None):
     from catchtag.engine.attention import enable
 
@@ -174,11 +213,10 @@ def _finish(model, tokenizer, device, dtype, device_map=None):
     if device_map is None:
         model.to(device=device, dtype=dtype)
     elif getattr(model, "hf_device_map", None) is None:  # built from a config: place it with accelerate
-        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate import dispatch_model
 
         model.to(dtype=dtype)
-        placement = infer_auto_device_map(model) if device_map == "auto" else device_map
-        model = dispatch_model(model, device_map=placement)
+        model = dispatch_model(model, device_map=_device_map(model, device_map))
     model.eval()
     enable(model)
     return model, tokenizer
@@ -201,10 +239,12 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     """Load a model and its tokenizer by name, with catchtag's attention function enabled.
 
     ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``tiny:<arch>`` (random, seeded),
+    ``random:<shape>`` (random weights at a real model's shape, for benchmarks, byte tokenizer),
     a local Hugging Face folder, a local ``.gguf`` file, or a Hugging Face id already in the local cache.
     Outside a scan the model computes ordinary attention, so its logits are unchanged. ``device_map="auto"``
-    splits the layers over the visible GPUs (accelerate) for models larger than one GPU; the engine computes
-    each layer's statistics where that layer lives.
+    splits the layers over the visible GPUs (accelerate) for models larger than one GPU ("balanced",
+    "balanced_low_0", "sequential" or a dict also work); the engine computes each layer's statistics where
+    that layer lives.
     """
     from transformers import AutoModelForCausalLM
 
@@ -219,6 +259,14 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
         config = tiny_config(name.split(":", 1)[1])
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         return _finish(model, tiny_tokenizer(), device, torch_dtype, device_map)
+
+    if name.startswith("random:"):
+        torch.manual_seed(seed)
+        config = random_config(name.split(":", 1)[1])
+        # Built in place on the target GPU (a 7B init on the CPU takes minutes); on the CPU under a device map.
+        with torch.device("cpu" if device_map is not None else device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch_dtype)
+        return _finish(model, tiny_tokenizer(config.max_position_embeddings), device, torch_dtype, device_map)
 
     if name in PACKAGED:
         gguf = smollm2_file() if name == SMOLLM2.name else gemma3_file()
@@ -241,7 +289,8 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
             ) from None
     raise CatchtagError(
         f"unknown model {name!r}. Known names: {', '.join(PACKAGED)}, tiny:<arch> "
-        f"({', '.join(sorted(TINY_ARCHS))}), or a local folder / .gguf file. Run `catchtag models` to list them"
+        f"({', '.join(sorted(TINY_ARCHS))}), random:<shape> ({', '.join(sorted(RANDOM_SHAPES))}), or a local folder / "
+        f".gguf file. Run `catchtag models` to list them"
     )
 
 
@@ -278,4 +327,8 @@ def available_models() -> list[dict]:
         rows.append(dict(name=m.name, installed=bool(folder) or cached, description=m.description, install=m.install))
     for arch in sorted(TINY_ARCHS):
         rows.append(dict(name=f"tiny:{arch}", installed=True, description="random weights, tests only", install=""))
+    for shape, (model_type, cfg) in sorted(RANDOM_SHAPES.items()):
+        rows.append(dict(name=f"random:{shape}", installed=True, install="",
+                         description=f"random weights at {shape}'s shape ({model_type}, {cfg['num_hidden_layers']} "
+                                     f"layers), benchmarks only"))
     return rows
