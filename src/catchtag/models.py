@@ -263,8 +263,10 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     if name.startswith("random:"):
         torch.manual_seed(seed)
         config = random_config(name.split(":", 1)[1])
-        # Built in place on the target GPU (a 7B init on the CPU takes minutes); on the CPU under a device map.
-        with torch.device("cpu" if device_map is not None else device):
+        # Built in place on the target device: a 7B init on the CPU takes minutes. Under a device map it is built on
+        # the first GPU and then spread (these shapes are for benchmarks; each fits on one GPU).
+        with torch.device("cuda:0" if device_map is not None and torch.cuda.is_available() else
+                          "cpu" if device_map is not None else device):
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch_dtype)
         return _finish(model, tiny_tokenizer(config.max_position_embeddings), device, torch_dtype, device_map)
 
