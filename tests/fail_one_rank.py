@@ -1,5 +1,6 @@
 """torchrun entry point for test_distributed: `catchtag scan`, except that rank 1 fails at its first batch."""
 
+import faulthandler
 import os
 
 from catchtag.cli import main
@@ -12,4 +13,6 @@ if os.environ.get("RANK") == "1":
 
     RunFolder.write_part = write_part
 
+if os.environ.get("CATCHTAG_TEST_STACKS_AFTER"):  # a diagnosis aid: every thread's stack if this rank hangs
+    faulthandler.dump_traceback_later(float(os.environ["CATCHTAG_TEST_STACKS_AFTER"]), exit=True)
 main()

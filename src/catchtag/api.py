@@ -83,18 +83,18 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps))  # bad thresholds fail before loading
     started = time.perf_counter()
     dist = init(device)
-    try:
-        net, tokenizer = load_model(model, device=dist.device(device), dtype=dtype, device_map=device_map)
-        load_seconds = time.perf_counter() - started
-        prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, chunk=chunk, truncate=truncate,
-                               limit=limit)
-        result = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, sweep_eps=sweep_eps,
-                      batch_size=batch_size, out=out, overwrite=overwrite, model_name=model, data_name=data,
-                      dist=dist)
-        if not dist.is_main:
-            return None
-    finally:
-        finish(dist)
+    # No try/finally around this: after a failure the process group is left as it is (tearing it down waits for
+    # the other ranks, which may be waiting for this one); the CLI then exits at once (cli.main).
+    net, tokenizer = load_model(model, device=dist.device(device), dtype=dtype, device_map=device_map)
+    load_seconds = time.perf_counter() - started
+    prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, chunk=chunk, truncate=truncate,
+                           limit=limit)
+    result = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, sweep_eps=sweep_eps,
+                  batch_size=batch_size, out=out, overwrite=overwrite, model_name=model, data_name=data,
+                  dist=dist)
+    finish(dist)
+    if not dist.is_main:
+        return None
     out = Path(out)
     summary = {"model": model, "model_class": type(net).__name__, "data": data,
                "settings": result.settings, "versions": versions(), "result": result.summary(),

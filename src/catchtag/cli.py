@@ -348,7 +348,37 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(130)
+        _exit(130)
+    except SystemExit as stop:  # typer.Exit and click's errors end here
+        if stop.code not in (0, None):
+            _exit(stop.code if isinstance(stop.code, int) else 1)
+        raise
+    except BaseException:
+        if not _under_torchrun():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _exit(1)
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``. Under torchrun a failed rank leaves at once, skipping interpreter teardown: NCCL's would
+    wait for ranks that are themselves waiting for this one, and torchrun stops the others only once this rank
+    has exited."""
+    if _under_torchrun():
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
