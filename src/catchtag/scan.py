@@ -60,26 +60,39 @@ def _batch_tensors(prompts: list[Prompt], tokenizer, device):
 
 
 def _records_to_rows(cap, prompts, token_strings, settings):
+    """One row per (prompt, layer, head) (and per threshold of a sweep), from the captured statistics.
+
+    Built a layer at a time from numpy columns: indexing torch tensors element by element cost ~0.2 s per batch
+    of 4 prompts x 28 layers x 28 heads, longer than the forward pass of a 7B model on a GPU."""
     heads_rows, sweep_rows = [], []
-    eps_list = settings.all_eps
+    ids = np.asarray([p.prompt_id for p in prompts])
     for layer in sorted(cap.layers):
         st = cap.layers[layer].stats
         B, H, _ = st.col_scores.shape
-        first = st.token_valid.float().argmax(dim=-1)
-        for b, p in enumerate(prompts):
-            n_tokens = int(st.token_valid[b].sum())
-            f = int(first[b])
-            for h in range(H):
-                idx = st.sink_idx[b, h][st.sink_ok[b, h]]
-                pos = (idx - f).tolist()
-                heads_rows.append((p.prompt_id, layer, h, n_tokens, len(pos), pos,
-                                   [token_strings[p.prompt_id][q] for q in pos],
-                                   st.col_scores[b, h, idx].tolist(), float(st.ve[b, h]), float(st.r2[b, h]),
-                                   float(st.ve_uncentred[b, h])))
-                if settings.sweep_eps:
-                    for e_i, e in enumerate(eps_list):
-                        sweep_rows.append((p.prompt_id, layer, h, e, int(st.sweep_n_sinks[b, h, e_i]),
-                                           float(st.sweep_ve[b, h, e_i]), float(st.sweep_r2[b, h, e_i])))
+        valid = st.token_valid.numpy()
+        n_tokens, first = valid.sum(axis=-1), valid.argmax(axis=-1)
+        ok, idx = st.sink_ok.numpy(), st.sink_idx.numpy()
+        scores = st.col_scores.float().numpy() if st.col_scores.dtype.itemsize < 4 else st.col_scores.numpy()
+        b_i, h_i, _ = np.nonzero(ok)  # every sink, in (prompt, head) order, ascending within a head
+        cols = idx[ok]
+        positions = (cols - first[b_i]).tolist()
+        tokens = [token_strings[ids[b]][q] for b, q in zip(b_i.tolist(), positions)]
+        sink_scores = scores[b_i, h_i, cols].tolist()
+        counts = ok.sum(axis=-1).ravel()
+        ends = np.cumsum(counts).tolist()
+        starts = [0] + ends[:-1]
+        heads_rows.extend(zip(
+            np.repeat(ids, H).tolist(), [layer] * (B * H), np.tile(np.arange(H), B).tolist(),
+            np.repeat(n_tokens, H).tolist(), counts.tolist(),
+            [positions[a:z] for a, z in zip(starts, ends)], [tokens[a:z] for a, z in zip(starts, ends)],
+            [sink_scores[a:z] for a, z in zip(starts, ends)],
+            *(t.double().numpy().ravel().tolist() for t in (st.ve, st.r2, st.ve_uncentred))))
+        if settings.sweep_eps:
+            E = len(settings.all_eps)
+            sweep_rows.extend(zip(
+                np.repeat(ids, H * E).tolist(), [layer] * (B * H * E), np.tile(np.repeat(np.arange(H), E), B).tolist(),
+                list(settings.all_eps) * (B * H), st.sweep_n_sinks.numpy().ravel().tolist(),
+                st.sweep_ve.double().numpy().ravel().tolist(), st.sweep_r2.double().numpy().ravel().tolist()))
     return heads_rows, sweep_rows
 
 
@@ -233,7 +246,6 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         raise CatchtagError("a scan over several processes needs a run folder (--out) to gather the ranks' rows")
     device = model.get_input_embeddings().weight.device  # with a device map, where the inputs go
     model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
-    strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids) for p in prompts}
     n_layers = model.config.num_hidden_layers
     if n_layers is None:
         raise CatchtagError("the model config does not say how many layers it has")
@@ -276,6 +288,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         if len(cap.layers) != n_layers:
             raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
                                 f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
+        strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids) for p in batch}  # this rank's only
         heads_rows, sweep_rows = _records_to_rows(cap, batch, strings, settings)
         acts, positions, act_layers, hidden = _batch_activations(
             cap, request, output.hidden_states if want_hidden else None, batch)
