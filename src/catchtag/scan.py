@@ -41,8 +41,13 @@ def _as_prompts(texts, tokenizer, model, max_tokens, truncate) -> list[Prompt]:
     return tokenize_prompts(texts, tokenizer, max_tokens=max_tokens, context=model_context(model), truncate=truncate)
 
 
-def _token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in ids])
+def _token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = None) -> list[str]:
+    """Each token decoded on its own; ``cache`` (id -> string, kept over a scan) decodes each id once."""
+    if cache is None:
+        return tokenizer.batch_decode([[i] for i in ids])
+    new = list({i for i in ids if i not in cache})
+    cache.update(zip(new, tokenizer.batch_decode([[i] for i in new])))
+    return [cache[i] for i in ids]
 
 
 def _batch_tensors(prompts: list[Prompt], tokenizer, device):
@@ -265,6 +270,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
 
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
+    decoded: dict[int, str] = {}
     attention_maps: dict = {}
     sink_attention: dict = {}
     bar = None
@@ -288,7 +294,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         if len(cap.layers) != n_layers:
             raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
                                 f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
-        strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids) for p in batch}  # this rank's only
+        strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in batch}  # this rank's only
         heads_rows, sweep_rows = _records_to_rows(cap, batch, strings, settings)
         acts, positions, act_layers, hidden = _batch_activations(
             cap, request, output.hidden_states if want_hidden else None, batch)
