@@ -39,9 +39,11 @@ def models() -> None:
     """List the models catchtag can load, and which are installed here."""
     from catchtag.models import available_models
 
-    for row in available_models():
+    rows = available_models()
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
         mark = "installed" if row["installed"] else f"not installed: {row['install']}"
-        typer.echo(f"{row['name']:<16} {mark:<60} {row['description']}")
+        typer.echo(f"{row['name']:<{width}} {mark:<60} {row['description']}")
     typer.echo("Also: a local Hugging Face folder, a local .gguf file, or a hub id already in the local cache.")
 
 
