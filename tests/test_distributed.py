@@ -81,3 +81,24 @@ def test_failure_on_one_rank_stops_all_with_its_message(tmp_path):
     assert "exitcode  : 2" in output  # rank 1 left with the CLI's error code, not a hang or a crash
     assert time.time() - t0 < 200, "rank 0 kept waiting after rank 1 failed"
     assert not (tmp_path / "run" / "heads.parquet").exists()
+
+
+def test_random_shape_models_and_device_map_names():
+    """random:<shape> builds the benchmark shape (on the meta device here: no memory, no time); bad names fail clearly."""
+    import pytest
+
+    import catchtag
+    from catchtag.errors import CatchtagError
+    from catchtag.models import _device_map
+
+    model, tok = catchtag.load_model("random:qwen2.5-7b", device="meta", dtype="bfloat16")
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (28, 28, 4, 3584)
+    assert 7.5e9 < sum(p.numel() for p in model.parameters()) < 7.7e9
+    assert tok.model_max_length == cfg.max_position_embeddings  # prompts longer than 512 tokens are not cut
+    with pytest.raises(CatchtagError, match="unknown random shape"):
+        catchtag.load_model("random:qwen9")
+    tiny, _ = catchtag.load_model("tiny:llama")
+    assert set(_device_map(tiny, "balanced").values()) == {"cpu"}  # no GPU here: everything on the CPU
+    with pytest.raises(CatchtagError, match="unknown device map"):
+        _device_map(tiny, "everywhere")
