@@ -258,3 +258,12 @@ def test_hidden_sep_recipe_trains_densely():
         after = torch.nn.functional.mse_loss(model(b.values, b.types), b.target)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     assert float(after) < 0.7 * float(before)
+
+
+def test_per_head_qk_gains():
+    from catchtag.toy.model import ToyAttentionModel
+
+    m = ToyAttentionModel(ToyConfig(variant="two-sink", qk_norm=True, qk_gain=(10.0, 3.0), qk_norm_layers=(0,)))
+    assert m.layers[0].gain.tolist() == [10.0, 3.0] and not m.layers[1].qk_norm
+    with pytest.raises(ValueError, match="one per head"):
+        ToyConfig(variant="two-sink", qk_norm=True, qk_gain=(10.0, 3.0, 1.0))

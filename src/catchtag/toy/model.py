@@ -29,7 +29,7 @@ class ToyConfig:
     init_tag2: float | None = None  # two-sink: initial [SEP2] tag (None: init_tag)
     learn_tag: bool = True
     qk_norm: bool = False  # RMS-normalise q and k per head, then a learnable gain (recipe option)
-    qk_gain: float = 1.0  # initial gain when qk_norm is on
+    qk_gain: float | tuple[float, ...] = 1.0  # initial gain when qk_norm is on; a tuple: one per head
     qk_norm_layers: tuple[int, ...] | None = None  # which layers (0 = first) qk_norm applies to; None: all
     init_std: float | None = None  # None: PyTorch default Linear init
 
@@ -42,6 +42,10 @@ class ToyConfig:
             self.d_model = 3 if self.variant == "single" else 4
         if self.n_heads < 1 or self.head_dim < 1:
             raise ValueError("n_heads and head_dim must be >= 1")
+        if isinstance(self.qk_gain, (tuple, list)):
+            self.qk_gain = tuple(float(g) for g in self.qk_gain)
+            if len(self.qk_gain) != self.n_heads:
+                raise ValueError(f"qk_gain has {len(self.qk_gain)} values for {self.n_heads} heads; give one per head")
         if self.qk_norm_layers is not None:
             self.qk_norm_layers = tuple(int(i) for i in self.qk_norm_layers)
             if any(i not in (0, 1) for i in self.qk_norm_layers):
@@ -53,7 +57,8 @@ class ToyConfig:
 class CausalAttention(nn.Module):
     """One multi-head causal attention layer (q, k, v with bias so a query can be constant; output projection)."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, qk_norm: bool = False, qk_gain: float = 1.0):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, qk_norm: bool = False,
+                 qk_gain: float | tuple[float, ...] = 1.0):
         super().__init__()
         self.h, self.dh = n_heads, head_dim
         self.q = nn.Linear(d_model, n_heads * head_dim)
@@ -62,7 +67,8 @@ class CausalAttention(nn.Module):
         self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.qk_norm = qk_norm
         if qk_norm:
-            self.gain = nn.Parameter(torch.full((n_heads,), float(qk_gain)))
+            gains = qk_gain if isinstance(qk_gain, tuple) else (float(qk_gain),) * n_heads
+            self.gain = nn.Parameter(torch.tensor(gains, dtype=torch.float32))
         self.temperature = 1.0  # multiplies scores; a schedule may change it during training
 
     def forward(self, x: torch.Tensor, value_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
