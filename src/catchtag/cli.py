@@ -350,37 +350,35 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        _exit(130)
+        _exit_now_under_torchrun(130)
+        sys.exit(130)
     except SystemExit as stop:  # typer.Exit and click's errors end here
         if stop.code not in (0, None):
-            _exit(stop.code if isinstance(stop.code, int) else 1)
+            _exit_now_under_torchrun(stop.code if isinstance(stop.code, int) else 1)
         raise
     except BaseException:
-        if not _under_torchrun():
-            raise
-        import traceback
+        from catchtag.distributed import world_size
 
-        traceback.print_exc()
-        _exit(1)
+        if world_size() > 1:  # printed here, because the exit below skips Python's own report
+            import traceback
 
-
-def _under_torchrun() -> bool:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+            traceback.print_exc()
+            _exit_now_under_torchrun(1)
+        raise
 
 
-def _exit(code: int) -> None:
-    """Exit with ``code``. Under torchrun a failed rank leaves at once, skipping interpreter teardown: NCCL's would
-    wait for ranks that are themselves waiting for this one, and torchrun stops the others only once this rank
-    has exited."""
-    if _under_torchrun():
+def _exit_now_under_torchrun(code: int) -> None:
+    """Under torchrun a failed rank leaves at once, skipping interpreter teardown: NCCL's would wait for ranks
+    that are themselves waiting for this one, and torchrun stops the others only once this rank has exited.
+    Outside torchrun this does nothing and the caller exits as usual."""
+    from catchtag.distributed import world_size
+
+    if world_size() > 1:
         import os
 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

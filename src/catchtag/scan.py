@@ -43,8 +43,7 @@ def _as_prompts(texts, tokenizer, model, max_tokens, truncate) -> list[Prompt]:
 
 def _token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = None) -> list[str]:
     """Each token decoded on its own; ``cache`` (id -> string, kept over a scan) decodes each id once."""
-    if cache is None:
-        return tokenizer.batch_decode([[i] for i in ids])
+    cache = {} if cache is None else cache
     new = list({i for i in ids if i not in cache})
     cache.update(zip(new, tokenizer.batch_decode([[i] for i in new])))
     return [cache[i] for i in ids]
