@@ -269,7 +269,9 @@ def test_rows_match_a_per_element_construction(tiny_models, arch):
     ids, mask = _batch_tensors(prompts, tok, "cpu")
     with torch.no_grad(), capture(settings) as cap:
         model(input_ids=ids, attention_mask=mask)
-    strings = {p.prompt_id: _token_strings(tok, p.input_ids) for p in prompts}
+    shared: dict[int, str] = {}  # one cache over the prompts, as a scan keeps it over its batches
+    strings = {p.prompt_id: _token_strings(tok, p.input_ids, shared) for p in prompts}
+    assert strings == {p.prompt_id: tok.batch_decode([[i] for i in p.input_ids]) for p in prompts}
     fast = _records_to_rows(cap, prompts, strings, settings)
     assert sum(r[4] for r in fast[0]) > 0, "no sinks: the comparison would not test the sink columns"
     assert fast == _rows_one_by_one(cap, prompts, strings, settings)
