@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--cell", action="append", required=True, help="NAME:key=value;key=value")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--save-models", action="store_true", help="keep each trained model: OUT/models/CELL/seedN.pt")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "rows.jsonl"
@@ -63,7 +64,8 @@ def main() -> None:
         name, mc, tc, task, seeds = parse_cell(spec)
         rid = run_id(mc, tc, task)
         cells[name] = {"run_id": rid, "model": asdict(mc), "train": asdict(tc), "task": asdict(task), "seeds": seeds}
-        jobs += [(name, rid, (mc, tc, task, s, None)) for s in seeds if (name, rid, s) not in done]
+        model_dir = str(args.out / "models" / name) if args.save_models else None
+        jobs += [(name, rid, (mc, tc, task, s, model_dir)) for s in seeds if (name, rid, s) not in done]
     (args.out / "cells.json").write_text(json.dumps(cells, indent=1, default=list))
     # longest first (steps x sequence work), so the pool does not end on one slow straggler
     jobs.sort(key=lambda j: -j[2][1].steps * (2 if j[2][0].variant == "two-sink" else 1))

@@ -267,3 +267,74 @@ def test_per_head_qk_gains():
     assert m.layers[0].gain.tolist() == [10.0, 3.0] and not m.layers[1].qk_norm
     with pytest.raises(ValueError, match="one per head"):
         ToyConfig(variant="two-sink", qk_norm=True, qk_gain=(10.0, 3.0, 1.0))
+
+
+def test_tag_removal_keeps_the_value_bias_and_the_share_uses_the_blind_floor():
+    # tag removal: the sink's layer-1 value becomes the value bias (what every token writes), attention as is;
+    # checked against the same forward written out by hand, with a random bias
+    from catchtag.toy.train import mechanism_metrics, sink_blind_r2, tag_causal_ok
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    b = make_batch(64, 10, "two-sink", generator=g)
+    torch.manual_seed(int(torch.randint(0, 10**6, (1,))))
+    m = ToyAttentionModel(ToyConfig("two-sink", init_tag=4.0)).double()
+    vals = b.values.double()
+    got = m(vals, b.types, tag_removed=(SEP2,))
+    x = m.embed(vals, b.types)
+    for i, layer in enumerate(m.layers):
+        q = layer.q(x).view(64, 10, 2, 3).transpose(1, 2)
+        k = layer.k(x).view(64, 10, 2, 3).transpose(1, 2)
+        v = layer.v(x)
+        if i == 0:
+            v = torch.where((b.types == SEP2)[..., None], layer.v.bias, v)
+        v = v.view(64, 10, 2, 3).transpose(1, 2)
+        s = (q @ k.transpose(-1, -2) / 3**0.5).masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+        x = x + layer.o((s.softmax(-1) @ v).transpose(1, 2).reshape(64, 10, 6))
+    torch.testing.assert_close(got, m.readout(x[:, -1]).squeeze(-1))
+    assert not torch.allclose(got, m(vals, b.types, special_value_scale={(0, SEP2): 0.0}))  # zeroing differs
+    # the blind floor: without [SEP] the single construction knows only the mean of all numbers, and that is
+    # exactly what it predicts once its tag is removed (no bias there): share 1
+    bs = make_batch(2048, 16, "single", generator=g)
+    ms = mechanism_metrics(construct_model(10.0), bs)
+    assert ms["r2_tag_removed"] == pytest.approx(ms["r2_blind"], abs=1e-3) == pytest.approx(sink_blind_r2(bs), abs=1e-9)
+    assert ms["tag_share"] == pytest.approx(1.0, abs=0.01) and tag_causal_ok(ms, make_recipe("hidden-sep"))
+    b2 = make_batch(2048, 16, "two-sink", generator=g)
+    mt = mechanism_metrics(construct_model(10.0, "two-sink"), b2)
+    assert 0.6 < mt["r2_blind2"] < 0.8 and mt["tag2_share"] > 1.0  # it falls below the [SEP2]-blind floor
+    # a model that keeps half of what the sink is worth without its tag fails the share check
+    half = {**ms, "tag_share": 0.4}
+    assert not tag_causal_ok(half, make_recipe("hidden-sep"))
+    assert tag_causal_ok(half, make_recipe("hidden-sep", tag_share=0.3))
+    with pytest.raises(ValueError, match="no sink"):
+        sink_blind_r2(bs, SEP2)
+
+
+def test_zero_init_fixed_gain_and_late_sharpening():
+    from catchtag.toy.train import _sharpening, init_model
+
+    cfg = make_recipe("hidden-sep-l1norm", steps=40, batch_size=16, hide_sep_steps=10, sharpen=2.0,
+                      zero_init=("layers.0.k.weight",))
+    mc = ToyConfig("two-sink", **recipe_model_options("hidden-sep-l1norm"), qk_gain_fixed=True)
+    m0 = init_model(mc, cfg, seed=3)
+    assert m0.layers[0].k.weight.abs().sum() == 0 and m0.layers[0].k.bias.abs().sum() > 0
+    b = make_batch(8, 9, "two-sink", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a1 = m0(b.values, b.types, return_all=True)[1]["attn"][0]
+    causal = torch.ones(9, 9).tril()
+    torch.testing.assert_close(a1, (causal / causal.sum(1, keepdim=True)).expand_as(a1))  # uniform at step 0
+    with pytest.raises(ValueError, match="unknown parameters"):
+        init_model(mc, make_recipe("hidden-sep", zero_init=("layers.0.nope",)), seed=0)
+    assert [_sharpening(s, cfg) for s in (0, 19, 20, 30, 40)] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    model, _ = train_model(mc, cfg, TaskConfig("two-sink", 9), seed=3)
+    assert model.layers[0].gain.tolist() == [20.0, 20.0]  # fixed at 10, sharpened x2 and folded in
+    assert [layer.temperature for layer in model.layers] == [1.0, 1.0]
+    # folding a score multiplier into the weights keeps the function, plain and normalised attention alike
+    for c in (ToyConfig("single"), mc):
+        m = ToyAttentionModel(c)
+        m.set_temperature(1.7)
+        bb = make_batch(8, 9, c.variant, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            y1 = m(bb.values, bb.types)
+            m.fold_temperature()
+            y2 = m(bb.values, bb.types)
+        torch.testing.assert_close(y1, y2)

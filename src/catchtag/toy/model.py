@@ -31,6 +31,7 @@ class ToyConfig:
     qk_norm: bool = False  # RMS-normalise q and k per head, then a learnable gain (recipe option)
     qk_gain: float | tuple[float, ...] = 1.0  # initial gain when qk_norm is on; a tuple: one per head
     qk_norm_layers: tuple[int, ...] | None = None  # which layers (0 = first) qk_norm applies to; None: all
+    qk_gain_fixed: bool | None = None  # True: the qk_norm gain stays at its initial value (None/False: learned)
     init_std: float | None = None  # None: PyTorch default Linear init
 
     def __post_init__(self) -> None:
@@ -58,7 +59,7 @@ class CausalAttention(nn.Module):
     """One multi-head causal attention layer (q, k, v with bias so a query can be constant; output projection)."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, qk_norm: bool = False,
-                 qk_gain: float | tuple[float, ...] = 1.0):
+                 qk_gain: float | tuple[float, ...] = 1.0, learn_gain: bool = True):
         super().__init__()
         self.h, self.dh = n_heads, head_dim
         self.q = nn.Linear(d_model, n_heads * head_dim)
@@ -68,17 +69,22 @@ class CausalAttention(nn.Module):
         self.qk_norm = qk_norm
         if qk_norm:
             gains = qk_gain if isinstance(qk_gain, tuple) else (float(qk_gain),) * n_heads
-            self.gain = nn.Parameter(torch.tensor(gains, dtype=torch.float32))
+            self.gain = nn.Parameter(torch.tensor(gains, dtype=torch.float32), requires_grad=learn_gain)
         self.temperature = 1.0  # multiplies scores; a schedule may change it during training
 
-    def forward(self, x: torch.Tensor, value_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``value_scale`` (B, L): multiplies each token's value (a training curriculum's knob; None = 1)."""
+    def forward(self, x: torch.Tensor, value_scale: torch.Tensor | None = None,
+                bias_only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``value_scale`` (B, L): multiplies each token's value (a training curriculum's knob; None = 1).
+        ``bias_only`` (B, L) bool: these tokens' value is the value bias alone, what a token whose residual
+        stream is zero writes (the tag-removal ablation)."""
         B, L, _ = x.shape
         q = self.q(x).view(B, L, self.h, self.dh).transpose(1, 2)
         k = self.k(x).view(B, L, self.h, self.dh).transpose(1, 2)
         v = self.v(x)
         if value_scale is not None:
             v = v * value_scale[..., None]
+        if bias_only is not None:
+            v = torch.where(bias_only[..., None], self.v.bias, v)
         v = v.view(B, L, self.h, self.dh).transpose(1, 2)
         if self.qk_norm:
             q = q / q.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -106,7 +112,7 @@ class ToyAttentionModel(nn.Module):
         self.layers = nn.ModuleList(
             [CausalAttention(d, config.n_heads, config.head_dim,
                              config.qk_norm and (config.qk_norm_layers is None or i in config.qk_norm_layers),
-                             config.qk_gain) for i in range(2)]
+                             config.qk_gain, not config.qk_gain_fixed) for i in range(2)]
         )
         self.readout = nn.Linear(d, 1)
         if config.init_std is not None:
@@ -130,13 +136,30 @@ class ToyAttentionModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.temperature = float(t) if layers is None or i in layers else 1.0
 
+    @torch.no_grad()
+    def fold_temperature(self) -> None:
+        """Move each layer's score multiplier into its weights (the qk_norm gain, else the query), then set it
+        to 1: the same function, with no schedule state left outside the parameters."""
+        for layer in self.layers:
+            t, layer.temperature = layer.temperature, 1.0
+            if t == 1.0:
+                continue
+            if layer.qk_norm:
+                layer.gain.mul_(t)
+            else:
+                layer.q.weight.mul_(t)
+                layer.q.bias.mul_(t)
+
     def forward(self, values: torch.Tensor, types: torch.Tensor, return_all: bool = False,
-                special_value_scale: dict[tuple[int, int], float] | None = None):
+                special_value_scale: dict[tuple[int, int], float] | None = None, tag_removed: tuple[int, ...] = ()):
         """Prediction (B,) at the last position; with ``return_all`` also the residual states and attentions.
 
         ``special_value_scale`` maps (layer index, token type) to a factor on that token's value in that layer,
         attention unchanged: ``{(1, SEP): 0.0, (1, SEP2): 0.0}`` lets layer 2 read nothing from the special
-        tokens (recipe ``hidden-sep`` starts training so); ``{(0, SEP): 0.0}`` removes [SEP]'s tag (ablation)."""
+        tokens (recipe ``hidden-sep`` starts training so). ``tag_removed`` lists special token types whose
+        layer-1 value is cut to the value bias, the part every token writes: what is left of the tag-removal
+        ablation once the sink writes nothing of its own (zeroing the whole value would also take away the
+        bias from the tokens that attend to the sink, which marks them in a new way)."""
         x = self.embed(values, types)
         states, attns = [x], []
         scales: list[torch.Tensor | None] = [None] * len(self.layers)
@@ -144,8 +167,11 @@ class ToyAttentionModel(nn.Module):
             if factor != 1.0:
                 base = scales[li] if scales[li] is not None else torch.ones_like(values)
                 scales[li] = torch.where(types == kind, float(factor), base)
-        for layer, scale in zip(self.layers, scales):
-            dx, a = layer(x, scale)
+        removed = None
+        for kind in tag_removed:
+            removed = (types == kind) if removed is None else removed | (types == kind)
+        for i, (layer, scale) in enumerate(zip(self.layers, scales)):
+            dx, a = layer(x, scale, removed if i == 0 else None)
             x = x + dx
             states.append(x)
             attns.append(a)
