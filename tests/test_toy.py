@@ -322,6 +322,9 @@ def test_zero_init_fixed_gain_and_late_sharpening():
         a1 = m0(b.values, b.types, return_all=True)[1]["attn"][0]
     causal = torch.ones(9, 9).tril()
     torch.testing.assert_close(a1, (causal / causal.sum(1, keepdim=True)).expand_as(a1))  # uniform at step 0
+    mz = init_model(ToyConfig("single"), make_recipe("hidden-sep-zero-q"), seed=4)  # the single variant's recipe
+    assert mz.layers[0].q.weight.abs().sum() == 0 and mz.layers[0].q.bias.abs().sum() == 0
+    assert mz.layers[0].k.weight.abs().sum() > 0 and mz.layers[1].q.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown parameters"):
         init_model(mc, make_recipe("hidden-sep", zero_init=("layers.0.nope",)), seed=0)
     assert [_sharpening(s, cfg) for s in (0, 19, 20, 30, 40)] == [1.0, 1.0, 1.0, 2.0, 2.0]

@@ -15,7 +15,8 @@ toy_app = typer.Typer(
     add_completion=False,
 )
 
-RECIPE_HELP = "paper (plain Adam), hidden-sep (ours), hidden-sep-l1norm (ours, two-sink) or qk-norm; docs/toy.md."
+RECIPE_HELP = ("paper (plain Adam), hidden-sep-zero-q (ours, single), hidden-sep-l1norm (ours, two-sink), hidden-sep "
+               "or qk-norm; docs/toy.md.")
 
 PUBLISHED = {
     ("single", 1, 1.0): "0/10",

@@ -71,6 +71,11 @@ RECIPES = {
     # position, not only the last (every token after [SEP] must be tagged alike); (3) lr 1e-2 with 100 warmup
     # steps, cosine decay to 0 and gradient clipping at 1, over 4000 steps. Plain attention, default init.
     "hidden-sep": {"train": HIDDEN_SEP_TRAIN, "model": {}},
+    # ours for the single variant (docs/toy.md): hidden-sep with layer 1's query weights and bias zero at init,
+    # as muP's zero query: layer-1 attention starts uniform, so no seed starts with [SEP]'s large key (tag 10)
+    # scored far below the numbers by a random query, where its catch has no gradient to grow from
+    "hidden-sep-zero-q": {"train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.q.weight", "layers.0.q.bias")},
+                          "model": {}},
     # for the two-sink variant (docs/toy.md): hidden-sep with layer 1's queries and keys RMS-normalised and a
     # learnable gain starting at 10: attention ranks keys by direction, so a head that catches at [SEP2] gives
     # it nearly all the attention of the numbers after it (plain attention leaves [SEP2] a weak sink)
