@@ -93,8 +93,8 @@ def construct(
 
 def _print_rows(df: pd.DataFrame) -> None:
     cols = [c for c in ["seed", "r2", "success", "sink_mass", "release_mass", "release_entropy", "sink2_mass",
-                        "sink_between_mass", "between_mass", "between_entropy", "r2_tag_removed",
-                        "tag_share", "r2_tag2_removed", "tag2_share", "mechanism", "tag_causal", "tag", "seconds"] if c in df]
+                        "sink_between_mass", "between_mass", "between_entropy", "r2_tag_removed", "tag_share",
+                        "r2_tag2_removed", "tag2_share", "mechanism", "tag_causal", "tag", "seconds"] if c in df]
     typer.echo(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 

@@ -167,9 +167,7 @@ class ToyAttentionModel(nn.Module):
             if factor != 1.0:
                 base = scales[li] if scales[li] is not None else torch.ones_like(values)
                 scales[li] = torch.where(types == kind, float(factor), base)
-        removed = None
-        for kind in tag_removed:
-            removed = (types == kind) if removed is None else removed | (types == kind)
+        removed = torch.isin(types, torch.tensor(tag_removed, dtype=types.dtype)) if tag_removed else None
         for i, (layer, scale) in enumerate(zip(self.layers, scales)):
             dx, a = layer(x, scale, removed if i == 0 else None)
             x = x + dx
