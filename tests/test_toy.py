@@ -341,3 +341,25 @@ def test_zero_init_fixed_gain_and_late_sharpening():
             m.fold_temperature()
             y2 = m(bb.values, bb.types)
         torch.testing.assert_close(y1, y2)
+
+
+def test_two_sink_recipe_weight_decay_spares_tags_and_fixed_gain():
+    """hidden-sep-l1norm-wd: decoupled decay shrinks every trained weight but the tags; the fixed gain stays."""
+    from catchtag.toy.train import init_model
+
+    mc = ToyConfig("two-sink", **recipe_model_options("hidden-sep-l1norm-wd"))
+    assert mc.qk_norm and mc.qk_gain_fixed and mc.qk_norm_layers == (0,)
+    cfg = make_recipe("hidden-sep-l1norm-wd")
+    assert cfg.weight_decay == 0.05 and cfg.zero_init == ("layers.0.k.weight",)
+    # lr so small that Adam's own steps are negligible next to the decay: lr * wd = 1% per step
+    cfg = make_recipe("hidden-sep-l1norm-wd", steps=10, batch_size=8, lr=1e-6, weight_decay=1e4, warmup_steps=0,
+                      schedule="constant", grad_clip=0.0)
+    m0 = init_model(mc, cfg, seed=2)
+    model, _ = train_model(mc, cfg, TaskConfig("two-sink", 9), seed=2)
+    shrink = 0.99 ** 10
+    for name in ("readout.weight", "layers.1.q.weight", "layers.0.v.weight"):
+        torch.testing.assert_close(dict(model.named_parameters())[name], dict(m0.named_parameters())[name] * shrink,
+                                   atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(model.tag, m0.tag, atol=1e-4, rtol=0)  # no decay on the tags
+    assert model.layers[0].gain.tolist() == [10.0, 10.0]
+    assert model.layers[0].k.weight.abs().max() < 1e-4  # zero at init, moved only by negligible steps
