@@ -61,6 +61,7 @@ class TrainConfig:
 
 HIDDEN_SEP_TRAIN = {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
                     "schedule": "cosine", "grad_clip": 1.0}
+L1NORM_MODEL = {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)}  # layer-1 QK-norm, gain starting at 10
 
 RECIPES = {
     # what we take the paper's setting to be: default init, Adam, constant lr, plain softmax attention
@@ -79,15 +80,14 @@ RECIPES = {
     # for the two-sink variant (docs/toy.md): hidden-sep with layer 1's queries and keys RMS-normalised and a
     # learnable gain starting at 10: attention ranks keys by direction, so a head that catches at [SEP2] gives
     # it nearly all the attention of the numbers after it (plain attention leaves [SEP2] a weak sink)
-    "hidden-sep-l1norm": {"train": HIDDEN_SEP_TRAIN,
-                          "model": {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)}},
+    "hidden-sep-l1norm": {"train": HIDDEN_SEP_TRAIN, "model": L1NORM_MODEL},
     # ours for the two-sink variant (docs/toy.md, 2026-11-24): hidden-sep-l1norm with (1) layer 1's key weights zero at
     # init (every token has the same key at step 0: attention starts uniform, no catch starts dead), (2) the
     # layer-1 gain fixed at 10, and (3) decoupled weight decay 0.05 on every weight but the tags: a weak [SEP2]
     # catch leaves the numbers after [SEP2] only a little apart from those between the sinks, and reading so
     # small a difference takes large layer-2 weights, which the decay makes costly; a full catch does not
     "hidden-sep-l1norm-wd": {"train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight",), "weight_decay": 0.05},
-                             "model": {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,), "qk_gain_fixed": True}},
+                             "model": {**L1NORM_MODEL, "qk_gain_fixed": True}},
     # tried first (docs/toy.md): QK-normalised attention with a learnable gain (bounded logits at init);
     # it helps the single variant but leaves weak catches
     "qk-norm": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
