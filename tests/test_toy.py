@@ -363,3 +363,25 @@ def test_two_sink_recipe_weight_decay_spares_tags_and_fixed_gain():
     torch.testing.assert_close(model.tag, m0.tag, atol=1e-4, rtol=0)  # no decay on the tags
     assert model.layers[0].gain.tolist() == [10.0, 10.0]
     assert model.layers[0].k.weight.abs().max() < 1e-4  # zero at init, moved only by negligible steps
+
+
+def test_two_sink_recipe_zero_values_and_larger_sep2_tag():
+    """hidden-sep-l1norm-zv-t20: layer 1 starts writing the same vector (its value bias) into every token, so it
+    marks nobody until training grows a value; [SEP2]'s tag starts at 20, [SEP]'s at the usual 10."""
+    from catchtag.toy.train import init_model
+
+    name = "hidden-sep-l1norm-zv-t20"
+    mc = ToyConfig("two-sink", **recipe_model_options(name))
+    cfg = make_recipe(name, steps=30, batch_size=16, hide_sep_steps=10)
+    assert cfg.weight_decay == 0.05 and set(cfg.zero_init) == {"layers.0.k.weight", "layers.0.v.weight"}
+    m0 = init_model(mc, cfg, seed=5)
+    assert m0.tag.tolist() == [10.0, 20.0] and m0.layers[0].gain.tolist() == [10.0, 10.0]
+    b = make_batch(8, 12, "two-sink", generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        states = m0(b.values, b.types, return_all=True)[1]["states"]
+    written = states[1] - states[0]  # what layer 1 adds to each token
+    torch.testing.assert_close(written, written[:1, :1].expand_as(written))
+    model, _ = train_model(mc, cfg, TaskConfig("two-sink", 12), seed=5)
+    assert model.layers[0].v.weight.abs().sum() > 0 and model.layers[0].k.weight.abs().sum() > 0
+    # the single variant has one tag: the [SEP2] setting is ignored there
+    assert ToyAttentionModel(ToyConfig("single", **recipe_model_options(name))).tag.tolist() == [10.0]

@@ -15,8 +15,8 @@ toy_app = typer.Typer(
     add_completion=False,
 )
 
-RECIPE_HELP = ("paper (plain Adam), hidden-sep-zero-q (ours, single), hidden-sep-l1norm-wd (ours, two-sink), "
-               "hidden-sep-l1norm, hidden-sep or qk-norm; docs/toy.md.")
+RECIPE_HELP = ("paper (plain Adam), hidden-sep-zero-q (ours, single), hidden-sep-l1norm-zv-t20 (ours, two-sink), "
+               "hidden-sep-l1norm-wd, hidden-sep-l1norm, hidden-sep or qk-norm; docs/toy.md.")
 
 PUBLISHED = {
     ("single", 1, 1.0): "0/10",

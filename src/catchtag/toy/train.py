@@ -88,6 +88,15 @@ RECIPES = {
     # small a difference takes large layer-2 weights, which the decay makes costly; a full catch does not
     "hidden-sep-l1norm-wd": {"train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight",), "weight_decay": 0.05},
                              "model": {**L1NORM_MODEL, "qk_gain_fixed": True}},
+    # ours for the two-sink variant (docs/toy.md, 2026-11-24, the second of the day): hidden-sep-l1norm-wd with
+    # (1) layer 1's value weights zero at init too: every head starts by writing only its value bias, the same
+    # vector for every token, and grows only the values the task asks for; almost every seed then fits; and (2)
+    # [SEP2]'s tag starting at 20: the numbers between the sinks and those after [SEP2] are told apart by the
+    # difference between the two sinks' layer-1 values, and a larger [SEP2] embedding makes [SEP2]'s own value
+    # the cheap side of it (with tag 10, [SEP2] often writes little and only keeps [SEP]'s value off those numbers)
+    "hidden-sep-l1norm-zv-t20": {
+        "train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight", "layers.0.v.weight"), "weight_decay": 0.05},
+        "model": {**L1NORM_MODEL, "qk_gain_fixed": True, "init_tag2": 20.0}},
     # tried first (docs/toy.md): QK-normalised attention with a learnable gain (bounded logits at init);
     # it helps the single variant but leaves weak catches
     "qk-norm": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
