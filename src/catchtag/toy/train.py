@@ -62,6 +62,8 @@ class TrainConfig:
 HIDDEN_SEP_TRAIN = {"hide_sep_steps": 800, "dense_loss": True, "steps": 4000, "lr": 1e-2, "warmup_steps": 100,
                     "schedule": "cosine", "grad_clip": 1.0}
 L1NORM_MODEL = {"qk_norm": True, "qk_gain": 10.0, "qk_norm_layers": (0,)}  # layer-1 QK-norm, gain starting at 10
+L1NORM_WD_TRAIN = {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight",), "weight_decay": 0.05}
+L1NORM_WD_MODEL = {**L1NORM_MODEL, "qk_gain_fixed": True}
 
 RECIPES = {
     # what we take the paper's setting to be: default init, Adam, constant lr, plain softmax attention
@@ -86,8 +88,7 @@ RECIPES = {
     # layer-1 gain fixed at 10, and (3) decoupled weight decay 0.05 on every weight but the tags: a weak [SEP2]
     # catch leaves the numbers after [SEP2] only a little apart from those between the sinks, and reading so
     # small a difference takes large layer-2 weights, which the decay makes costly; a full catch does not
-    "hidden-sep-l1norm-wd": {"train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight",), "weight_decay": 0.05},
-                             "model": {**L1NORM_MODEL, "qk_gain_fixed": True}},
+    "hidden-sep-l1norm-wd": {"train": L1NORM_WD_TRAIN, "model": L1NORM_WD_MODEL},
     # ours for the two-sink variant (docs/toy.md, 2026-11-24, the second of the day): hidden-sep-l1norm-wd with
     # (1) layer 1's value weights zero at init too: every head starts by writing only its value bias, the same
     # vector for every token, and grows only the values the task asks for; almost every seed then fits; and (2)
@@ -95,8 +96,8 @@ RECIPES = {
     # difference between the two sinks' layer-1 values, and a larger [SEP2] embedding makes [SEP2]'s own value
     # the cheap side of it (with tag 10, [SEP2] often writes little and only keeps [SEP]'s value off those numbers)
     "hidden-sep-l1norm-zv-t20": {
-        "train": {**HIDDEN_SEP_TRAIN, "zero_init": ("layers.0.k.weight", "layers.0.v.weight"), "weight_decay": 0.05},
-        "model": {**L1NORM_MODEL, "qk_gain_fixed": True, "init_tag2": 20.0}},
+        "train": {**L1NORM_WD_TRAIN, "zero_init": ("layers.0.k.weight", "layers.0.v.weight")},
+        "model": {**L1NORM_WD_MODEL, "init_tag2": 20.0}},
     # tried first (docs/toy.md): QK-normalised attention with a learnable gain (bounded logits at init);
     # it helps the single variant but leaves weak catches
     "qk-norm": {"train": {}, "model": {"qk_norm": True, "qk_gain": 1.0}},
