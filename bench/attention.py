@@ -2,17 +2,25 @@
 
 One command on a CUDA machine (random weights, nothing downloaded):
 
-    python bench/attention.py                 # the table for B x T in 4x1024, 1x4096, 1x16384, 1x65536
+    python bench/attention.py                 # both tables (planted sinks, then none) for 4x1024 .. 1x65536
+    python bench/attention.py --sinks planted --sizes 4x1024 --scan 64   # one size, plus an end-to-end scan row
     python bench/attention.py --check --sizes ""         # the triton backend against the torch path on CUDA
     python bench/attention.py --colsum 16384 --sizes ""  # pass 1 and pass 2 alone at one layer's shape
     python bench/attention.py --profile 1x16384 --sizes ""  # kernel times of a 4-layer model, SDPA vs catchtag
     python bench/attention.py --max-t 131072             # the table plus one pass at 1 x 131072
 
 The model is Qwen2.5-7B-shaped (28 layers, hidden 3584, 28 query / 4 key-value heads of 128, MLP 18944),
-bf16, built from its config. Each mode runs the decoder stack (model.model, no LM head: the analysis
-needs no logits, and a 152k-vocabulary head at T=65536 would take 20 GB on its own) with use_cache=False
-under torch.no_grad. Tokens/s is B*T over the median wall time of `--reps` passes after one warm-up; peak
-GiB is torch.cuda.max_memory_allocated over a timed pass (the 15.2 GB of weights included).
+bf16, built from its config. Random weights have no sinks at eps 0.2 (attention is nearly uniform), which
+would time the sink pass at K = 0; ``--sinks planted`` (the default table) plants them with forward hooks on
+every layer's q and k projections (``plant_sinks``), in every mode alike. Each mode runs the decoder stack
+(model.model, no LM head: the analysis needs no logits, and a 152k-vocabulary head at T=65536 would take
+20 GB on its own) with use_cache=False under torch.no_grad. Modes: sdpa, eager (+ output_attentions),
+catchtag (eps 0.2), catchtag-sweep (the 12 thresholds of ``catchtag sweep`` in the same pass). Tokens/s is
+B*T over the median wall time of ``--reps`` passes after one warm-up; peak GiB is
+torch.cuda.max_memory_allocated over a timed pass (the 15.2 GB of weights included); sinks/head is the mean
+number of sinks per head at eps 0.2 in the measured pass. ``--scan N`` adds the end to end row: ``catchtag.scan``
+of N prompts of B x T tokens into a run folder (tables written) against the bare SDPA forward of the same
+batches through the same call (model(...) with the LM head), both with the planted sinks.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +38,47 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 SIZES = ((4, 1024), (1, 4096), (1, 16384), (1, 65536))
+SWEEP = (0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4)  # catchtag.analysis.sweep.SWEEP_EPS
+
+
+def plant_sinks(model, strength: float | None = None, fractions=(0.0, 0.25, 0.5)):
+    """Forward hooks that plant sinks in every layer and head; returns the hook handles (``.remove()`` them).
+
+    Every query gets a component ``a u`` and the keys at a few positions (the given fractions of each prompt's
+    length, the first token included) get ``a u``, u a unit vector on the slowest-rotating RoPE coordinate
+    (theta^-(D-2)/D per position: 0.08 rad over 65536 positions at theta 1e6), so the planted logit
+    a^2 / sqrt(D) is the same at every distance. With a^2 / sqrt(D) = log(10 T) the sinks take most of each row's
+    attention: three per head with column scores about 0.54, 0.39 and 0.33, the rest of the columns near 0.
+    """
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    u_index = D // 2 - 1  # rotate_half pairs (i, i + D/2): pair D/2 - 1 turns slowest
+
+    def amplitude(T):
+        logit = strength if strength is not None else float(torch.log(torch.tensor(10.0 * T)))
+        return (logit * D ** 0.5) ** 0.5
+
+    def on_q(module, args, out):
+        a = amplitude(out.shape[1])
+        view = out.view(*out.shape[:2], H, D)
+        view[..., u_index] += a
+        return out
+
+    def on_k(module, args, out):
+        T = out.shape[1]
+        a = amplitude(T)
+        view = out.view(*out.shape[:2], KV, D)
+        for f in fractions:
+            view[:, int(f * T), :, u_index] += a
+        return out
+
+    handles = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        handles += [attn.q_proj.register_forward_hook(on_q), attn.k_proj.register_forward_hook(on_k)]
+    return handles
+
 
 def build_model(layers: int | None = None):
     """random:qwen2.5-7b (catchtag.models.RANDOM_SHAPES), optionally with fewer layers."""
@@ -46,11 +96,10 @@ def build_model(layers: int | None = None):
 
 
 def forward(model, mode, ids, settings):
-    from catchtag.engine.attention import capture
+    from catchtag.engine.attention import captured_forward
 
-    if mode == "catchtag":
-        with capture(settings) as cap:
-            model.model(input_ids=ids, use_cache=False)
+    if mode.startswith("catchtag"):
+        cap, _ = captured_forward(lambda: model.model(input_ids=ids, use_cache=False), settings)
         return cap
     model.model(input_ids=ids, use_cache=False, output_attentions=(mode == "eager"))
     return None
@@ -60,11 +109,11 @@ def measure(model, mode, B, T, reps, warmup=1):
     from catchtag.engine.attention import enable
     from catchtag.engine.request import SinkSettings
 
-    if mode == "catchtag":
+    if mode.startswith("catchtag"):
         enable(model)
     else:
         model.set_attn_implementation(mode)
-    settings = SinkSettings()
+    settings = SinkSettings(sweep_eps=SWEEP if mode == "catchtag-sweep" else ())
     ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda", generator=None)
     times, peak, sinks = [], 0.0, None
     try:
@@ -91,20 +140,63 @@ def measure(model, mode, B, T, reps, warmup=1):
 
 
 def table(rows):
+    """One markdown table; sinks/head of the sdpa and eager rows is the analysis' count on the same input."""
     lines = ["| B x T | mode | tokens/s | peak GiB | throughput / SDPA | memory / SDPA | sinks/head |",
              "|---|---|---|---|---|---|---|"]
     base = {(r["B"], r["T"]): r for r in rows if r["mode"] == "sdpa"}
+    counted = {(r["B"], r["T"]): r["sinks_per_head"] for r in rows if r.get("sinks_per_head") is not None}
     for r in rows:
         s = base.get((r["B"], r["T"]))
+        sk = counted.get((r["B"], r["T"]))
+        sk = f"{sk:.2f}" if sk is not None else "-"
         if r["tok_s"] is None:
-            lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['note']} | - | - | - | - |")
+            lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['note']} | - | - | - | {sk} |")
             continue
         ratio_t = f"{r['tok_s'] / s['tok_s']:.3f}" if s and s["tok_s"] else "-"
         ratio_m = f"{r['peak_gib'] / s['peak_gib']:.3f}" if s and s["tok_s"] else "-"
-        sk = f"{r['sinks_per_head']:.2f}" if r.get("sinks_per_head") is not None else ""
         lines.append(f"| {r['B']}x{r['T']} | {r['mode']} | {r['tok_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} | "
                      f"{ratio_t} | {ratio_m} | {sk} |")
     return "\n".join(lines)
+
+
+def scan_row(model, B, T, n_prompts, reps=2):
+    """End to end: catchtag.scan of n_prompts random prompts of T tokens (batch B, run folder written) against the
+    bare SDPA forward of the same batches through the same call; tokens/s of each, medians over ``reps``."""
+    from catchtag.data.prompts import Prompt
+    from catchtag.engine.attention import enable
+    from catchtag.models import tiny_tokenizer
+    from catchtag.scan import scan
+
+    tok = tiny_tokenizer(T + 1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [Prompt(i, torch.randint(0, 256, (T,), generator=g).tolist()) for i in range(n_prompts)]
+    enable(model)
+    scan(model, tok, prompts[:B], batch_size=B, progress=False)  # warm-up: kernels compiled and tuned
+    scan_times = []
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = scan(model, tok, prompts, batch_size=B, out=Path(tmp) / "run", progress=False)
+            scan_times.append(time.perf_counter() - t0)
+    model.set_attn_implementation("sdpa")
+    ids = [torch.tensor([p.input_ids for p in prompts[i:i + B]], device="cuda") for i in range(0, n_prompts, B)]
+    sdpa_times = []
+    with torch.no_grad():
+        model(input_ids=ids[0], attention_mask=torch.ones_like(ids[0]), use_cache=False)
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for x in ids:
+                model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+            torch.cuda.synchronize()
+            sdpa_times.append(time.perf_counter() - t0)
+    n = n_prompts * T
+    h = result.heads
+    return dict(B=B, T=T, prompts=n_prompts, scan_tok_s=n / statistics.median(scan_times),
+                sdpa_tok_s=n / statistics.median(sdpa_times), ratio=statistics.median(sdpa_times) /
+                statistics.median(scan_times), sinks_per_head=float(h["n_sinks"].mean()),
+                backends=result.settings.get("backends_used"), scan_s=scan_times, sdpa_s=sdpa_times)
 
 
 def check():
@@ -219,7 +311,10 @@ def colsum_alone(T, block=None, profile_sink=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES))
-    ap.add_argument("--modes", default="sdpa,eager,catchtag")
+    ap.add_argument("--modes", default="sdpa,eager,catchtag,catchtag-sweep")
+    ap.add_argument("--sinks", default="planted,none", help="planted (hooks, see plant_sinks) and/or none")
+    ap.add_argument("--scan", type=int, default=0, help="also an end-to-end scan of this many prompts of the "
+                                                            "first size, against the bare SDPA forward")
     ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
     ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
     ap.add_argument("--check", action="store_true")
@@ -237,30 +332,44 @@ def main():
         check()
     if a.profile:
         profile([tuple(map(int, x.split("x"))) for x in a.profile.split(",")])
-    if not a.sizes:
+    if not a.sizes and not a.scan:
         return
     model = build_model()
-    rows = []
-    sizes = [tuple(map(int, s.split("x"))) for s in a.sizes.split(",")]
+    sizes = [tuple(map(int, x.split("x"))) for x in a.sizes.split(",")] if a.sizes else []
     if a.max_t:
         sizes.append((1, a.max_t))
-    for B, T in sizes:
-        for mode in a.modes.split(","):
-            if mode == "eager" and B * T >= 65536:
-                rows.append(dict(mode=mode, B=B, T=T, tok_s=None, peak_gib=None, note="not run (out of memory at 1x16384)"))
-                continue
-            big = T >= 65536
-            r = measure(model, mode, B, T, reps=1 if big else a.reps, warmup=1)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    print(table(rows))
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tables": {}}
+    for sinks in a.sinks.split(","):
+        handles = plant_sinks(model) if sinks == "planted" else []
+        rows = []
+        for B, T in sizes:
+            for mode in a.modes.split(","):
+                if mode == "eager" and B * T >= 65536:
+                    rows.append(dict(mode=mode, B=B, T=T, tok_s=None, peak_gib=None,
+                                     note="not run (out of memory at 1x16384)"))
+                    continue
+                big = T >= 65536
+                r = measure(model, mode, B, T, reps=1 if big else a.reps, warmup=1)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        out["tables"][sinks] = rows
+        print(f"\n## sinks: {sinks}\n" + table(rows), flush=True)
+        if a.scan and sinks == "planted":
+            B, T = sizes[0] if sizes else (4, 1024)
+            out["scan"] = scan_row(model, B, T, a.scan)
+            r = out["scan"]
+            print(f"\nend to end, {r['prompts']} prompts of {T} tokens, batch {B}: catchtag scan "
+                  f"{r['scan_tok_s'] / 1e3:.1f}k tok/s, bare SDPA forward {r['sdpa_tok_s'] / 1e3:.1f}k tok/s, ratio "
+                  f"{r['ratio']:.3f}, sinks/head {r['sinks_per_head']:.2f}, backends {r['backends']}", flush=True)
+        for h in handles:
+            h.remove()
     try:
         from catchtag.engine.kernels.colsum import _tuned
         print("colsum tile:", _tuned.best_config)
     except Exception as exc:  # noqa: BLE001
         print("colsum tile: unknown", exc)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -211,3 +211,129 @@ def test_triton_backend_matches_reference_on_tiny_models(arch):
         for name in ("full", "tag", "nontag"):
             assert np.abs(acts[name][b, h, 0].numpy() - r[name]).max() < TOL * scale, f"seed {seed}: {name}"
     assert n_sinks > 0, "no sinks at all: the comparison shows nothing"
+
+
+def _eager64(model, input_ids):
+    """float64 eager attention maps of one unpadded prompt: tuple over layers of (H,T,T)."""
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        got = ref(input_ids=torch.tensor([input_ids]), use_cache=False, output_attentions=True).attentions
+    return [a[0] for a in got]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])  # plain; GQA + window; sliding + global, 1 KV head
+def test_every_request_kind_through_the_triton_backend(tiny_models, arch):
+    """scan() with the triton backend (interpreted) against the torch path for every request kind: statistics and a
+    sweep, per-token activations in both spaces at every position, hidden states, full attention maps and sink
+    attention (both also against float64 eager attention), and steering."""
+    from catchtag import scan
+    from catchtag.data.prompts import Prompt
+
+    model, tok = tiny_models(arch)
+    rng = np.random.default_rng(_seed())
+    prompts = [Prompt(i, rng.integers(0, 256, size=int(n)).tolist()) for i, n in enumerate((30, 41, 22))]
+    for p in prompts:  # a repeated first token: sink values equal up to rounding (see docs/engine.md)
+        p.input_ids[1] = p.input_ids[0]
+    req = ActivationRequest(positions="all", space="both", attention_maps=[(0, 1), (1, 0)], hidden_states=[1, 2],
+                            sink_attention=True)
+    kw = dict(eps=0.08, min_rows=4, sweep_eps=(0.05, 0.3), request=req, batch_size=2, progress=False)
+    ref = scan(model, tok, prompts, backend="torch", **kw)
+    got = scan(model, tok, prompts, backend="triton", **kw)
+    assert got.settings["backends_used"] == ["triton"] and ref.settings["backends_used"] == ["torch"]
+    assert got.heads["sink_positions"].map(list).tolist() == ref.heads["sink_positions"].map(list).tolist()
+    assert int(got.heads["n_sinks"].sum()) > 0, "no sinks: the comparison shows nothing"
+    for col in ("ve", "r2", "ve_uncentred"):
+        assert np.abs(got.heads[col] - ref.heads[col]).max() < TOL * 10, col
+    assert (got.sweep["n_sinks"] == ref.sweep["n_sinks"]).all()
+    assert np.abs(got.sweep["ve"] - ref.sweep["ve"]).max() < TOL * 10
+    assert set(got.activations) == set(ref.activations) == {"full", "tag", "nontag", "head_full", "head_tag",
+                                                           "head_nontag"}
+    for name in got.activations:
+        scale = max(1.0, np.abs(ref.activations[name]).max())
+        assert np.abs(got.activations[name] - ref.activations[name]).max() < TOL * scale, name
+    assert np.array_equal(got.positions, ref.positions)
+    for i in (1, 2):
+        assert np.abs(got.hidden_states[i] - ref.hidden_states[i]).max() < TOL * 10
+    assert set(got.attention_maps) == set(ref.attention_maps) and len(got.attention_maps) == 6
+    assert set(got.sink_attention) == set(ref.sink_attention)
+    for p in prompts:
+        eager = _eager64(model, p.input_ids)
+        for key, m in got.attention_maps.items():
+            if key[0] == p.prompt_id:
+                _, layer, h = key
+                assert np.abs(m - ref.attention_maps[key]).max() < TOL
+                assert np.abs(m - eager[layer][h].numpy()).max() < TOL, f"map {key}"
+        rows = got.heads[got.heads["prompt_id"] == p.prompt_id]
+        for r in rows.itertuples():
+            a = got.sink_attention[(p.prompt_id, r.layer, r.head)]
+            assert a.shape == (len(p.input_ids), r.n_sinks)
+            assert np.abs(a - ref.sink_attention[(p.prompt_id, r.layer, r.head)]).max() < TOL
+            want = eager[r.layer][r.head][:, list(r.sink_positions)].numpy()
+            assert np.abs(a - want).max() < TOL, f"sink attention L{r.layer}H{r.head}"
+
+    # steering: the same vector added at the last position moves the logits the same way on both backends
+    ids, mask = padded_batch([30, 22], ["right", "left"], T=30, seed=3)
+    vec = torch.randn(model.config.hidden_size // model.config.num_attention_heads)
+    steer = ActivationRequest(layers=[], positions="last", steer={(1, 0): vec})
+    logits = {}
+    for backend in ("torch", "triton"):
+        with torch.no_grad(), capture(SinkSettings(eps=0.08, min_rows=4), steer, backend=backend):
+            logits[backend] = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    valid = mask.bool()
+    assert (logits["triton"] - logits["torch"])[valid].abs().max() < TOL
+    assert (logits["triton"] - plain)[valid].abs().max() > 1e-3, "the steering vector changed nothing"
+
+
+def test_a_capped_sink_pass_gives_the_exact_result_and_reruns_past_its_cap(tiny_models):
+    """The sink pass with a column cap (no host synchronisation) equals the counting pass; a head with more
+    candidates than the cap makes leaving capture() raise, and captured_forward reruns with a cap that holds them."""
+    from catchtag.engine.attention import SinkCapExceeded, captured_forward
+
+    model, _ = tiny_models("qwen2")
+    seed = _seed()
+    ids, mask = padded_batch([40, 28], ["right", "left"], T=40, seed=seed)
+    settings = SinkSettings(eps=0.06, min_rows=3, sweep_eps=(0.03, 0.2))
+    run = lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)  # noqa: E731
+    with torch.no_grad():
+        with capture(settings, backend="triton") as exact:  # no cap: candidates counted per layer
+            run()
+        most = max(int(((torch.nan_to_num(r.stats.col_scores, nan=-1)) > 0.03).sum(-1).max())
+                   for r in exact.layers.values())
+        assert most >= 2, f"seed {seed}: too few candidate sinks for the test"
+        with pytest.raises(SinkCapExceeded):
+            with capture(settings, backend="triton", sink_cap=most - 1):
+                run()
+        capped, _ = captured_forward(run, settings, backend="triton", sink_cap=1)
+        roomy, _ = captured_forward(run, settings, backend="triton", sink_cap=32)
+    assert capped.sink_cap >= most and roomy.sink_cap == 32
+    for got in (capped, roomy):
+        for layer, rec in exact.layers.items():
+            _compare_stats(rec.stats, got.layers[layer].stats, TOL, settings, seed)
+
+
+def test_backends_declare_what_they_serve(monkeypatch):
+    from catchtag.engine.backends import BACKEND_REGISTRY, BackendError, Needs, choose_backend
+
+    everything = frozenset({"statistics", "sweep", "activations", "steering", "sink_attention", "attention_maps"})
+    assert choose_backend("auto", Needs("cuda", everything, "padding+window")).name == "triton"
+    assert choose_backend("auto", Needs("cuda", everything | {"softcap"})).name == "torch"
+    assert choose_backend("auto", Needs("cuda", everything, "other")).name == "torch"
+    assert choose_backend("auto", Needs("cpu", everything)).name == "torch"  # never the interpreter by itself
+    assert choose_backend("auto", Needs("mps")).name == "torch"
+    with pytest.raises(BackendError, match="does not serve softcap.*backend='torch'"):
+        choose_backend("triton", Needs("cuda", everything | {"softcap"}))
+    with pytest.raises(BackendError, match="other masks"):
+        choose_backend("triton", Needs("cuda", mask="other"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="device cpu"):
+        choose_backend("triton", Needs("cpu"))
+    monkeypatch.setattr(backends, "_triton_available", lambda: False)
+    assert choose_backend("auto", Needs("cuda")).name == "torch"
+    assert "triton is not installed" in BACKEND_REGISTRY["triton"].unmet(Needs("cuda"))
+    with pytest.raises(BackendError, match="unknown engine backend"):
+        choose_backend("fast", Needs("cuda"))

@@ -19,7 +19,7 @@ from catchtag.data.prompts import Prompt, load_prompts, tokenize_prompts
 from catchtag.distributed import finish, init
 from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError
-from catchtag.models import load_model
+from catchtag.models import load_model, resolve_device
 from catchtag.scan import scan, versions
 
 
@@ -40,7 +40,7 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(_json(data), indent=1, ensure_ascii=False))
 
 
-def resolve_model(model, device: str = "cpu", dtype: str = "auto"):
+def resolve_model(model, device: str = "auto", dtype: str = "auto"):
     """A model name -> (name, model, tokenizer); a (model, tokenizer) pair passes through."""
     if isinstance(model, (tuple, list)):
         net, tok = model
@@ -72,7 +72,7 @@ def resolve_text(tokenizer, net, text: str | None = None, text_file: str | None 
 
 def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/scan", *,
              eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = 256, chunk: int | None = None,
-             limit: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "auto",
+             limit: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
              sweep_eps=(), truncate: bool = True, overwrite: bool = False, figures: bool = True,
              device_map: str | None = None) -> dict | None:
     """Load MODEL, scan DATA, write heads.parquet, summary.json and figures into OUT; return the summary.
@@ -82,6 +82,7 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     """
     SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps))  # bad thresholds fail before loading
     started = time.perf_counter()
+    device = resolve_device(device)
     dist = init(device)
     # No try/finally around this: after a failure the process group is left as it is (tearing it down waits for
     # the other ranks, which may be waiting for this one); the CLI then exits at once (cli.main).
@@ -111,7 +112,7 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
 
 def run_pca(model="smollm2-135m", out="runs/pca", *, text=None, text_file=None, data="builtin:prose", prompt=0,
             max_tokens=256, layer=None, head=None, deeper=None, eps=0.2, min_rows=16, tag_level=0.1,
-            device="cpu", dtype="auto") -> dict:
+            device="auto", dtype="auto") -> dict:
     from catchtag.analysis.pca import pca_picture
     from catchtag.report.analysis_figures import pca_figure
 
@@ -143,7 +144,7 @@ def run_compare(runs, out="runs/compare", *, ve_level=0.3) -> dict:
 
 
 def run_sweep(runs=None, out="runs/sweep", *, model=None, data="builtin:prose", max_tokens=256, limit=None,
-              eps=0.2, min_rows=16, batch_size=8, device="cpu", dtype="auto") -> dict:
+              eps=0.2, min_rows=16, batch_size=8, device="auto", dtype="auto") -> dict:
     """Plot the threshold sweep of existing runs, or first scan MODEL(s) on DATA with the 12 eps in one pass
     each (the scan folder goes to OUT/scan-<model> and resumes if interrupted)."""
     from catchtag.analysis.sweep import SWEEP_EPS, sweep_runs
@@ -191,7 +192,7 @@ def run_taxonomy(runs, out="runs/taxonomy", *, top=15) -> dict:
 
 
 def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_file=None, data="builtin:prose",
-                 prompt=0, max_tokens=256, n_positions=64, max_pairs=20000, eps=0.2, min_rows=16, device="cpu",
+                 prompt=0, max_tokens=256, n_positions=64, max_pairs=20000, eps=0.2, min_rows=16, device="auto",
                  dtype="auto") -> dict:
     from catchtag.analysis.geometry import tag_geometry
     from catchtag.report.analysis_figures import geometry_figure
@@ -211,7 +212,7 @@ def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_f
 
 
 def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None, data="builtin:prose", prompt=0,
-             max_tokens=256, eps=0.2, min_rows=16, layer=None, head=None, device="cpu", dtype="auto") -> dict:
+             max_tokens=256, eps=0.2, min_rows=16, layer=None, head=None, device="auto", dtype="auto") -> dict:
     """Write the interactive token viewer for one prompt (opens on --layer/--head if given)."""
     from catchtag.report.viewer import token_view
 
@@ -224,7 +225,7 @@ def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None
     return {"out": str(path), "n_tokens": len(p.input_ids), "bytes": Path(path).stat().st_size}
 
 
-def run_report(runs, out="report.html", *, per_token=True, text=None, prompt=0, device="cpu") -> dict:
+def run_report(runs, out="report.html", *, per_token=True, text=None, prompt=0, device="auto") -> dict:
     from catchtag.report.html import write_report
 
     path = write_report(runs, out, per_token=per_token, text=text, prompt=prompt, device=device)

@@ -47,6 +47,9 @@ def models() -> None:
     typer.echo("Also: a local Hugging Face folder, a local .gguf file, or a hub id already in the local cache.")
 
 
+_DEVICE = typer.Option("auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
+
+
 @app.command()
 def scan(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
@@ -58,7 +61,7 @@ def scan(
     chunk: Optional[int] = typer.Option(None, help="cut the whole data into prompts of this many tokens"),
     limit: Optional[int] = typer.Option(None, help="use only the first K prompts"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
     dtype: str = typer.Option("auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16"),
     sweep: Optional[str] = typer.Option(None, help="extra eps values computed in the same pass, e.g. 0.05,0.1,0.3"),
     no_truncate: bool = typer.Option(False, "--no-truncate", help="refuse prompts longer than the model's context"),
@@ -121,7 +124,7 @@ def pca(
     min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
     tag_level: float = typer.Option(0.1, help="a token is tagged by its strongest sink if it pays it this much"),
     out: Path = typer.Option(Path("runs/pca"), "--out", "-o", help="folder for pca_L*H*.png and .json"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
 ) -> None:
     """Figure-2 picture of one head: outputs coloured by top-3 PCs, attention with sinks, the residual stream deeper.
 
@@ -163,7 +166,7 @@ def sweep(
     limit: Optional[int] = typer.Option(None, help="use only the first K prompts when scanning"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="folder for sweep.png, sweep.csv (and scans)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
 ) -> None:
     """Threshold sweep, eps 0.03..0.4 (12 values, one forward pass): mean sinks per head vs mean VE per model."""
     from catchtag.api import run_sweep
@@ -201,7 +204,7 @@ def geometry(
     eps: float = typer.Option(0.2, help="sink threshold on the column score"),
     min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
     out: Path = typer.Option(Path("runs/geometry"), "--out", "-o", help="folder for geometry.png and CSVs"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
 ) -> None:
     """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
     from catchtag.api import run_geometry
@@ -224,7 +227,7 @@ def report(
                                    help="also load each run's model for the pca picture and tag geometry"),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="prompt for the per-token analyses"),
     prompt: int = typer.Option(0, "--prompt", help="else this prompt of each run's data"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
 ) -> None:
     """One self-contained HTML report (figures embedded, no network) with every analysis of RUNS."""
     from catchtag.api import run_report
@@ -243,7 +246,7 @@ def view(
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer to open on (with --head)"),
     head: Optional[int] = typer.Option(None, "--head", help="head to open on"),
     out: Path = typer.Option(Path("view.html"), "--out", "-o", help="the HTML file to write"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
 ) -> None:
     """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
     from catchtag.api import run_view
@@ -280,7 +283,7 @@ def probe(
     cv: int = typer.Option(5, help="cross-validation folds (train split only) for the regularisation"),
     top: int = typer.Option(5, help="how many heads to select"),
     seed: int = typer.Option(0, help="CV fold seed"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the heat map"),
 ) -> None:
@@ -319,7 +322,7 @@ def steer(
     seed: int = typer.Option(0, help="seed of the random directions"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default PROBES/steer)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = _DEVICE,
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
 ) -> None:

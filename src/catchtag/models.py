@@ -222,6 +222,24 @@ def _finish(model, tokenizer, device, dtype, device_map=None):
     return model, tokenizer
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> str:
+    """"auto" (or None) -> "cuda" when a CUDA GPU is visible, else "cpu"; any other name is checked to exist here."""
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(device)
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise CatchtagError(f"unknown device {name!r}. Fix: use --device auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CatchtagError(f"--device {name} was asked for but no CUDA GPU is visible. Fix: use --device cpu "
+                            f"(or auto)")
+    index = torch.device(name).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise CatchtagError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return name
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -234,10 +252,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | torch.dtype | None = "auto",
                seed: int = 0, device_map: str | dict | None = None):
     """Load a model and its tokenizer by name, with catchtag's attention function enabled.
 
+    ``device``: "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda" or "cuda:N".
     ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``tiny:<arch>`` (random, seeded),
     ``random:<shape>`` (random weights at a real model's shape, for benchmarks, byte tokenizer),
     a local Hugging Face folder, a local ``.gguf`` file, or a Hugging Face id already in the local cache.
@@ -250,9 +269,8 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
 
     if not name or not isinstance(name, str):
         raise CatchtagError("no model name given. Run `catchtag models` to see what is available")
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CatchtagError("--device cuda was asked for but no CUDA GPU is visible. Fix: use --device cpu")
 
     if name.startswith("tiny:"):
         torch.manual_seed(seed)

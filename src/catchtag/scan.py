@@ -21,7 +21,7 @@ import torch
 
 from catchtag.data.prompts import Prompt, model_context, tokenize_prompts
 from catchtag.distributed import Dist
-from catchtag.engine.attention import capture, request_positions
+from catchtag.engine.attention import DEFAULT_SINK_CAP, captured_forward, request_positions
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.errors import CatchtagError
 from catchtag.result import HEAD_COLUMNS, ScanResult
@@ -269,6 +269,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
 
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
+    sink_cap, backends_used = DEFAULT_SINK_CAP, set()
     decoded: dict[int, str] = {}
     attention_maps: dict = {}
     sink_attention: dict = {}
@@ -285,11 +286,15 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         ids, mask = _batch_tensors(batch, tokenizer, device)
         want_hidden = bool(request is not None and request.hidden_states)
         try:
-            with torch.no_grad(), capture(settings, request, backend) as cap:
-                output = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_hidden)
+            with torch.no_grad():
+                cap, output = captured_forward(
+                    lambda: model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                  output_hidden_states=want_hidden), settings, request, backend, sink_cap)
         except torch.OutOfMemoryError:
             raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} tokens. "
                                 f"Fix: a smaller --batch-size (or --max-tokens)") from None
+        sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
+        backends_used |= cap.backends_used
         if len(cap.layers) != n_layers:
             raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
                                 f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
@@ -346,7 +351,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         "model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
         "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "batch_size": batch_size,
         "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend,
-        "world_size": dist.world})
+        "backends_used": sorted(backends_used), "world_size": dist.world})
     _attach_activations(result, act_parts, request)
     result.attention_maps = attention_maps  # kept for this call's prompts only (they are not saved in runs)
     result.sink_attention = sink_attention  # likewise

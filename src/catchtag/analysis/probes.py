@@ -313,7 +313,7 @@ def load_probe_inputs(net, tokenizer, settings: dict, folder: Path, batch_size: 
 def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path = "runs/probe", *, shots: int = 2,
               template: str | None = None, eps: float = 0.2, min_rows: int = 16, limit: int | None = None,
               batch_size: int = 8, cv: int = 5, seed: int = 0, top: int = 5, min_tag: float = 0.7,
-              max_nontag: float = 0.65, device: str = "cpu", dtype: str = "auto", figures: bool = True) -> dict:
+              max_nontag: float = 0.65, device: str = "auto", dtype: str = "auto", figures: bool = True) -> dict:
     """What ``catchtag probe`` does: few-shot prompts for TASK, one engine pass per prompt (resumable in
     OUT/scan), the model's own few-shot accuracy, 3 probes per (layer, head), selected heads, a table
     (probes.parquet, heads.csv), a heat map and summary.json in OUT. Returns the summary."""

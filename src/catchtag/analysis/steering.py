@@ -154,7 +154,7 @@ def steering_curve(model, tokenizer, prompts, labels, answer_ids, layer: int, he
 
 def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = None, top: int = 1,
               scales=DEFAULT_SCALES, n_random: int = 2, n_prompts: int | None = 64, seed: int = 0, batch_size: int = 8,
-              out: str | Path | None = None, device: str = "cpu", dtype: str = "auto",
+              out: str | Path | None = None, device: str = "auto", dtype: str = "auto",
               figures: bool = True) -> dict:
     """What ``catchtag steer`` does: read a finished probe run (``catchtag probe --out PROBES``), take its
     selected heads (or ``heads``), steer test prompts (the first ``n_prompts``, balanced; None: all) along each head's mean tag difference, and write

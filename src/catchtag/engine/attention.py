@@ -28,7 +28,7 @@ WORKING_ARCHITECTURES = "llama, mistral, qwen2, qwen3, gemma2/3, phi3, olmo2, gp
 
 @dataclass
 class LayerRecord:
-    """What one layer hands back for one forward pass (tensors on the CPU)."""
+    """What one layer hands back for one forward pass (on the model's device during it, on the CPU after)."""
 
     stats: HeadStats
     heads: list[int] = field(default_factory=list)  # heads of the per-token activations below
@@ -37,14 +37,32 @@ class LayerRecord:
     attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # head -> (B,T,T)
 
 
-class Capture:
-    """Collects LayerRecords during one forward pass of a model (see ``capture``)."""
+class SinkCapExceeded(Exception):
+    """A head had more candidate sinks than the pass's column cap: run the forward again with ``needed``."""
 
-    def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto"):
+    def __init__(self, needed: int):
+        super().__init__(f"a head has {needed} candidate sinks, more than the sink pass's cap")
+        self.needed = needed
+
+
+class Capture:
+    """Collects LayerRecords during one forward pass of a model (see ``capture``).
+
+    While the pass runs, records stay on the model's device and nothing waits for the GPU: the sink pass takes
+    ``sink_cap`` columns per head (None: it counts them, one host synchronisation per layer), the triton
+    backend's K x K moments wait in ``pending``, and ``finish`` completes them for all layers at once, checks the
+    cap and moves every record to the CPU in one go."""
+
+    def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
+                 sink_cap: int | None = None):
         self.settings = settings
         self.request = request
         self.backend = backend
+        self.sink_cap = sink_cap
         self.layers: dict[int, LayerRecord] = {}
+        self.pending: list = []  # (HeadStats, SinkMoments) of the triton backend, finished in finish()
+        self.mask_structures: dict = {}  # mask tensor -> backends.mask_structure, read once per pass
+        self.backends_used: set[str] = set()
         self._order: dict[int, int] = {}
 
     def layer_index(self, module) -> int:
@@ -53,19 +71,64 @@ class Capture:
             idx = self._order.setdefault(id(module), len(self._order))
         return int(idx)
 
+    def finish(self) -> None:
+        """Finish the deferred statistics, check the sink cap (SinkCapExceeded) and move the records to the CPU."""
+        from catchtag.engine.kernels.sinkpass import finish_moments
+
+        if self.pending:
+            counts = [m.n_candidates for _, m in self.pending if m.n_candidates is not None]
+            if counts and self.sink_cap is not None:
+                needed = int(torch.stack(counts).max())
+                if needed > self.sink_cap:
+                    raise SinkCapExceeded(needed)
+            finish_moments(self.pending, self.settings)
+            self.pending = []
+        self.mask_structures = {}
+        on_gpu = any(r.stats.col_scores.is_cuda for r in self.layers.values())
+        for layer, rec in self.layers.items():
+            self.layers[layer] = _record_to_cpu(rec)
+        if on_gpu:
+            torch.cuda.synchronize()  # the copies were queued without waiting
+
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catchtag_capture", default=None)
 
 
 @contextmanager
-def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto"):
-    """Within this block, forward passes of an enabled model record statistics into the yielded Capture."""
-    cap = Capture(settings, request, backend)
+def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
+            sink_cap: int | None = None):
+    """Within this block, forward passes of an enabled model record statistics into the yielded Capture.
+
+    sink_cap: see Capture; with a cap, leaving the block raises SinkCapExceeded when a head had more candidate
+    sinks than the cap (``captured_forward`` runs the pass again with a larger one)."""
+    cap = Capture(settings, request, backend, sink_cap)
     token = _ACTIVE.set(cap)
     try:
         yield cap
     finally:
         _ACTIVE.reset(token)
+    cap.finish()
+
+
+DEFAULT_SINK_CAP = 16  # columns per head the sink pass takes without counting (the kernel pads to 16 anyway)
+
+
+def captured_forward(forward, settings: SinkSettings, request: ActivationRequest | None = None,
+                     backend: str = "auto", sink_cap: int | None = DEFAULT_SINK_CAP):
+    """(Capture, forward()'s result) of one forward pass inside ``capture``, with no host synchronisation per layer:
+    if a head had more candidate sinks than ``sink_cap``, the pass runs again with a cap that holds them (beyond
+    the kernel's limit, with the counting pass). The Capture's sink_cap is the one to start from next time."""
+    from catchtag.engine.kernels.sinkpass import MAX_SINKS
+
+    while True:
+        try:
+            with capture(settings, request, backend, sink_cap) as cap:
+                result = forward()
+            return cap, result
+        except SinkCapExceeded as exc:
+            sink_cap = 1 << (exc.needed - 1).bit_length()
+            if sink_cap > MAX_SINKS:
+                sink_cap = None
 
 
 def request_positions(request: ActivationRequest, token_valid: torch.Tensor) -> torch.Tensor:
@@ -112,12 +175,14 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
     from catchtag.engine.backends import layer_statistics  # picks the fastest path for this device
 
+    wants_sink_attention = request is not None and request.sink_attention
     out, tag, stats, maps = layer_statistics(query, key, value, attention_mask, scaling, softcap, settings,
-                                             keep_maps=keep_maps, backend=cap.backend if cap else "torch")
+                                             keep_maps=keep_maps, backend=cap.backend if cap else "torch",
+                                             sink_attention=wants_sink_attention, capture=cap)
     if cap is not None:
-        if request is None or not request.sink_attention:
+        if not wants_sink_attention:
             stats.sink_attn = None  # O(T*K) per head, kept only when asked for
-        record = LayerRecord(stats=_to_cpu(stats), attention_maps={h: m.cpu() for h, m in maps.items()})
+        record = LayerRecord(stats=stats, attention_maps=maps)  # on the device until Capture.finish
         uses_positions = request is not None and (request.wants_layer(layer)
                                                   or any(lay == layer for lay, _ in request.steer or {}))
         pos = request_positions(request, stats.token_valid) if uses_positions else None
@@ -134,8 +199,8 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
                 full_r = torch.einsum("bhpd,hdk->bhpk", full, w)
                 tag_r = torch.einsum("bhpd,hdk->bhpk", tag_t, w)
                 acts.update(full=full_r, tag=tag_r, nontag=full_r - tag_r)
-            record.heads, record.positions = heads, pos.cpu()
-            record.activations = {k: v.cpu() for k, v in acts.items()}
+            record.heads, record.positions = heads, pos
+            record.activations = acts
         if request is not None and request.steer:
             for (lay, h), vec in request.steer.items():
                 if lay == layer:
@@ -146,8 +211,18 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _to_cpu(stats: HeadStats) -> HeadStats:
-    return HeadStats(**{k: (v.cpu() if v is not None else None) for k, v in vars(stats).items()})
+def _to_host(x):
+    """Queue a copy to the CPU without waiting (pinned memory for CUDA tensors); Capture.finish waits once."""
+    if x is None or not x.is_cuda:
+        return x
+    return x.to("cpu", non_blocking=True)
+
+
+def _record_to_cpu(rec: LayerRecord) -> LayerRecord:
+    return LayerRecord(stats=HeadStats(**{k: _to_host(v) for k, v in vars(rec.stats).items()}), heads=rec.heads,
+                       positions=_to_host(rec.positions),
+                       activations={k: _to_host(v) for k, v in rec.activations.items()},
+                       attention_maps={h: _to_host(m) for h, m in rec.attention_maps.items()})
 
 
 def catchtag_mask(*args, **kwargs):

@@ -61,7 +61,7 @@ def _run_settings(name: str, folder, result) -> dict:
 
 
 def write_report(runs, out="report.html", *, per_token: bool = True, text: str | None = None, prompt: int = 0,
-                 device: str = "cpu", models: dict | None = None, title: str = "catchtag report") -> Path:
+                 device: str = "auto", models: dict | None = None, title: str = "catchtag report") -> Path:
     """Write one HTML file with every analysis of ``runs`` (folders from ``catchtag scan``, or ScanResults).
 
     per_token: also run the pca picture and tag geometry on one prompt per run (loads each run's model; pass
@@ -159,7 +159,7 @@ def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> 
     from catchtag.report import analysis_figures as af
 
     pca_parts = ["<h2 id='pca'>Release pictures (one prompt, one head)</h2>"]
-    geoms = {}
+    geoms, geo_notes = {}, []
     for i, (n, r) in enumerate(results.items()):
         s = r.settings
         loaded = models.get(n)
@@ -171,7 +171,11 @@ def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> 
         data = s.get("data") or "builtin:prose"
         p = resolve_text(tok, net, text, None, data, prompt, s.get("max_tokens") or 256)
         eps, min_rows = float(s.get("eps") or 0.2), int(s.get("min_rows") or 16)
-        pic = pca_picture(net, tok, p, eps=eps, min_rows=min_rows, name=n)
+        try:
+            pic = pca_picture(net, tok, p, eps=eps, min_rows=min_rows, name=n)
+        except CatchtagError as err:  # this prompt has nothing to picture: say so in the page, keep the rest
+            pca_parts.append(f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(str(err))}</p>")
+            continue
         fig = af.pca_figure(pic, tmp / f"pca_{i}.png")
         summ = pic.summary()
         pca_parts += [f"<h3>{html.escape(n)}: head L{pic.layer}.H{pic.head}</h3>",
@@ -185,9 +189,14 @@ def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> 
                                    "residual stream coloured like (a). Head chosen as the highest VE among heads with "
                                    "a sink beyond the first token."),
                       "<pre class='note'>" + html.escape(json.dumps(summ, indent=1, ensure_ascii=False)) + "</pre>"]
-        geoms[n] = tag_geometry(net, tok, p, eps=eps, min_rows=min_rows, name=n)
+        try:
+            geoms[n] = tag_geometry(net, tok, p, eps=eps, min_rows=min_rows, name=n)
+        except CatchtagError as err:
+            geo_notes.append(f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(str(err))}</p>")
+    if not geoms:
+        return pca_parts + ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes]
     fig = af.geometry_figure(geoms, tmp / "geometry.png")
-    geo_parts = ["<h2 id='geometry'>Tag geometry</h2>",
+    geo_parts = ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes,
                  _figure(fig, "Left: cosine similarity between distinct residual-stream tags (W_O of each head applied "
                               "to its tag) at sampled tokens: pairs from different layers, from different heads of one "
                               "layer, and from one head at tokens tagged by different sinks; dotted: two random "

@@ -1,6 +1,6 @@
 """Pass 2 of the fast path: attention to the few sink columns, the tag, and the variance explained.
 
-Once the sinks are known (at most K columns per head), every quantity of spec sections 2-3 follows from
+Once the sinks are known (at most K columns per head), the tag and the variance explained follow from
 a handful of K x K centred moments over rows, so nothing of size T x T, and no float32 copy of q, k or v,
 is ever made: one Triton pass over blocks of rows recomputes a_is = exp(q_i . k_s * scale - lse_i) in
 float32 for the K sink keys only (O(T K D) work), writes the tag, and sums per block (then in float64)
@@ -17,13 +17,13 @@ With G = v_s v_s^T and a sink subset S (one per threshold):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from catchtag.engine.stats import HeadStats, span_rtol
-
-
 
 MAX_SINKS = 64  # more candidate sinks per head than this (eps near 0) go to the torch path
 
@@ -37,28 +37,56 @@ def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return got.reshape(B, H, K, D).float()
 
 
-def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, settings, window=None):
-    """Tag at the main eps (B,H,T,Dv, in out's dtype) and HeadStats, from sinks picked on col_scores.
+@dataclass
+class SinkMoments:
+    """What the K x K algebra of one layer needs (float64, on the layer's device), kept so that Capture.finish
+    can run it for every layer of a forward pass in one batch (finish_moments). n_candidates (0-d): the most
+    columns of any head above the lowest threshold, checked there against the cap the pass ran with."""
+
+    c_oo: torch.Tensor
+    c_yy: torch.Tensor
+    c_aa: torch.Tensor
+    c_ay: torch.Tensor
+    raw_oo: torch.Tensor
+    raw_yy: torch.Tensor
+    gram: torch.Tensor
+    top_scores: torch.Tensor
+    rtol: float
+    n_candidates: torch.Tensor | None = None
+
+
+def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, settings, window=None, k_cap=None,
+              sink_attention=True, defer=False):
+    """(tag at the main eps (B,H,T,Dv, in out's dtype), HeadStats, pending SinkMoments or None), from sinks picked
+    on col_scores; None when a head has more than MAX_SINKS candidates (the caller falls back to the torch path).
 
     q (B,H,T,D), k/v (B,KV,T,D), out (B,H,T,Dv) the attention output (zero on padding rows), lse (B,H,T),
     token_valid (B,T) bool, col_scores (B,H,T) with nan where a column cannot be a sink, row_counts (B,T);
-    window as in colsum.column_sums.
+    window as in colsum.column_sums. k_cap: take exactly this many top columns per head (those at or below every
+    threshold are padding with sink_ok False), so nothing waits for the GPU; the caller must check the returned
+    moments' n_candidates against it (Capture.finish does). None: count the candidates first (one host sync).
+    defer: return the moments for finish_moments instead of finishing VE and R^2 here.
     """
     B, H, T, D = q.shape
     dev = q.device
     all_eps = settings.all_eps
     E = len(all_eps)
-    main_e = all_eps.index(float(settings.eps))
     scores0 = torch.nan_to_num(col_scores, nan=-1.0)
-    K = int((scores0 > all_eps[0]).sum(dim=-1).max()) if T else 0
+    n_candidates = None
+    if k_cap is None:
+        K = int((scores0 > all_eps[0]).sum(dim=-1).max()) if T else 0
+    else:
+        K = min(int(k_cap), T)
+        n_candidates = (scores0 > all_eps[0]).sum(dim=-1).amax()
     if K == 0:
         zeros = torch.zeros(B, H, device=dev)
         empty = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
         stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=empty,
                           sink_ok=empty.bool(), ve=zeros, r2=zeros.clone(), ve_uncentred=zeros.clone(),
                           sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev),
-                          sweep_ve=torch.zeros(B, H, E, device=dev), sweep_r2=torch.zeros(B, H, E, device=dev))
-        return torch.zeros_like(out), stats
+                          sweep_ve=torch.zeros(B, H, E, device=dev), sweep_r2=torch.zeros(B, H, E, device=dev),
+                          sink_attn=torch.zeros(B, H, T, 0, device=dev) if sink_attention else None)
+        return torch.zeros_like(out), stats, None
 
     if K > MAX_SINKS:
         return None  # the caller falls back to the torch path
@@ -71,46 +99,78 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     v_main = v_s * main_ok[..., None]
     win = int(window) if window is not None else T + 1
 
-    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag = sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid,
-                                                                 scaling, win)
-    # the rest is O(B H K^2) per threshold: on the CPU in float64 (small pseudo-inverses are slow on a GPU)
-    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s_c, top_c = (
-        x.cpu().double() for x in (c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s, top_scores))
-    gram = torch.matmul(v_s_c, v_s_c.transpose(-1, -2))
-    total = c_oo  # |centred o|^2
-    diag_ay = c_ay.diagonal(dim1=-2, dim2=-1)  # sum_i (a_ik - mean a_k)(o_i - mean o) . v_k
-    safe = total.clamp_min(1e-30)
-
-    n_sinks = torch.zeros(B, H, E, dtype=torch.long)
-    ve = torch.zeros(B, H, E)
-    r2 = torch.zeros(B, H, E)
-    for e_i, e in enumerate(all_eps):
-        ok = top_c > e
-        okf = ok.double()
-        sel = okf[..., :, None] * okf[..., None, :]
-        g = gram * sel
-        g_inv = torch.linalg.pinv(g, hermitian=True, rtol=span_rtol(v.dtype) ** 2)  # G's eigenvalues are s^2
-        proj = (g_inv * (c_yy * sel)).sum(dim=(-1, -2))
-        # |centred(o - tag)|^2 = |o_c|^2 - 2 o_c . tag_c + |tag_c|^2, tag_c = sum_k ok_k (a_ik - mean a_k) v_k
-        resid = total - 2 * (diag_ay * okf).sum(dim=-1) + (c_aa * g).sum(dim=(-1, -2))
-        has = ok.any(dim=-1) & (total > 0)
-        zero = torch.zeros_like(proj)
-        n_sinks[..., e_i] = ok.sum(dim=-1)
-        ve[..., e_i] = torch.where(has, proj / safe, zero).float()
-        r2[..., e_i] = torch.where(has, 1 - resid / safe, zero).float()
-        if e_i == main_e:  # the projection form without centring (the shared mean direction counts)
-            proj_raw = (g_inv * (raw_yy * sel)).sum(dim=(-1, -2))
-            ve_raw = torch.where(has, proj_raw / raw_oo.clamp_min(1e-30), zero).float()
-    n_sinks, ve, r2 = n_sinks.to(dev), ve.to(dev), r2.to(dev)
+    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, a_rows = sink_moments(q, k_s, v_s, v_main, idx, out, lse,
+                                                                       token_valid, scaling, win)
+    v64 = v_s.double()
+    moments = SinkMoments(c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, torch.matmul(v64, v64.transpose(-1, -2)),
+                          top_scores.double(), span_rtol(v.dtype), n_candidates)
+    nothing = torch.zeros(B, H, device=dev)
     stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
-                      sink_ok=main_ok, ve=ve[..., main_e].clone(), r2=r2[..., main_e].clone(),
-                      ve_uncentred=ve_raw.to(dev), sweep_n_sinks=n_sinks, sweep_ve=ve, sweep_r2=r2)
-    return tag, stats
+                      sink_ok=main_ok, ve=nothing, r2=nothing, ve_uncentred=nothing,
+                      sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev), sweep_ve=nothing,
+                      sweep_r2=nothing,
+                      sink_attn=a_rows * main_ok[:, :, None, :] if sink_attention else None)
+    if defer:
+        return tag, stats, moments
+    finish_moments([(stats, moments)], settings)
+    return tag, stats, None
+
+
+def finish_moments(items, settings, budget: int = 1 << 24) -> None:
+    """Fill VE, R^2, uncentred VE and the sweep columns of each (HeadStats, SinkMoments), on their device.
+
+    Layers of one shape are stacked and every threshold of every layer goes through one batched pseudo-inverse
+    (float64; at most ``budget`` matrix elements at a time): with G = v_s v_s^T and the sink subset S of a threshold,
+      VE  = tr(pinv(G_S) (Y_c^T Y_c)_S) / |o_c|^2
+      R^2 = 1 - (|o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>) / |o_c|^2
+      VE uncentred = tr(pinv(G_S) (Y^T Y)_S) / |o|^2 at the main threshold."""
+    if not items:
+        return
+    all_eps = settings.all_eps
+    main_e = all_eps.index(float(settings.eps))
+    groups: dict = {}
+    for st, m in items:
+        groups.setdefault((tuple(m.c_yy.shape), m.rtol, m.c_yy.device), []).append((st, m))
+    for (shape, rtol, dev), group in groups.items():
+        per_item = len(all_eps) * shape[0] * shape[1] * shape[2] * shape[3]
+        step = max(1, budget // max(1, per_item))
+        for g0 in range(0, len(group), step):
+            part = group[g0:g0 + step]
+            got = _finish_stacked([m for _, m in part], torch.tensor(all_eps, dtype=torch.float64, device=dev),
+                                  main_e, rtol)
+            for i, (st, _) in enumerate(part):
+                n_sinks, ve, r2, ve_raw = (x[i] for x in got)
+                st.sweep_n_sinks, st.sweep_ve, st.sweep_r2 = n_sinks, ve, r2
+                st.ve, st.r2, st.ve_uncentred = ve[..., main_e].clone(), r2[..., main_e].clone(), ve_raw
+
+
+def _finish_stacked(ms, eps, main_e, rtol):
+    """(n_sinks, ve, r2) (N,B,H,E) and ve_uncentred (N,B,H) for N layers' moments of one shape."""
+    stack = lambda name: torch.stack([getattr(m, name) for m in ms])  # noqa: E731
+    c_oo, c_yy, c_aa, c_ay = stack("c_oo"), stack("c_yy"), stack("c_aa"), stack("c_ay")
+    raw_oo, raw_yy, gram, top = stack("raw_oo"), stack("raw_yy"), stack("gram"), stack("top_scores")
+    ok = top[..., None, :] > eps[:, None]  # (N,B,H,E,K)
+    okf = ok.double()
+    sel = okf[..., :, None] * okf[..., None, :]  # (N,B,H,E,K,K)
+    g = gram[..., None, :, :] * sel
+    g_inv = torch.linalg.pinv(g, hermitian=True, rtol=rtol ** 2)  # G's eigenvalues are s^2
+    total = c_oo[..., None]  # (N,B,H,1) |centred o|^2
+    safe = total.clamp_min(1e-30)
+    proj = (g_inv * (c_yy[..., None, :, :] * sel)).sum(dim=(-1, -2))
+    diag_ay = c_ay.diagonal(dim1=-2, dim2=-1)[..., None, :]  # sum_i (a_ik - mean a_k)(o_i - mean o) . v_k
+    resid = total - 2 * (diag_ay * okf).sum(dim=-1) + (c_aa[..., None, :, :] * g).sum(dim=(-1, -2))
+    has = ok.any(dim=-1) & (total > 0)
+    zero = torch.zeros_like(proj)
+    ve = torch.where(has, proj / safe, zero).float()
+    r2 = torch.where(has, 1 - resid / safe, zero).float()
+    proj_raw = (g_inv[..., main_e, :, :] * (raw_yy * sel[..., main_e, :, :])).sum(dim=(-1, -2))
+    ve_raw = torch.where(has[..., main_e], proj_raw / raw_oo.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
+    return ok.sum(dim=-1), ve, r2, ve_raw
 
 
 def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, window):
     """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64), the
-    uncentred |o|^2 and Y^T Y (for ve_uncentred), and the tag. One Triton program per block of rows writes y and a per row (their products are summed here in
+    uncentred |o|^2 and Y^T Y (for ve_uncentred), the tag, and each row's attention to each sink (B,H,T,K). One Triton program per block of rows writes y and a per row (their products are summed here in
     float64) and |o_c|^2 per block (merged here exactly), plus the tag at the main eps
     (B,H,T,Dv) in out's dtype. k_s, v_s, v_main (B,H,K,*) float32.
     For bf16/fp16 inputs on the GPU, q.k_s, o.v_s and a.v_s run on the tensor cores with float32 sums."""
@@ -161,7 +221,7 @@ def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, windo
     n2 = n[..., None, None]
     raw_yy = c_yy + n2 * mean_y[..., :, None] * mean_y[..., None, :]  # uncentred Y^T Y
     raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
-    return c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag
+    return c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, ya[:, :, :T, 1, :K]
 
 
 @triton.jit
