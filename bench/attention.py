@@ -254,17 +254,21 @@ def check():
 
 
 def profile(sizes):
-    """CUDA kernel times of one pass of a 4-layer model of the same shape, SDPA against catchtag."""
+    """CUDA kernel and host times of one pass of a 4-layer model of the same shape with planted sinks, SDPA against
+    catchtag: the kernels by GPU time, then the operators by host time."""
     model = build_model(layers=4)
+    plant_sinks(model)
     from torch.profiler import ProfilerActivity, profile as prof
 
     for B, T in sizes:
         for mode in ("sdpa", "catchtag"):
             measure(model, mode, B, T, reps=1)
             with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
-                measure(model, mode, B, T, reps=1, warmup=0)
-            print(f"== {mode}, 4 layers, {B}x{T}")
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                r = measure(model, mode, B, T, reps=1, warmup=0)
+            print(f"== {mode}, 4 layers, {B}x{T}: {r['seconds'] * 1e3:.1f} ms")
+            ka = p.key_averages()
+            print(ka.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+            print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
 
 
 def colsum_alone(T, block=None, profile_sink=False):

@@ -19,6 +19,7 @@ from catchtag.analysis.geometry import tag_geometry
 from catchtag.analysis.pca import choose_head, pca_picture, to_rgb, top_components
 from catchtag.analysis.sweep import SWEEP_EPS, sweep_table
 from catchtag.analysis.taxonomy import kind_shares, sink_rows, sink_taxonomy, token_kind
+from catchtag.scan import _decoder
 from catchtag.cli import app
 
 from conftest import EPS, MIN_ROWS, TEXTS  # noqa: E402
@@ -103,7 +104,7 @@ def test_compare_matches_tables(runs):
 def test_sweep_one_pass_and_consistent(llama, tmp_path):
     net, tok = llama
     calls = []
-    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    hook = _decoder(net).register_forward_hook(lambda *a: calls.append(1))  # what scan() calls
     try:
         r = scan(net, tok, TEXTS, eps=0.2, min_rows=MIN_ROWS, sweep_eps=SWEEP_EPS, batch_size=8, progress=False)
     finally:

@@ -184,7 +184,9 @@ def test_out_of_memory_names_the_fix(tiny_models, monkeypatch):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(model, "forward", boom)
+    from catchtag.scan import _decoder
+
+    monkeypatch.setattr(_decoder(model), "forward", boom)  # what scan() calls: the model without its LM head
     with pytest.raises(CatchtagError, match="smaller --batch-size"):
         catchtag.scan(model, tok, TEXTS, progress=False)
 

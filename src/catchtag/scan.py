@@ -280,31 +280,13 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         mine = len(dist.shard(prompts))
         bar = tqdm(total=mine, initial=mine - len(todo), unit="prompt", dynamic_ncols=True, position=dist.rank,
                    desc="scan" if dist.world == 1 else f"scan rank {dist.rank}/{dist.world}")
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        t0 = time.perf_counter()
-        ids, mask = _batch_tensors(batch, tokenizer, device)
-        want_hidden = bool(request is not None and request.hidden_states)
-        try:
-            with torch.no_grad():
-                cap, output = captured_forward(
-                    lambda: model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                  output_hidden_states=want_hidden), settings, request, backend, sink_cap)
-        except torch.OutOfMemoryError:
-            raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} tokens. "
-                                f"Fix: a smaller --batch-size (or --max-tokens)") from None
-        sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
-        backends_used |= cap.backends_used
-        if len(cap.layers) != n_layers:
-            raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
-                                f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
+    def collect(cap, batch, acts, positions, act_layers, hidden, seconds):
+        """One finished batch's host work: token strings, rows, tables, the part files. The next batch's forward
+        pass runs on the GPU meanwhile (captured_forward's ``meanwhile``)."""
         strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in batch}  # this rank's only
         heads_rows, sweep_rows = _records_to_rows(cap, batch, strings, settings)
-        acts, positions, act_layers, hidden = _batch_activations(
-            cap, request, output.hidden_states if want_hidden else None, batch)
         heads_df = pd.DataFrame(heads_rows, columns=HEAD_COLUMNS)
         sweep_df = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS) if settings.sweep_eps else None
-        seconds = time.perf_counter() - t0
         prompts_df = pd.DataFrame({"prompt_id": [p.prompt_id for p in batch],
                                    "n_tokens": [len(p.input_ids) for p in batch],
                                    "tokens": [strings[p.prompt_id] for p in batch],
@@ -327,12 +309,48 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
                 act_parts.append(act_arrays)
         attention_maps.update({(p.prompt_id, layer, h): _trim(cap.layers[layer].attention_maps[h][b],
                                                          cap.layers[layer].stats.token_valid[b])
-                          for layer in cap.layers for h in cap.layers[layer].attention_maps
+                               for layer in cap.layers for h in cap.layers[layer].attention_maps
                                for b, p in enumerate(batch)})
         if request is not None and request.sink_attention:
             sink_attention.update(_sink_attention(cap, batch))
         if bar is not None:
             bar.update(len(batch))
+
+    pending: list = []  # the finished batch whose host work waits for the next forward pass
+
+    def flush():
+        while pending:
+            collect(*pending.pop())
+
+    decoder = _decoder(model)  # the scan needs no logits: skip the LM head
+    want_hidden = bool(request is not None and request.hidden_states)
+    mark = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        ids, mask = _batch_tensors(batch, tokenizer, device)
+        try:
+            with torch.no_grad():
+                cap, output = captured_forward(
+                    lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    output_hidden_states=want_hidden), settings, request, backend, sink_cap,
+                    meanwhile=flush)
+        except torch.OutOfMemoryError:
+            flush()  # the batch before this one is complete: keep it
+            raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} tokens. "
+                                f"Fix: a smaller --batch-size (or --max-tokens)") from None
+        flush()  # already done while the pass ran, unless it failed first
+        sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
+        backends_used |= cap.backends_used
+        if len(cap.layers) != n_layers:
+            raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
+                                f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
+        acts, positions, act_layers, hidden = _batch_activations(
+            cap, request, output.hidden_states if want_hidden else None, batch)
+        del output
+        now = time.perf_counter()
+        pending.append((cap, batch, acts, positions, act_layers, hidden, now - mark))
+        mark = now
+    flush()
     if bar is not None:
         bar.close()
 
@@ -362,6 +380,13 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     else:
         result.settings["seconds"] = float(prompt_table["seconds"].sum())
     return result
+
+
+def _decoder(model):
+    """The model without its LM head where it has one (model.model, model.transformer, ...): same layers, same
+    hidden states, no logits to compute."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not model else model
 
 
 def _sink_attention(cap, batch) -> dict:

@@ -114,16 +114,21 @@ DEFAULT_SINK_CAP = 16  # columns per head the sink pass takes without counting (
 
 
 def captured_forward(forward, settings: SinkSettings, request: ActivationRequest | None = None,
-                     backend: str = "auto", sink_cap: int | None = DEFAULT_SINK_CAP):
+                     backend: str = "auto", sink_cap: int | None = DEFAULT_SINK_CAP, meanwhile=None):
     """(Capture, forward()'s result) of one forward pass inside ``capture``, with no host synchronisation per layer:
     if a head had more candidate sinks than ``sink_cap``, the pass runs again with a cap that holds them (beyond
-    the kernel's limit, with the counting pass). The Capture's sink_cap is the one to start from next time."""
+    the kernel's limit, with the counting pass). The Capture's sink_cap is the one to start from next time.
+    meanwhile: called once, after forward() has queued its GPU work and before the statistics are collected, so
+    host work (the previous batch's tables) overlaps the pass."""
     from catchtag.engine.kernels.sinkpass import MAX_SINKS
 
     while True:
         try:
             with capture(settings, request, backend, sink_cap) as cap:
                 result = forward()
+                if meanwhile is not None:
+                    meanwhile, work = None, meanwhile
+                    work()
             return cap, result
         except SinkCapExceeded as exc:
             sink_cap = 1 << (exc.needed - 1).bit_length()

@@ -7,8 +7,9 @@ float32 for the K sink keys only (O(T K D) work), writes the tag, and sums per b
 
   |o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c  with Y = o . v_s (T,K), A = a (T,K), _c = minus the mean over rows
 
-(|o_c|^2 centred per block of rows and merged exactly; the K x K products summed in float64 from per-row
-float32 y and a, so nearly constant outputs do not cancel and pinv(G) does not magnify rounding).
+(|o_c|^2 centred per block of rows and merged exactly; the K x K products of per-row float32 y and a summed
+exactly in float64 and centred there, so nearly constant outputs do not cancel and the projection onto
+nearly dependent sink values does not magnify rounding).
 With G = v_s v_s^T and a sink subset S (one per threshold):
   VE  = tr(pinv(G_S) (Y_c^T Y_c)_S) / |o_c|^2
   R^2 = 1 - |o_c - tag_c|^2 / |o_c|^2, |o_c - tag_c|^2 = |o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>
@@ -39,9 +40,10 @@ def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SinkMoments:
-    """What the K x K algebra of one layer needs (float64, on the layer's device), kept so that Capture.finish
-    can run it for every layer of a forward pass in one batch (finish_moments). n_candidates (0-d): the most
-    columns of any head above the lowest threshold, checked there against the cap the pass ran with."""
+    """What the K x K algebra of one layer needs (on the layer's device), kept so that Capture.finish can run it
+    for every layer of a forward pass in one batch (finish_moments): the float64 moments of the module docstring,
+    the sink values v_s (B,H,K,Dv) and the candidates' column scores (B,H,K). n_candidates (0-d): the most columns
+    of any head above the lowest threshold, checked there against the cap the pass ran with."""
 
     c_oo: torch.Tensor
     c_yy: torch.Tensor
@@ -49,7 +51,7 @@ class SinkMoments:
     c_ay: torch.Tensor
     raw_oo: torch.Tensor
     raw_yy: torch.Tensor
-    gram: torch.Tensor
+    values: torch.Tensor
     top_scores: torch.Tensor
     rtol: float
     n_candidates: torch.Tensor | None = None
@@ -101,9 +103,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
 
     c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, a_rows = sink_moments(q, k_s, v_s, v_main, idx, out, lse,
                                                                        token_valid, scaling, win)
-    v64 = v_s.double()
-    moments = SinkMoments(c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, torch.matmul(v64, v64.transpose(-1, -2)),
-                          top_scores.double(), span_rtol(v.dtype), n_candidates)
+    moments = SinkMoments(c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s, top_scores, span_rtol(v.dtype), n_candidates)
     nothing = torch.zeros(B, H, device=dev)
     stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
                       sink_ok=main_ok, ve=nothing, r2=nothing, ve_uncentred=nothing,
@@ -116,28 +116,31 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     return tag, stats, None
 
 
-def finish_moments(items, settings, budget: int = 1 << 24) -> None:
+def finish_moments(items, settings, budget: int = 1 << 23) -> None:
     """Fill VE, R^2, uncentred VE and the sweep columns of each (HeadStats, SinkMoments), on their device.
 
-    Layers of one shape are stacked and every threshold of every layer goes through one batched pseudo-inverse
-    (float64; at most ``budget`` matrix elements at a time): with G = v_s v_s^T and the sink subset S of a threshold,
-      VE  = tr(pinv(G_S) (Y_c^T Y_c)_S) / |o_c|^2
-      R^2 = 1 - (|o_c|^2 - 2 sum_S diag(A_c^T Y_c) + <A_c^T A_c, G_S>) / |o_c|^2
-      VE uncentred = tr(pinv(G_S) (Y^T Y)_S) / |o|^2 at the main threshold."""
+    Layers of one shape are stacked (at most ``budget`` float64 elements of sink values at a time) and every
+    threshold of every layer comes out of one pass: with the candidates ordered by descending column score, each
+    threshold's sink set S is a prefix, so one Gram-Schmidt pass over the sink values (float64, the span cut of
+    stats.span_rtol) gives an orthonormal basis whose first vectors span each prefix, and
+      VE  = sum over the prefix's basis vectors q of |Y_c q|^2 / |o_c|^2 (Y_c q from Y_c^T Y_c and the basis)
+      R^2 = 1 - (|o_c|^2 - 2 sum_S diag(A_c^T Y_c) + sum_{S x S} (A_c^T A_c) * (v_s v_s^T)) / |o_c|^2
+      VE uncentred: the same projection of the uncentred Y^T Y over |o|^2, at the main threshold.
+    No pseudo-inverse and no eigendecomposition: nothing waits for the host, and the cost is K small steps."""
     if not items:
         return
     all_eps = settings.all_eps
     main_e = all_eps.index(float(settings.eps))
     groups: dict = {}
     for st, m in items:
-        groups.setdefault((tuple(m.c_yy.shape), m.rtol, m.c_yy.device), []).append((st, m))
+        groups.setdefault((tuple(m.values.shape), m.rtol, m.values.device), []).append((st, m))
     for (shape, rtol, dev), group in groups.items():
-        per_item = len(all_eps) * shape[0] * shape[1] * shape[2] * shape[3]
+        per_item = shape[0] * shape[1] * shape[2] * shape[3]
         step = max(1, budget // max(1, per_item))
+        eps = torch.tensor(all_eps, dtype=torch.float64, device=dev)
         for g0 in range(0, len(group), step):
             part = group[g0:g0 + step]
-            got = _finish_stacked([m for _, m in part], torch.tensor(all_eps, dtype=torch.float64, device=dev),
-                                  main_e, rtol)
+            got = _finish_stacked([m for _, m in part], eps, main_e, rtol)
             for i, (st, _) in enumerate(part):
                 n_sinks, ve, r2, ve_raw = (x[i] for x in got)
                 st.sweep_n_sinks, st.sweep_ve, st.sweep_r2 = n_sinks, ve, r2
@@ -147,25 +150,67 @@ def finish_moments(items, settings, budget: int = 1 << 24) -> None:
 def _finish_stacked(ms, eps, main_e, rtol):
     """(n_sinks, ve, r2) (N,B,H,E) and ve_uncentred (N,B,H) for N layers' moments of one shape."""
     stack = lambda name: torch.stack([getattr(m, name) for m in ms])  # noqa: E731
-    c_oo, c_yy, c_aa, c_ay = stack("c_oo"), stack("c_yy"), stack("c_aa"), stack("c_ay")
-    raw_oo, raw_yy, gram, top = stack("raw_oo"), stack("raw_yy"), stack("gram"), stack("top_scores")
-    ok = top[..., None, :] > eps[:, None]  # (N,B,H,E,K)
-    okf = ok.double()
-    sel = okf[..., :, None] * okf[..., None, :]  # (N,B,H,E,K,K)
-    g = gram[..., None, :, :] * sel
-    g_inv = torch.linalg.pinv(g, hermitian=True, rtol=rtol ** 2)  # G's eigenvalues are s^2
-    total = c_oo[..., None]  # (N,B,H,1) |centred o|^2
+    top = stack("top_scores").double()
+    order = top.argsort(dim=-1, descending=True)  # each threshold's sinks: a prefix of this order
+    top = top.gather(-1, order)
+
+    def perm(x):  # (..., K, K) -> rows and columns in score order
+        x = x.gather(-1, order[..., None, :].expand_as(x))
+        return x.gather(-2, order[..., :, None].expand_as(x))
+
+    c_yy, c_aa, c_ay, raw_yy = (perm(stack(n)) for n in ("c_yy", "c_aa", "c_ay", "raw_yy"))
+    c_oo, raw_oo = stack("c_oo"), stack("raw_oo")
+    values = stack("values").double()
+    values = values.gather(-2, order[..., None].expand_as(values))
+    basis = _gram_schmidt(values, rtol)  # (...,K,K): q_j = sum_k basis[k, j] v_k
+    n_e = (top[..., None, :] > eps[:, None]).sum(dim=-1)  # (N,B,H,E): prefix length per threshold
+
+    def at_prefix(per_k):  # (...,K) cumulative sums -> (...,E) value at each threshold's prefix (0 if empty)
+        padded = torch.cat([torch.zeros_like(per_k[..., :1]), per_k.cumsum(dim=-1)], dim=-1)
+        return padded.gather(-1, n_e)
+
+    def projected(moment):  # per basis vector q_j: q_j^T M q_j in sink-value coordinates
+        return (basis * torch.matmul(moment, basis)).sum(dim=-2)
+
+    total = c_oo[..., None]
     safe = total.clamp_min(1e-30)
-    proj = (g_inv * (c_yy[..., None, :, :] * sel)).sum(dim=(-1, -2))
-    diag_ay = c_ay.diagonal(dim1=-2, dim2=-1)[..., None, :]  # sum_i (a_ik - mean a_k)(o_i - mean o) . v_k
-    resid = total - 2 * (diag_ay * okf).sum(dim=-1) + (c_aa[..., None, :, :] * g).sum(dim=(-1, -2))
-    has = ok.any(dim=-1) & (total > 0)
+    proj = at_prefix(projected(c_yy))
+    gram_aa = c_aa * torch.matmul(values, values.transpose(-1, -2))
+    block = gram_aa.cumsum(dim=-1).cumsum(dim=-2).diagonal(dim1=-2, dim2=-1)  # sum over the leading k x k block
+    block = torch.cat([torch.zeros_like(block[..., :1]), block], dim=-1).gather(-1, n_e)
+    resid = total - 2 * at_prefix(c_ay.diagonal(dim1=-2, dim2=-1)) + block
+    has = (n_e > 0) & (total > 0)
     zero = torch.zeros_like(proj)
     ve = torch.where(has, proj / safe, zero).float()
     r2 = torch.where(has, 1 - resid / safe, zero).float()
-    proj_raw = (g_inv[..., main_e, :, :] * (raw_yy * sel[..., main_e, :, :])).sum(dim=(-1, -2))
+    proj_raw = at_prefix(projected(raw_yy))[..., main_e]
     ve_raw = torch.where(has[..., main_e], proj_raw / raw_oo.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
-    return ok.sum(dim=-1), ve, r2, ve_raw
+    return n_e, ve, r2, ve_raw
+
+
+def _gram_schmidt(values: torch.Tensor, rtol: float) -> torch.Tensor:
+    """For values (..., K, D) float64, the (..., K, K) upper-triangular W with q_j = sum_k W[k, j] v_k orthonormal
+    and span{q_0..q_j} = span{v_0..v_j}: classical Gram-Schmidt with one re-orthogonalisation. A value whose distance
+    to the span of the earlier ones is below rtol x the largest norm so far adds no direction (column of zeros),
+    as the SVD cut of stats._span_basis drops it (span_rtol: the same token seen at two positions)."""
+    K = values.shape[-2]
+    q = torch.zeros_like(values)
+    w = torch.zeros(*values.shape[:-1], K, dtype=values.dtype, device=values.device)
+    eye = torch.eye(K, dtype=values.dtype, device=values.device)
+    scale = values.norm(dim=-1).cummax(dim=-1).values
+    for k in range(K):
+        r = values[..., k, :]
+        c = eye[k].expand(w.shape[:-1])
+        for _ in range(2):
+            p = torch.matmul(q, r[..., None])  # (..., K, 1): coefficients on the basis so far (zero rows beyond)
+            r = r - (p * q).sum(dim=-2)
+            c = c - torch.matmul(w, p)[..., 0]
+        norm = r.norm(dim=-1, keepdim=True)
+        keep = norm > rtol * scale[..., k:k + 1]
+        inv = torch.where(keep, 1.0 / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        q[..., k, :] = r * inv
+        w[..., :, k] = c * inv
+    return w
 
 
 def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, window):
@@ -201,25 +246,23 @@ def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, windo
     vec = vec.double()
     nb = vec[..., -1]  # (B,H,NB) valid rows per block
     n = nb.sum(dim=2).clamp_min(1)  # (B,H)
-    mean_y = vec[..., :K].sum(dim=2) / n[..., None]
-    mean_a = vec[..., KP:KP + K].sum(dim=2) / n[..., None]
     mean_o = vec[..., 2 * KP:2 * KP + Dv].sum(dim=2) / n[..., None]
     do = torch.where(nb[..., None] > 0, vec[..., 2 * KP:2 * KP + Dv] / nb.clamp_min(1)[..., None] - mean_o[:, :, None],
                      0.0)
     c_oo = vec[..., 2 * KP + Dv].sum(dim=2) + (nb * do.pow(2).sum(dim=-1)).sum(dim=2)  # blocks merged exactly
-    f64 = dict(dtype=torch.float64, device=q.device)
-    c_yy, c_aa, c_ay = (torch.zeros(B, H, K, K, **f64) for _ in range(3))
-    chunk = max(1, (1 << 24) // max(1, B * H * K))
-    for r0 in range(0, T, chunk):
-        r1 = min(T, r0 + chunk)
-        rows_ok = token_valid[:, None, r0:r1, None]
-        yc = torch.where(rows_ok, ya[:, :, r0:r1, 0, :K].double() - mean_y[:, :, None], 0.0)
-        ac = torch.where(rows_ok, ya[:, :, r0:r1, 1, :K].double() - mean_a[:, :, None], 0.0)
-        c_yy += yc.transpose(-1, -2) @ yc
-        c_aa += ac.transpose(-1, -2) @ ac
-        c_ay += ac.transpose(-1, -2) @ yc
+    # Y^T Y, A^T A and A^T Y in one float64 product of the per-row [y, a] (exact products of float32 numbers;
+    # padding rows and rows past T are 0 there), then centred: X_c^T X_c = X^T X - n mean mean^T
+    rows_total = ya.shape[2]
+    moments = torch.zeros(B, H, 2 * KP, 2 * KP, dtype=torch.float64, device=q.device)
+    chunk = max(1, (1 << 24) // max(1, B * H * 2 * KP))
+    for r0 in range(0, rows_total, chunk):
+        x = ya[:, :, r0:r0 + chunk].reshape(B, H, -1, 2 * KP).double()
+        moments += x.transpose(-1, -2) @ x
+    mean_ya = torch.cat([vec[..., :KP], vec[..., KP:2 * KP]], dim=-1).sum(dim=2) / n[..., None]  # (B,H,2KP)
     n2 = n[..., None, None]
-    raw_yy = c_yy + n2 * mean_y[..., :, None] * mean_y[..., None, :]  # uncentred Y^T Y
+    centred = moments - n2 * mean_ya[..., :, None] * mean_ya[..., None, :]
+    c_yy, c_aa, c_ay = centred[..., :K, :K], centred[..., KP:KP + K, KP:KP + K], centred[..., KP:KP + K, :K]
+    raw_yy = moments[..., :K, :K]  # uncentred Y^T Y
     raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
     return c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, ya[:, :, :T, 1, :K]
 
