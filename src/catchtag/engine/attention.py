@@ -62,6 +62,7 @@ class Capture:
         self.layers: dict[int, LayerRecord] = {}
         self.pending: list = []  # (HeadStats, SinkMoments) of the triton backend, finished in finish()
         self.mask_structures: dict = {}  # mask tensor -> backends.mask_structure, read once per pass
+        self.mask_infos: dict = {}  # mask (and min_rows) -> backends.MaskInfo, made once per pass
         self.backends_used: set[str] = set()
         self._order: dict[int, int] = {}
 
@@ -77,18 +78,16 @@ class Capture:
 
         if self.pending:
             counts = [m.n_candidates for _, m in self.pending if m.n_candidates is not None]
+            needed = None
             if counts and self.sink_cap is not None:
-                needed = int(torch.stack(counts).max())
+                needed = int(torch.stack(counts).max())  # the one wait for the GPU before the copies
                 if needed > self.sink_cap:
                     raise SinkCapExceeded(needed)
-            finish_moments(self.pending, self.settings)
+            finish_moments(self.pending, self.settings, k_used=needed)
             self.pending = []
-        self.mask_structures = {}
-        on_gpu = any(r.stats.col_scores.is_cuda for r in self.layers.values())
-        for layer, rec in self.layers.items():
-            self.layers[layer] = _record_to_cpu(rec)
-        if on_gpu:
-            torch.cuda.synchronize()  # the copies were queued without waiting
+        self.mask_structures, self.mask_infos = {}, {}
+        if self.layers:  # on the CPU too, so the tests go through the same reassembly
+            self.layers = _records_to_cpu(self.layers)
 
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catchtag_capture", default=None)
@@ -216,18 +215,44 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _to_host(x):
-    """Queue a copy to the CPU without waiting (pinned memory for CUDA tensors); Capture.finish waits once."""
-    if x is None or not x.is_cuda:
-        return x
-    return x.to("cpu", non_blocking=True)
+def _records_to_cpu(layers: dict[int, LayerRecord]) -> dict[int, LayerRecord]:
+    """Every record's tensors on the CPU, with few copies: each statistic is stacked over the layers (one copy per
+    field, not per layer and field); the copies are queued into pinned memory and waited for once."""
+    order = sorted(layers)
+    fields = list(vars(layers[order[0]].stats))
+    stats = {layer: {} for layer in order}
+    seen: dict[int, torch.Tensor] = {}  # tensors shared by layers (token_valid, row counts) copied once
 
+    on_gpu = False
 
-def _record_to_cpu(rec: LayerRecord) -> LayerRecord:
-    return LayerRecord(stats=HeadStats(**{k: _to_host(v) for k, v in vars(rec.stats).items()}), heads=rec.heads,
-                       positions=_to_host(rec.positions),
-                       activations={k: _to_host(v) for k, v in rec.activations.items()},
-                       attention_maps={h: _to_host(m) for h, m in rec.attention_maps.items()})
+    def host(x):
+        nonlocal on_gpu
+        if x is None or x.device.type == "cpu":
+            return x
+        if id(x) not in seen:
+            on_gpu |= x.is_cuda
+            seen[id(x)] = x.to("cpu", non_blocking=True)
+        return seen[id(x)]
+
+    for name in fields:
+        got = [getattr(layers[layer].stats, name) for layer in order]
+        shared = all(x is got[0] for x in got)
+        stackable = (not shared and all(x is not None for x in got) and len(got) > 1
+                     and len({(x.shape, x.dtype, x.device) for x in got}) == 1)
+        if stackable:
+            for layer, x in zip(order, host(torch.stack(got)).unbind(0)):
+                stats[layer][name] = x
+        else:
+            for layer, x in zip(order, got):
+                stats[layer][name] = host(x)
+    out = {layer: LayerRecord(stats=HeadStats(**stats[layer]), heads=layers[layer].heads,
+                              positions=host(layers[layer].positions),
+                              activations={k: host(v) for k, v in layers[layer].activations.items()},
+                              attention_maps={h: host(m) for h, m in layers[layer].attention_maps.items()})
+           for layer in order}
+    if on_gpu:
+        torch.cuda.synchronize()  # the copies above were queued without waiting
+    return out
 
 
 def catchtag_mask(*args, **kwargs):

@@ -140,11 +140,37 @@ def layer_statistics(query, key, value, mask, scaling, softcap, settings, keep_m
     if capture is not None:
         capture.backends_used.add(chosen.name)
     if chosen.name == "triton":
-        token_valid, window = structure if structure is not None else (
-            torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device), None)
-        return triton_statistics(query, key, value, mask, scaling, settings, token_valid, window, keep_maps=keep_maps,
+        info = _cached_mask_info(mask, structure, query, settings.min_rows, capture)
+        return triton_statistics(query, key, value, mask, scaling, settings, info, keep_maps=keep_maps,
                                  sink_attention=sink_attention, capture=capture)
     return attention_with_stats(query, key, value, mask, scaling, softcap, settings, keep_maps=keep_maps)
+
+
+@dataclass
+class MaskInfo:
+    """What the triton backend reads off a layer's mask, once per mask in a forward pass: which tokens are real
+    (B,T), the sliding window (None: none), how many rows see each column (B,T), and each column's score factor
+    (B,T): 1 / that count, nan where the column cannot be a sink (padding, or seen by fewer than min_rows rows)."""
+
+    token_valid: torch.Tensor
+    window: int | None
+    counts: torch.Tensor
+    score_factor: torch.Tensor
+
+
+def _cached_mask_info(mask, structure, query, min_rows, capture) -> MaskInfo:
+    B, T = query.shape[0], query.shape[2]
+    key = (id(mask), mask.data_ptr(), tuple(mask.shape)) if mask is not None else ("causal", B, T, query.device)
+    key = key + (int(min_rows),)
+    cache = capture.mask_infos if capture is not None else {}
+    if key not in cache:
+        token_valid, window = structure if structure is not None else (
+            torch.ones(B, T, dtype=torch.bool, device=query.device), None)
+        counts = row_counts(token_valid, window)
+        eligible = token_valid & (counts >= min_rows)
+        factor = torch.where(eligible, 1.0 / counts.clamp_min(1).float(), float("nan"))
+        cache[key] = (mask, MaskInfo(token_valid, window, counts, factor))  # the mask kept: its id stays unique
+    return cache[key][1]
 
 
 def _cannot(query, softcap, keep_maps, sink_attention, settings) -> set[str]:
@@ -214,11 +240,11 @@ def row_counts(token_valid: torch.Tensor, window: int | None) -> torch.Tensor:
     return (cum[:, hi] - cum[:, j]) * token_valid
 
 
-def attention_and_lse(query, key, value, mask, scaling, token_valid):
+def attention_and_lse(query, key, value, mask, scaling, token_valid, cache: dict | None = None):
     """(out (B,H,T,Dv) in the input dtype, lse (B,H,T) float32) from PyTorch's fused attention kernels.
 
-    Padding rows (no visible column) get out = 0 and lse = 0.
-    """
+    Padding rows (no visible column) get out = 0 and lse = 0. cache: a dict kept over one forward pass, where the
+    additive bias made from a mask is kept for the next layer with the same mask."""
     B, H, T, _ = query.shape
     n_rep = H // key.shape[1]
     bm = _bool_mask(mask)
@@ -231,10 +257,16 @@ def attention_and_lse(query, key, value, mask, scaling, token_valid):
             v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
             bias = None
             if bm is not None:
-                t_pad = -(-T // 16) * 16  # the kernel wants the bias rows 16-aligned
-                bias = torch.zeros(bm.shape[0], 1, T, t_pad, dtype=query.dtype, device=query.device)[..., :T]
-                bias.masked_fill_(~bm[:, None], float("-inf"))
-                bias = bias.expand(B, H, T, T)
+                key_ = (id(mask), H, query.dtype)
+                if cache is None or key_ not in cache:
+                    t_pad = -(-T // 16) * 16  # the kernel wants the bias rows 16-aligned
+                    bias = torch.zeros(bm.shape[0], 1, T, t_pad, dtype=query.dtype, device=query.device)[..., :T]
+                    bias.masked_fill_(~bm[:, None], float("-inf"))
+                    bias = bias.expand(B, H, T, T)
+                    if cache is not None:
+                        cache[key_] = (mask, bias)
+                else:
+                    bias = cache[key_][1]
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, k, v, bias, True, 0.0, bm is None, scale=scaling)[:2]
             lse = lse[..., :T]
@@ -281,8 +313,8 @@ def _causal_attention_and_lse(query, key, value, scaling):
     raise RuntimeError("no fused attention kernel with log-sum-exp ran: " + "; ".join(errors))
 
 
-def triton_statistics(query, key, value, mask, scaling, settings, token_valid, window, keep_maps=(),
-                      sink_attention=True, capture=None):
+def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo, keep_maps=(), sink_attention=True,
+                      capture=None):
     """The triton backend (see the module docstring); same return as stats.attention_with_stats.
 
     Inside a capture the sink pass takes at most capture.sink_cap columns per head (no host synchronisation) and
@@ -290,11 +322,10 @@ def triton_statistics(query, key, value, mask, scaling, settings, token_valid, w
     from catchtag.engine.kernels.colsum import column_sums
     from catchtag.engine.kernels.sinkpass import sink_pass
 
-    out, lse = attention_and_lse(query, key, value, mask, scaling, token_valid)
-    col_sum = column_sums(query, key, lse, token_valid, scaling, window)
-    counts = row_counts(token_valid, window)
-    eligible = token_valid & (counts >= settings.min_rows)
-    col_scores = (col_sum / counts.clamp_min(1)[:, None, :]).masked_fill(~eligible[:, None, :], float("nan"))
+    token_valid, window, counts = info.token_valid, info.window, info.counts
+    out, lse = attention_and_lse(query, key, value, mask, scaling, token_valid,
+                                 capture.mask_infos if capture is not None else None)
+    col_scores = column_sums(query, key, lse, token_valid, scaling, window, factor=info.score_factor)
     maps = {h: attention_map(query, key, lse, mask, token_valid, window, scaling, h) for h in keep_maps}
     k_cap = capture.sink_cap if capture is not None else None
     done = sink_pass(query, key, value, out, lse, token_valid, col_scores, counts, scaling, settings, window,

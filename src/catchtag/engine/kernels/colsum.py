@@ -24,15 +24,16 @@ _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=
 
 
 @triton.jit
-def _tile(acc, q_ptrs, lse_ptrs, rows, cols, k, T, WINDOW, scale_log2e, D: tl.constexpr, BLOCK_D: tl.constexpr,
-          MASKED: tl.constexpr, IEEE: tl.constexpr):
+def _tile(acc, q_ptrs, lse_ptrs, valid_ptrs, rows, cols, k, T, WINDOW, scale_log2e, D: tl.constexpr,
+          BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += exp2(q.k * scale*log2e - lse2) over one tile of rows (summed over rows once,
-    at the end: a reduction across warps per tile costs more than the tile's exponentials); lse2 is +inf on
-    rows that are padding or past T, so they add 0 without a mask; MASKED tiles also apply causality and
+    at the end: a reduction across warps per tile costs more than the tile's exponentials); lse2 = lse * log2(e),
+    +inf on rows that are padding or past T, so they add 0 without a mask; MASKED tiles also apply causality and
     the window."""
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptrs, mask=(rows[:, None] < T) & (dims[None, :] < D), other=0.0)
-    lse2 = tl.load(lse_ptrs, mask=rows < T, other=float("inf"))
+    row_ok = tl.load(valid_ptrs, mask=rows < T, other=0) != 0
+    lse2 = tl.where(row_ok, tl.load(lse_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634, float("inf"))
     if IEEE:  # float32 inputs (and any input under the interpreter, whose bf16 dot is wrong)
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -45,11 +46,11 @@ def _tile(acc, q_ptrs, lse_ptrs, rows, cols, k, T, WINDOW, scale_log2e, D: tl.co
 
 
 @triton.jit
-def _colsum_kernel(Q, K, LSE2, VALID, OUT,
-                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, svb, svt, sob, soh, sot,
+def _colsum_kernel(Q, K, LSE, VALID, FACTOR, OUT,
+                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, svb, svt, sfb, sft, sob, soh, sot,
                    T, H, N_REP, WINDOW, scale_log2e, T_BUCKET,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, SCORES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -62,7 +63,8 @@ def _colsum_kernel(Q, K, LSE2, VALID, OUT,
     k = tl.load(K + b * skb + kvh * skh + cols[:, None] * skt + dims[None, :] * skd,
                 mask=col_in[:, None] & (dims[None, :] < D), other=0.0)
     q_base = Q + b * sqb + h * sqh + dims[None, :] * sqd
-    l_base = LSE2 + b * slb + h * slh
+    l_base = LSE + b * slb + h * slh
+    v_base = VALID + b * svb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_ceil = tl.cdiv(T, BLOCK_M) * BLOCK_M
     # three row ranges: tiles crossing the diagonal (masked), tiles every row of which sees every column of
@@ -74,30 +76,38 @@ def _colsum_kernel(Q, K, LSE2, VALID, OUT,
     hi = tl.minimum(t_ceil, tl.cdiv(n0 + BLOCK_N - 1 + WINDOW, BLOCK_M) * BLOCK_M)
     for m0 in range(lo, full_lo, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, rows, cols, k, T, WINDOW,
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
                     scale_log2e, D, BLOCK_D, True, IEEE)
     for m0 in range(full_lo, full_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, rows, cols, k, T, WINDOW,
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
                     scale_log2e, D, BLOCK_D, False, IEEE)
     for m0 in range(full_hi, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, rows, cols, k, T, WINDOW,
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
                     scale_log2e, D, BLOCK_D, True, IEEE)
-    col_ok = tl.load(VALID + b * svb + cols * svt, mask=col_in, other=0) != 0  # padding columns: 0
-    tl.store(OUT + b * sob + h * soh + cols * sot, tl.where(col_ok, tl.sum(acc, axis=0), 0.0), mask=col_in)
+    total = tl.sum(acc, axis=0)
+    if SCORES:  # column score = sum x FACTOR (1 / rows that see the column; nan where it cannot be a sink)
+        total = total * tl.load(FACTOR + b * sfb + cols * sft, mask=col_in, other=0.0)
+    else:  # padding columns: 0
+        total = tl.where(tl.load(VALID + b * svb + cols * svt, mask=col_in, other=0) != 0, total, 0.0)
+    tl.store(OUT + b * sob + h * soh + cols * sot, total, mask=col_in)
 
 
-_tuned = triton.autotune(configs=_CONFIGS, key=["D", "IEEE", "T_BUCKET"])(_colsum_kernel) if not INTERPRET else None
+_tuned = triton.autotune(configs=_CONFIGS, key=["D", "IEEE", "T_BUCKET", "SCORES"])(_colsum_kernel) \
+    if not INTERPRET else None
 
 
 def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, token_valid: torch.Tensor,
-                scaling: float, window: int | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                scaling: float, window: int | None = None, block: tuple[int, int] | None = None,
+                factor: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over the rows i that see column j of softmax(q k^T * scaling)_ij, for every head: (B,H,T) float32.
 
     q (B,H,T,D); k (B,KV,T,D), H a multiple of KV; lse (B,H,T) each row's log-sum-exp (natural log) of the
     same logits; token_valid (B,T) bool; window: a row i sees columns j with 0 <= i - j < window (None: all
     earlier columns). block=(BLOCK_M, BLOCK_N) fixes the tile (else autotuned on the GPU, 32x32 interpreted).
+    factor (B,T) float32: return each column's sum times factor instead (the column scores, with nan where a
+    column cannot be a sink), in the same pass.
     """
     B, H, T, D = q.shape
     KV = k.shape[1]
@@ -106,19 +116,20 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, token_valid
     out = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return out
-    log2e = 1.4426950408889634
-    lse2 = torch.where(token_valid[:, None, :], lse.float() * log2e, float("inf"))  # padding rows add 0
     valid = token_valid.to(torch.int8)
+    fac = factor if factor is not None else out  # unread without factor
     win = int(window) if window is not None else T + 1
     ieee = q.dtype == torch.float32 or INTERPRET or not q.is_cuda
-    args = (q, k, lse2, valid, out, *q.stride(), *k.stride(), *lse2.stride(), *valid.stride(), *out.stride(),
-            T, H, H // KV, win, float(scaling) * log2e, min(triton.next_power_of_2(T), 16384))
+    args = (q, k, lse, valid, fac, out, *q.stride(), *k.stride(), *lse.stride(), *valid.stride(),
+            fac.stride(0), fac.stride(-1), *out.stride(),
+            T, H, H // KV, win, float(scaling) * 1.4426950408889634, min(triton.next_power_of_2(T), 16384))
     block_d = max(16, triton.next_power_of_2(D))
     block = block or FIXED_BLOCK
     if block is None and not INTERPRET and q.is_cuda:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-        _tuned[grid](*args, D=D, BLOCK_D=block_d, IEEE=ieee)
+        _tuned[grid](*args, D=D, BLOCK_D=block_d, IEEE=ieee, SCORES=factor is not None)
     else:
         bm, bn = block or (32, 32)
-        _colsum_kernel[(triton.cdiv(T, bn), B * H)](*args, D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
+        _colsum_kernel[(triton.cdiv(T, bn), B * H)](*args, D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee,
+                                                    SCORES=factor is not None)
     return out

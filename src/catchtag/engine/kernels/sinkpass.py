@@ -27,30 +27,19 @@ import triton.language as tl
 from catchtag.engine.stats import HeadStats, span_rtol
 
 MAX_SINKS = 64  # more candidate sinks per head than this (eps near 0) go to the torch path
-
-
-def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B,KV,T,D), idx (B,H,K) positions per query head -> (B,H,K,D) float32, head h reading x[:, h // n_rep]."""
-    B, KV, _, D = x.shape
-    H, K = idx.shape[1], idx.shape[2]
-    flat = idx.reshape(B, KV, (H // KV) * K)
-    got = x.gather(2, flat[..., None].expand(B, KV, flat.shape[-1], D))
-    return got.reshape(B, H, K, D).float()
+LOG2E = 1.4426950408889634
 
 
 @dataclass
 class SinkMoments:
     """What the K x K algebra of one layer needs (on the layer's device), kept so that Capture.finish can run it
-    for every layer of a forward pass in one batch (finish_moments): the float64 moments of the module docstring,
-    the sink values v_s (B,H,K,Dv) and the candidates' column scores (B,H,K). n_candidates (0-d): the most columns
-    of any head above the lowest threshold, checked there against the cap the pass ran with."""
+    for every layer of a forward pass in one batch (finish_moments): the kernel's per-block sums ``blocks``
+    (B,H,NB, [sum y (KP), sum a (KP), sum o (Dv), |o - block mean|^2, rows]), the float64 product ``products``
+    (B,H,2KP,2KP) of the per-row [y, a], the sink values (B,H,K,Dv) and the candidates' column scores (B,H,K).
+    n_candidates (0-d): the most columns of any head above the lowest threshold, checked there against the cap."""
 
-    c_oo: torch.Tensor
-    c_yy: torch.Tensor
-    c_aa: torch.Tensor
-    c_ay: torch.Tensor
-    raw_oo: torch.Tensor
-    raw_yy: torch.Tensor
+    blocks: torch.Tensor
+    products: torch.Tensor
     values: torch.Tensor
     top_scores: torch.Tensor
     rtol: float
@@ -95,73 +84,97 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     top_scores, idx = scores0.topk(K, dim=-1)
     idx, order = idx.sort(dim=-1)
     top_scores = top_scores.gather(-1, order)
-    k_s = _gather_heads(k, idx)  # (B,H,K,D)
-    v_s = _gather_heads(v, idx)  # (B,H,K,Dv)
     main_ok = top_scores > float(settings.eps)
-    v_main = v_s * main_ok[..., None]
-    win = int(window) if window is not None else T + 1
-
-    c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, a_rows = sink_moments(q, k_s, v_s, v_main, idx, out, lse,
-                                                                       token_valid, scaling, win)
-    moments = SinkMoments(c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, v_s, top_scores, span_rtol(v.dtype), n_candidates)
+    tag, blocks, ya, values = _run_sink_kernel(q, k, v, idx, top_scores, float(settings.eps), out, lse, token_valid,
+                                               scaling, int(window) if window is not None else T + 1)
+    KP = ya.shape[-1]
+    # Y^T Y, A^T A and A^T Y in one float64 product of the per-row [y, a] (exact products of float32 numbers;
+    # padding rows and rows past T are 0 there); centred in finish_moments: X_c^T X_c = X^T X - n mean mean^T
+    products = torch.zeros(B, H, 2 * KP, 2 * KP, dtype=torch.float64, device=dev)
+    chunk = max(1, (1 << 24) // max(1, B * H * 2 * KP))
+    for r0 in range(0, ya.shape[2], chunk):
+        x = ya[:, :, r0:r0 + chunk].reshape(B, H, -1, 2 * KP).double()
+        products += x.transpose(-1, -2) @ x
+    moments = SinkMoments(blocks, products, values[:, :, :K], top_scores, span_rtol(v.dtype), n_candidates)
     nothing = torch.zeros(B, H, device=dev)
     stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
                       sink_ok=main_ok, ve=nothing, r2=nothing, ve_uncentred=nothing,
                       sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev), sweep_ve=nothing,
                       sweep_r2=nothing,
-                      sink_attn=a_rows * main_ok[:, :, None, :] if sink_attention else None)
+                      sink_attn=ya[:, :, :T, 1, :K] * main_ok[:, :, None, :] if sink_attention else None)
     if defer:
         return tag, stats, moments
     finish_moments([(stats, moments)], settings)
     return tag, stats, None
 
 
-def finish_moments(items, settings, budget: int = 1 << 23) -> None:
+def finish_moments(items, settings, budget: int = 1 << 23, k_used: int | None = None) -> None:
     """Fill VE, R^2, uncentred VE and the sweep columns of each (HeadStats, SinkMoments), on their device.
 
-    Layers of one shape are stacked (at most ``budget`` float64 elements of sink values at a time) and every
-    threshold of every layer comes out of one pass: with the candidates ordered by descending column score, each
-    threshold's sink set S is a prefix, so one Gram-Schmidt pass over the sink values (float64, the span cut of
-    stats.span_rtol) gives an orthonormal basis whose first vectors span each prefix, and
+    Layers of one shape are stacked (about ``budget`` float64 elements at a time) and every threshold of every
+    layer comes out of one pass: with the candidates ordered by descending column score, each threshold's sink set
+    S is a prefix, so one Gram-Schmidt pass over the sink values (float64, the span cut of stats.span_rtol) gives
+    an orthonormal basis whose first vectors span each prefix, and
       VE  = sum over the prefix's basis vectors q of |Y_c q|^2 / |o_c|^2 (Y_c q from Y_c^T Y_c and the basis)
       R^2 = 1 - (|o_c|^2 - 2 sum_S diag(A_c^T Y_c) + sum_{S x S} (A_c^T A_c) * (v_s v_s^T)) / |o_c|^2
       VE uncentred: the same projection of the uncentred Y^T Y over |o|^2, at the main threshold.
-    No pseudo-inverse and no eigendecomposition: nothing waits for the host, and the cost is K small steps."""
+    No pseudo-inverse and no eigendecomposition: nothing waits for the host, and the cost is K small steps.
+    k_used: no head has more candidates than this (Capture.finish knows it): the rest are skipped."""
     if not items:
         return
     all_eps = settings.all_eps
     main_e = all_eps.index(float(settings.eps))
     groups: dict = {}
     for st, m in items:
-        groups.setdefault((tuple(m.values.shape), m.rtol, m.values.device), []).append((st, m))
-    for (shape, rtol, dev), group in groups.items():
-        per_item = shape[0] * shape[1] * shape[2] * shape[3]
+        groups.setdefault((tuple(m.values.shape), tuple(m.blocks.shape), m.rtol, m.values.device), []).append((st, m))
+    for (shape, bshape, rtol, dev), group in groups.items():
+        per_item = max(torch.Size(shape).numel(), torch.Size(bshape).numel())
         step = max(1, budget // max(1, per_item))
         eps = torch.tensor(all_eps, dtype=torch.float64, device=dev)
         for g0 in range(0, len(group), step):
             part = group[g0:g0 + step]
-            got = _finish_stacked([m for _, m in part], eps, main_e, rtol)
+            got = _finish_stacked([m for _, m in part], eps, main_e, rtol, k_used)
             for i, (st, _) in enumerate(part):
                 n_sinks, ve, r2, ve_raw = (x[i] for x in got)
                 st.sweep_n_sinks, st.sweep_ve, st.sweep_r2 = n_sinks, ve, r2
                 st.ve, st.r2, st.ve_uncentred = ve[..., main_e].clone(), r2[..., main_e].clone(), ve_raw
 
 
-def _finish_stacked(ms, eps, main_e, rtol):
+def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
     """(n_sinks, ve, r2) (N,B,H,E) and ve_uncentred (N,B,H) for N layers' moments of one shape."""
     stack = lambda name: torch.stack([getattr(m, name) for m in ms])  # noqa: E731
+    K, Dv = ms[0].values.shape[-2:]
+    KP = ms[0].products.shape[-1] // 2
+    # the kernel's blocks of rows merged exactly (Chan): |o_c|^2 = sum of within-block sums + between-block part
+    blocks = stack("blocks").double()  # (N,B,H,NB,W)
+    nb = blocks[..., -1]
+    n = nb.sum(dim=-1).clamp_min(1)  # (N,B,H)
+    sums = blocks.sum(dim=-2)
+    mean_o = sums[..., 2 * KP:2 * KP + Dv] / n[..., None]
+    dev_o = torch.where(nb[..., None] > 0, blocks[..., 2 * KP:2 * KP + Dv] / nb.clamp_min(1)[..., None]
+                        - mean_o[..., None, :], 0.0)
+    c_oo = sums[..., 2 * KP + Dv] + (nb * dev_o.pow(2).sum(dim=-1)).sum(dim=-1)
+    raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
+    mean_ya = sums[..., :2 * KP] / n[..., None]
+    products = stack("products")
+    centred = products - n[..., None, None] * mean_ya[..., :, None] * mean_ya[..., None, :]
+
     top = stack("top_scores").double()
     order = top.argsort(dim=-1, descending=True)  # each threshold's sinks: a prefix of this order
+    if k_used is not None and k_used < K:  # columns past the most candidates of any head are never sinks
+        order = order[..., :max(1, k_used)]
     top = top.gather(-1, order)
 
-    def perm(x):  # (..., K, K) -> rows and columns in score order
-        x = x.gather(-1, order[..., None, :].expand_as(x))
-        return x.gather(-2, order[..., :, None].expand_as(x))
+    k = order.shape[-1]
 
-    c_yy, c_aa, c_ay, raw_yy = (perm(stack(n)) for n in ("c_yy", "c_aa", "c_ay", "raw_yy"))
-    c_oo, raw_oo = stack("c_oo"), stack("raw_oo")
+    def perm(x):  # (..., K, K) -> rows and columns in score order (the first k)
+        x = x.gather(-1, order[..., None, :].expand(*x.shape[:-1], k))
+        return x.gather(-2, order[..., :, None].expand(*x.shape[:-2], k, k))
+
+    c_yy, c_aa = perm(centred[..., :K, :K]), perm(centred[..., KP:KP + K, KP:KP + K])
+    c_ay, raw_yy = perm(centred[..., KP:KP + K, :K]), perm(products[..., :K, :K])
     values = stack("values").double()
-    values = values.gather(-2, order[..., None].expand_as(values))
+    values = values.gather(-2, order[..., None].expand(*values.shape[:-2], k, values.shape[-1]))
     basis = _gram_schmidt(values, rtol)  # (...,K,K): q_j = sum_k basis[k, j] v_k
     n_e = (top[..., None, :] > eps[:, None]).sum(dim=-1)  # (N,B,H,E): prefix length per threshold
 
@@ -213,64 +226,42 @@ def _gram_schmidt(values: torch.Tensor, rtol: float) -> torch.Tensor:
     return w
 
 
-def sink_moments(q, k_s, v_s, v_main, idx, out, lse, token_valid, scaling, window):
-    """The centred moments of the module docstring (|o_c|^2, Y_c^T Y_c, A_c^T A_c, A_c^T Y_c; float64), the
-    uncentred |o|^2 and Y^T Y (for ve_uncentred), the tag, and each row's attention to each sink (B,H,T,K). One Triton program per block of rows writes y and a per row (their products are summed here in
-    float64) and |o_c|^2 per block (merged here exactly), plus the tag at the main eps
-    (B,H,T,Dv) in out's dtype. k_s, v_s, v_main (B,H,K,*) float32.
-    For bf16/fp16 inputs on the GPU, q.k_s, o.v_s and a.v_s run on the tensor cores with float32 sums."""
+def _run_sink_kernel(q, k, v, idx, top_scores, eps, out, lse, token_valid, scaling, window):
+    """The tag at the main eps (B,H,T,Dv, out's dtype), the per-block sums (B,H,NB,2KP+Dv+2) float32, the per-row
+    [y, a] (B,H,NB*BM,2,KP) float32 and the sink values (B,H,KP,Dv) float32, from one Triton pass over blocks of
+    rows. The kernel reads the sinks' keys and values itself (head h reads key/value head h // (H // KV)), so no
+    copy of them is made; for bf16/fp16 inputs on the GPU, q.k_s, o.v_s and a.v_s run on the tensor cores with
+    float32 sums (the sinks' keys and values in the model's dtype are exact)."""
     from catchtag.engine.kernels.colsum import INTERPRET
 
     B, H, T, D = q.shape
-    K, Dv = k_s.shape[2], v_s.shape[-1]
+    KV, Dv = k.shape[1], v.shape[-1]
+    K = idx.shape[-1]
     KP = max(16, triton.next_power_of_2(K))
-    pad = (0, 0, 0, KP - K)
     ieee = q.dtype == torch.float32 or INTERPRET or not q.is_cuda
-    lo = torch.float32 if ieee else q.dtype  # the sinks' keys and values in the model's dtype are exact
-    k_p, v_p, vm_p = (torch.nn.functional.pad(x, pad).to(lo).contiguous() for x in (k_s, v_s, v_main))
-    idx_p = torch.nn.functional.pad(idx, (0, KP - K), value=T + 1 + window).to(torch.int32).contiguous()
-    log2e = 1.4426950408889634
-    lse2 = torch.where(token_valid[:, None, :], lse.float() * log2e, float("inf"))
+    idx32 = idx.to(torch.int32)
+    top = top_scores.float().contiguous()
     valid = token_valid.to(torch.int8)
     tag = torch.empty(B, H, T, Dv, dtype=out.dtype, device=out.device)
     BM = 64 if not INTERPRET else 32
     NB = triton.cdiv(T, BM)
-    vec = torch.empty(B, H, NB, 2 * KP + Dv + 2, dtype=torch.float32, device=q.device)
+    blocks = torch.empty(B, H, NB, 2 * KP + Dv + 2, dtype=torch.float32, device=q.device)
     ya = torch.empty(B, H, NB * BM, 2, KP, dtype=torch.float32, device=q.device)
+    values = torch.empty(B, H, KP, Dv, dtype=torch.float32, device=q.device)
     _sink_kernel[(NB, B * H)](
-        q, k_p, v_p, vm_p, idx_p, lse2, valid, out, tag, vec, ya,
-        *q.stride(), *out.stride(), *tag.stride(), *lse2.stride(), *valid.stride(),
-        T, H, window, float(scaling) * log2e,
+        q, k, v, idx32, top, lse, valid, out, tag, blocks, ya, values,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tag.stride(), *lse.stride(), *valid.stride(),
+        T, H, H // KV, K, window, float(scaling) * LOG2E, eps,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DV=Dv, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         KP=KP, BM=BM, IEEE=ieee, num_warps=4)
-    vec = vec.double()
-    nb = vec[..., -1]  # (B,H,NB) valid rows per block
-    n = nb.sum(dim=2).clamp_min(1)  # (B,H)
-    mean_o = vec[..., 2 * KP:2 * KP + Dv].sum(dim=2) / n[..., None]
-    do = torch.where(nb[..., None] > 0, vec[..., 2 * KP:2 * KP + Dv] / nb.clamp_min(1)[..., None] - mean_o[:, :, None],
-                     0.0)
-    c_oo = vec[..., 2 * KP + Dv].sum(dim=2) + (nb * do.pow(2).sum(dim=-1)).sum(dim=2)  # blocks merged exactly
-    # Y^T Y, A^T A and A^T Y in one float64 product of the per-row [y, a] (exact products of float32 numbers;
-    # padding rows and rows past T are 0 there), then centred: X_c^T X_c = X^T X - n mean mean^T
-    rows_total = ya.shape[2]
-    moments = torch.zeros(B, H, 2 * KP, 2 * KP, dtype=torch.float64, device=q.device)
-    chunk = max(1, (1 << 24) // max(1, B * H * 2 * KP))
-    for r0 in range(0, rows_total, chunk):
-        x = ya[:, :, r0:r0 + chunk].reshape(B, H, -1, 2 * KP).double()
-        moments += x.transpose(-1, -2) @ x
-    mean_ya = torch.cat([vec[..., :KP], vec[..., KP:2 * KP]], dim=-1).sum(dim=2) / n[..., None]  # (B,H,2KP)
-    n2 = n[..., None, None]
-    centred = moments - n2 * mean_ya[..., :, None] * mean_ya[..., None, :]
-    c_yy, c_aa, c_ay = centred[..., :K, :K], centred[..., KP:KP + K, KP:KP + K], centred[..., KP:KP + K, :K]
-    raw_yy = moments[..., :K, :K]  # uncentred Y^T Y
-    raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
-    return c_oo, c_yy, c_aa, c_ay, raw_oo, raw_yy, tag, ya[:, :, :T, 1, :K]
+    return tag, blocks, ya, values
 
 
 @triton.jit
-def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, YA,
-                 sqb, sqh, sqt, sqd, sob, soh, sot, sod, stb, sth, stt, std, slb, slh, slt, svb, svt,
-                 T, H, WINDOW, scale_log2e,
+def _sink_kernel(Q, K, V, IDX, TOP, LSE, VALID, OUT, TAG, VEC, YA, VS_OUT,
+                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb_, svh_, svt_, svd_,
+                 sob, soh, sot, sod, stb, sth, stt, std, slb, slh, slt, svb, svt,
+                 T, H, N_REP, K_REAL, WINDOW, scale_log2e, eps_main,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                  KP: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -278,19 +269,28 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, YA,
     NB = tl.num_programs(0)
     b = pid_bh // H
     h = pid_bh % H
+    kvh = h // N_REP
     rows = pid_m * BM + tl.arange(0, BM)
     row_in = rows < T
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     kk = tl.arange(0, KP)
-    ks = tl.load(KS + (pid_bh * KP + kk[:, None]) * D + dd[None, :], mask=dd[None, :] < D, other=0.0)
-    vs = tl.load(VS + (pid_bh * KP + kk[:, None]) * DV + dv[None, :], mask=dv[None, :] < DV, other=0.0)
-    vm = tl.load(VM + (pid_bh * KP + kk[:, None]) * DV + dv[None, :], mask=dv[None, :] < DV, other=0.0)
-    sink_pos = tl.load(IDX + pid_bh * KP + kk)
+    k_in = kk < K_REAL
+    pos = tl.load(IDX + pid_bh * K_REAL + kk, mask=k_in, other=0)
+    top = tl.load(TOP + pid_bh * K_REAL + kk, mask=k_in, other=-1.0)
+    ks = tl.load(K + b * skb + kvh * skh + pos[:, None] * skt + dd[None, :] * skd,
+                 mask=k_in[:, None] & (dd[None, :] < D), other=0.0)
+    vs = tl.load(V + b * svb_ + kvh * svh_ + pos[:, None] * svt_ + dv[None, :] * svd_,
+                 mask=k_in[:, None] & (dv[None, :] < DV), other=0.0)
+    vm = tl.where((top > eps_main)[:, None], vs, 0.0).to(vs.dtype)  # the tag: sinks at the main eps only
+    if pid_m == 0:
+        tl.store(VS_OUT + (pid_bh * KP + kk[:, None]) * DV + dv[None, :], vs.to(tl.float32), mask=dv[None, :] < DV)
+    sink_pos = tl.where(k_in, pos, T + 1 + WINDOW)  # padding columns: seen by no row
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd,
                 mask=row_in[:, None] & (dd[None, :] < D), other=0.0)
-    lse2 = tl.load(LSE2 + b * slb + h * slh + rows * slt, mask=row_in, other=float("inf"))
     row_ok = (tl.load(VALID + b * svb + rows * svt, mask=row_in, other=0) != 0) & row_in
+    lse2 = tl.load(LSE + b * slb + h * slh + rows * slt, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    lse2 = tl.where(row_ok, lse2, float("inf"))
     if IEEE:  # float32 inputs, or the interpreter (whose bf16 dot is wrong)
         s = tl.dot(q.to(tl.float32), tl.trans(ks.to(tl.float32)), input_precision="ieee")
     else:  # bf16 q and the sinks' own bf16 keys: exact products, float32 sums (as in the attention kernel)
@@ -309,7 +309,7 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, YA,
     tl.store(TAG + b * stb + h * sth + rows[:, None] * stt + dv[None, :] * std, tag.to(TAG.dtype.element_ty),
              mask=row_in[:, None] & (dv[None, :] < DV))
     o = o.to(tl.float32)
-    # moments centred on this block's own means (merged exactly in float64 by the caller): sums of raw
+    # moments centred on this block's own means (merged exactly in float64 by finish_moments): sums of raw
     # products would cancel catastrophically for heads whose output barely varies around a large mean
     ok2 = row_ok[:, None]
     nb = tl.sum(row_ok.to(tl.float32), axis=0)
@@ -323,7 +323,7 @@ def _sink_kernel(Q, KS, VS, VM, IDX, LSE2, VALID, OUT, TAG, VEC, YA,
     tl.store(base + 2 * KP + DV, tl.sum(tl.sum(oc * oc, axis=1), axis=0))
     tl.store(base + 2 * KP + DV + 1, nb)
     # per-row y and a: their K x K products are summed in float64 by the caller (float32 sums of products
-    # err in every direction, and pinv(G) magnifies that along nearly dependent sink values)
+    # err in every direction, and the projection magnifies that along nearly dependent sink values)
     ya = YA + ((pid_bh * NB * BM + rows[:, None]) * 2) * KP + kk[None, :]
     tl.store(ya, y)
     tl.store(ya + KP, a)
