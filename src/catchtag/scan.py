@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -300,7 +301,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         if act_arrays:
             act_arrays["prompt_id"] = np.asarray([p.prompt_id for p in batch])
         if run is not None:
-            run.write_part(heads_df, sweep_df, prompts_df, act_arrays)
+            writes.append(writer.submit(run.write_part, heads_df, sweep_df, prompts_df, act_arrays))
         else:
             heads_parts.append(heads_df)
             sweep_parts.append(sweep_df)
@@ -317,6 +318,9 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
             bar.update(len(batch))
 
     pending: list = []  # the finished batch whose host work waits for the next forward pass
+    # part files are written by one thread beside the loop (in order; pyarrow leaves the interpreter free meanwhile)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catchtag-parts")
+    writes: list = []
 
     def flush():
         while pending:
@@ -324,33 +328,42 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
 
     decoder = _decoder(model)  # the scan needs no logits: skip the LM head
     want_hidden = bool(request is not None and request.hidden_states)
-    mark = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        ids, mask = _batch_tensors(batch, tokenizer, device)
-        try:
-            with torch.no_grad():
-                cap, output = captured_forward(
-                    lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False,
-                                    output_hidden_states=want_hidden), settings, request, backend, sink_cap,
-                    meanwhile=flush)
-        except torch.OutOfMemoryError:
-            flush()  # the batch before this one is complete: keep it
-            raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} tokens. "
-                                f"Fix: a smaller --batch-size (or --max-tokens)") from None
-        flush()  # already done while the pass ran, unless it failed first
-        sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
-        backends_used |= cap.backends_used
-        if len(cap.layers) != n_layers:
-            raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
-                                f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
-        acts, positions, act_layers, hidden = _batch_activations(
-            cap, request, output.hidden_states if want_hidden else None, batch)
-        del output
-        now = time.perf_counter()
-        pending.append((cap, batch, acts, positions, act_layers, hidden, now - mark))
-        mark = now
-    flush()
+    def scan_batches():
+        nonlocal sink_cap
+        mark = time.perf_counter()
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            ids, mask = _batch_tensors(batch, tokenizer, device)
+            try:
+                with torch.no_grad():
+                    cap, output = captured_forward(
+                        lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False,
+                                        output_hidden_states=want_hidden), settings, request, backend, sink_cap,
+                        meanwhile=flush)
+            except torch.OutOfMemoryError:
+                flush()  # the batch before this one is complete: keep it
+                raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} "
+                                    f"tokens. Fix: a smaller --batch-size (or --max-tokens)") from None
+            flush()  # already done while the pass ran, unless it failed first
+            sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
+            backends_used.update(cap.backends_used)
+            if len(cap.layers) != n_layers:
+                raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
+                                    f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
+            acts, positions, act_layers, hidden = _batch_activations(
+                cap, request, output.hidden_states if want_hidden else None, batch)
+            del output
+            now = time.perf_counter()
+            pending.append((cap, batch, acts, positions, act_layers, hidden, now - mark))
+            mark = now
+        flush()
+
+    try:
+        scan_batches()
+    finally:
+        writer.shutdown(wait=True)  # an interrupted scan still leaves every batch it finished on disk
+    for w in writes:
+        w.result()  # a failed write fails the scan
     if bar is not None:
         bar.close()
 

@@ -35,11 +35,12 @@ class SinkMoments:
     """What the K x K algebra of one layer needs (on the layer's device), kept so that Capture.finish can run it
     for every layer of a forward pass in one batch (finish_moments): the kernel's per-block sums ``blocks``
     (B,H,NB, [sum y (KP), sum a (KP), sum o (Dv), |o - block mean|^2, rows]), the float64 product ``products``
-    (B,H,2KP,2KP) of the per-row [y, a], the sink values (B,H,K,Dv) and the candidates' column scores (B,H,K).
+    (B,H,2KP,2KP) of the per-row [y, a] and their float64 sums ``sums`` (B,H,2KP), the sink values (B,H,K,Dv) and the candidates' column scores (B,H,K).
     n_candidates (0-d): the most columns of any head above the lowest threshold, checked there against the cap."""
 
     blocks: torch.Tensor
     products: torch.Tensor
+    sums: torch.Tensor
     values: torch.Tensor
     top_scores: torch.Tensor
     rtol: float
@@ -90,12 +91,15 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     KP = ya.shape[-1]
     # Y^T Y, A^T A and A^T Y in one float64 product of the per-row [y, a] (exact products of float32 numbers;
     # padding rows and rows past T are 0 there); centred in finish_moments: X_c^T X_c = X^T X - n mean mean^T
+    # (the column sums too, in float64: the kernel's float32 block sums are not exact enough for the mean here)
     products = torch.zeros(B, H, 2 * KP, 2 * KP, dtype=torch.float64, device=dev)
+    sums = torch.zeros(B, H, 2 * KP, dtype=torch.float64, device=dev)
     chunk = max(1, (1 << 24) // max(1, B * H * 2 * KP))
     for r0 in range(0, ya.shape[2], chunk):
         x = ya[:, :, r0:r0 + chunk].reshape(B, H, -1, 2 * KP).double()
         products += x.transpose(-1, -2) @ x
-    moments = SinkMoments(blocks, products, values[:, :, :K], top_scores, span_rtol(v.dtype), n_candidates)
+        sums += x.sum(dim=2)
+    moments = SinkMoments(blocks, products, sums, values[:, :, :K], top_scores, span_rtol(v.dtype), n_candidates)
     nothing = torch.zeros(B, H, device=dev)
     stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
                       sink_ok=main_ok, ve=nothing, r2=nothing, ve_uncentred=nothing,
@@ -155,7 +159,7 @@ def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
                         - mean_o[..., None, :], 0.0)
     c_oo = sums[..., 2 * KP + Dv] + (nb * dev_o.pow(2).sum(dim=-1)).sum(dim=-1)
     raw_oo = c_oo + n * mean_o.pow(2).sum(dim=-1)  # uncentred sum |o|^2
-    mean_ya = sums[..., :2 * KP] / n[..., None]
+    mean_ya = stack("sums") / n[..., None]
     products = stack("products")
     centred = products - n[..., None, None] * mean_ya[..., :, None] * mean_ya[..., None, :]
 
