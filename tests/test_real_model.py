@@ -55,3 +55,19 @@ def test_smollm2_engine_matches_reference(smollm2):
     # the first token is a sink in most heads of the deeper half (published: first-token sinks dominate)
     deep = [r for r in rows if r["layer"] >= 15]
     assert np.mean([0 in r["sinks"] for r in deep]) > 0.5
+
+
+@pytest.mark.slow
+def test_readme_python_block_runs():
+    """The README's Python example, run as it stands (it once stopped with a NameError)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "no python block in README.md"
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        result = namespace["result"]
+        assert result.activations["tag"].shape[:3] == (2, 1, 1)

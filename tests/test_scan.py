@@ -16,6 +16,7 @@ from catchtag.data.prompts import Prompt, chunk_ids, load_prompts, prose_corpus
 from catchtag.engine.request import ActivationRequest
 from catchtag.errors import CatchtagError
 from catchtag.result import HEAD_COLUMNS, ScanResult
+from conftest import EPS, MIN_ROWS
 
 CLI = [sys.executable, "-m", "catchtag"]
 TEXTS = ["The cat sat on the mat, and the dog sat on the log.",
@@ -277,3 +278,83 @@ def test_rows_match_a_per_element_construction(tiny_models, arch):
     fast = _records_to_rows(cap, prompts, strings, settings)
     assert sum(r[4] for r in fast[0]) > 0, "no sinks: the comparison would not test the sink columns"
     assert fast == _rows_one_by_one(cap, prompts, strings, settings)
+
+
+def test_overwrite_removes_only_a_catchtag_run(tiny_models, tmp_path):
+    """--overwrite deletes what a scan wrote and nothing else: a folder that is not a run, or a run folder that also
+    holds the user's files, is refused with every file left in place; an --out that is a file is refused."""
+    model, tok = tiny_models("llama")
+    kw = dict(eps=EPS, min_rows=MIN_ROWS, progress=False, model_name="tiny:llama", data_name="tests")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    with pytest.raises(CatchtagError, match="not a catchtag run"):
+        catchtag.scan(model, tok, TEXTS, out=notes, overwrite=True, **kw)
+    assert (notes / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    catchtag.scan(model, tok, TEXTS, out=run, **kw)
+    (run / "mine.txt").write_text("keep me")
+    with pytest.raises(CatchtagError, match="did not write.*mine.txt"):
+        catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **kw)
+    assert (run / "mine.txt").is_file() and (run / "heads.parquet").is_file()
+    (run / "mine.txt").unlink()
+    again = catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **kw)
+    assert len(again.prompts) == 2 and sorted(p.name for p in run.iterdir()) == sorted(
+        ["run.json", "parts", "heads.parquet", "prompts.parquet"])
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(CatchtagError, match="is a file, not a folder"):
+            catchtag.scan(model, tok, TEXTS, out=a_file, overwrite=overwrite, **kw)
+    assert a_file.read_text() == "x"
+
+
+def test_resume_does_not_depend_on_how_the_data_is_spelled(tiny_models, tmp_path):
+    model, tok = tiny_models("llama")
+    kw = dict(eps=EPS, min_rows=MIN_ROWS, progress=False, model_name="tiny:llama", out=tmp_path / "run")
+    first = catchtag.scan(model, tok, TEXTS, data_name="prompts.txt", **kw)
+    again = catchtag.scan(model, tok, TEXTS, data_name="./data/../prompts.txt", **kw)
+    assert again.heads.equals(first.heads)
+    with pytest.raises(CatchtagError, match="other settings"):
+        catchtag.scan(model, tok, TEXTS[:2], data_name="prompts.txt", **kw)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["toy", "--help"]])
+def test_help_and_models_load_no_torch(argv):
+    """`catchtag --help` and `catchtag models` answer without importing torch or transformers (they took 5-8 s)."""
+    code = ("import runpy, sys\nsys.argv = ['catchtag', *sys.argv[1:]]\ntry:\n    runpy.run_module('catchtag', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]
+
+
+def test_importing_catchtag_changes_no_global_state():
+    """Importing catchtag (figures included) keeps the caller's matplotlib backend, e.g. a notebook's inline one."""
+    code = ("import matplotlib, logging\nbefore = (matplotlib.get_backend(), logging.getLogger().level)\n"
+            "import catchtag\nfrom catchtag.report import figures, analysis_figures\nfrom catchtag.toy import figures as t\n"
+            "catchtag.scan, catchtag.toy.construct_model\n"
+            "assert (matplotlib.get_backend(), logging.getLogger().level) == before, (matplotlib.get_backend(), before)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "MPLBACKEND": "svg"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_cut_prompts_are_announced_and_recorded(tmp_path):
+    from catchtag.api import run_scan
+
+    data = tmp_path / "prompts.txt"
+    data.write_text("short one\n" + "a much longer prompt " * 20 + "\n")
+    with pytest.warns(UserWarning, match="1 of 2 prompt.*--max-tokens 16.*cut to 16"):
+        summary = run_scan("tiny:llama", str(data), tmp_path / "run", eps=EPS, min_rows=MIN_ROWS, max_tokens=16,
+                           figures=False, device="cpu")
+    assert summary["truncated"]["prompts"] == 1 and summary["truncated"]["tokens_cut"] > 100
+    assert summary["settings"]["max_tokens"] == 16
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["truncated"]["prompts"] == 1 and saved["settings"]["max_tokens"] == 16
+    for kw in (dict(max_tokens=-5), dict(chunk=0), dict(limit=0), dict(batch_size=0)):
+        with pytest.raises(CatchtagError, match=">= [01]"):
+            run_scan("tiny:llama", str(data), tmp_path / "bad", **kw)
+    assert not (tmp_path / "bad").exists()

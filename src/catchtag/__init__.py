@@ -5,22 +5,40 @@ Most users need two calls: ``load_model`` and ``scan``; each analysis is one fun
 
 __version__ = "0.1.0"
 
+import importlib
+
 from catchtag.errors import CatchtagError
-from catchtag.engine.request import ActivationRequest, SinkSettings
-from catchtag.models import available_models, load_model
-from catchtag.result import ScanResult
-from catchtag.scan import scan
-from catchtag.api import run_scan
-from catchtag.analysis.compare import compare_runs
-from catchtag.analysis.geometry import tag_geometry
-from catchtag.analysis.pca import pca_picture
-from catchtag.analysis.probes import HeadProbes, TagProbe, run_probe
-from catchtag.analysis.steering import answer_logprobs, run_steer, steering_curve
-from catchtag.analysis.sweep import SWEEP_EPS, sweep_table
-from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
-from catchtag.report.html import write_report
-from catchtag.report.viewer import token_view
-from catchtag import toy  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
+
+# Imported on first use (PEP 562), so that `import catchtag` and `catchtag --help` do not load torch and
+# transformers, and importing catchtag changes no global state.
+_LAZY = {
+    "ActivationRequest": "catchtag.engine.request", "SinkSettings": "catchtag.engine.request",
+    "available_models": "catchtag.models", "load_model": "catchtag.models",
+    "ScanResult": "catchtag.result", "scan": "catchtag.scan", "run_scan": "catchtag.api",
+    "compare_runs": "catchtag.analysis.compare", "tag_geometry": "catchtag.analysis.geometry",
+    "pca_picture": "catchtag.analysis.pca", "HeadProbes": "catchtag.analysis.probes",
+    "TagProbe": "catchtag.analysis.probes", "run_probe": "catchtag.analysis.probes",
+    "answer_logprobs": "catchtag.analysis.steering", "run_steer": "catchtag.analysis.steering",
+    "steering_curve": "catchtag.analysis.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
+    "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
+    "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",
+    "token_view": "catchtag.report.viewer",
+}
+
+
+def __getattr__(name: str):
+    if name == "toy":  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
+        return importlib.import_module("catchtag.toy")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'catchtag' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"toy"})
+
 
 __all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "SWEEP_EPS", "ScanResult", "SinkSettings", "TagProbe",
            "answer_logprobs", "available_models", "compare_runs", "kind_shares", "load_model", "pca_picture",

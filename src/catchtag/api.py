@@ -81,6 +81,13 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     return None. device_map="auto" splits a model too large for one GPU over the visible GPUs (accelerate).
     """
     SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps))  # bad thresholds fail before loading
+    if max_tokens is not None and max_tokens < 0:
+        raise CatchtagError(f"--max-tokens must be >= 0 (0: no limit), got {max_tokens}. Fix: e.g. --max-tokens 256")
+    for flag, value in (("--chunk", chunk), ("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise CatchtagError(f"{flag} must be a whole number >= 1, got {value}. Fix: e.g. {flag} 256"
+                                if flag != "--batch-size" else f"--batch-size must be >= 1, got {value}. Fix: e.g. "
+                                f"--batch-size 8")
     started = time.perf_counter()
     device = resolve_device(device)
     dist = init(device)
@@ -90,7 +97,7 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     load_seconds = time.perf_counter() - started
     prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, chunk=chunk, truncate=truncate,
                            limit=limit)
-    result = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, sweep_eps=sweep_eps,
+    result = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, sweep_eps=sweep_eps, max_tokens=max_tokens,
                   batch_size=batch_size, out=out, overwrite=overwrite, model_name=model, data_name=data,
                   dist=dist)
     finish(dist)
@@ -100,6 +107,8 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     summary = {"model": model, "model_class": type(net).__name__, "data": data,
                "settings": result.settings, "versions": versions(), "result": result.summary(),
                "seconds": result.settings["seconds"], "load_seconds": load_seconds,
+               "truncated": {"prompts": sum(1 for p in prompts if p.n_cut), "tokens_cut": sum(p.n_cut for p in prompts),
+                             "max_tokens": max_tokens, "chunk": chunk},
                "wall_seconds": time.perf_counter() - started}
     write_json(out / "summary.json", summary)
     if figures:

@@ -57,7 +57,9 @@ def scan(
     out: Path = typer.Option(..., "--out", "-o", help="run folder (resumes if it holds the same run)"),
     eps: float = typer.Option(0.2, help="sink threshold on the column score"),
     min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
-    max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt (long texts are cut into such chunks)"),
+    max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt: longer prompts are cut to this many "
+                                             "(announced, and counted in summary.json); builtin corpora are cut "
+                                             "into prompts of this size; 0: no limit"),
     chunk: Optional[int] = typer.Option(None, help="cut the whole data into prompts of this many tokens"),
     limit: Optional[int] = typer.Option(None, help="use only the first K prompts"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
@@ -95,7 +97,7 @@ def scan(
     typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else " and figures/*.png"))
 
 
-# ---- analyses (spec sections 4 and 6) --------------------------------------------------------------------------
+# ---- analyses (the paper's Sections 3-5) --------------------------------------------------------------------------
 _MODEL = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path")
 _TEXT = typer.Option(None, "--text", "-t", help="the prompt (default: prompt --prompt of --data)")
 _TEXT_FILE = typer.Option(None, "--text-file", help="read the prompt from this file")
@@ -257,7 +259,7 @@ def view(
     typer.echo(f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)")
 
 
-# ---- probes and steering (spec section 5) ----------------------------------------------------------------
+# ---- probes and steering (docs/method.md) ----------------------------------------------------------------
 def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     """'20.3,21.0' -> [(20, 3), (21, 0)]."""
     if not text:

@@ -11,10 +11,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from catchtag.errors import CatchtagError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,8 @@ def _finish(model, tokenizer, device, dtype, device_map=None):
 
 def resolve_device(device: str | torch.device | None = "auto") -> str:
     """"auto" (or None) -> "cuda" when a CUDA GPU is visible, else "cpu"; any other name is checked to exist here."""
+    import torch  # here, not at module level: `catchtag models` and --help must not load it
+
     if device is None or str(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     name = str(device)
@@ -241,6 +245,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    import torch  # here, not at module level: `catchtag models` and --help must not load it
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -265,6 +271,8 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
     "balanced_low_0", "sequential" or a dict also work); the engine computes each layer's statistics where
     that layer lives.
     """
+    import torch  # here, not at module level: `catchtag models` and --help must not load it
+
     from transformers import AutoModelForCausalLM
 
     if not name or not isinstance(name, str):

@@ -126,6 +126,13 @@ def _batch_activations(cap, request, hidden, prompts):
     return acts, positions, layers, hidden_out
 
 
+# What a scan writes into its folder (--overwrite removes these and nothing else).
+RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "summary.json", "figures")
+# Fingerprint keys that only name the run's inputs: the same prompts (prompts_sha1) are the same run however the
+# data file is spelled, so these never block a resume.
+SPELLING_ONLY = ("data",)
+
+
 class RunFolder:
     """A scan's folder: run.json (what was asked), parts/ (one file per finished batch), final tables."""
 
@@ -136,9 +143,7 @@ class RunFolder:
         manifest = self.folder / "run.json"
         if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
             if overwrite and self.folder.exists():
-                import shutil
-
-                shutil.rmtree(self.folder)
+                self._discard()
             self._check(manifest, fingerprint)
             self.parts.mkdir(parents=True, exist_ok=True)
             _write_atomic(manifest, json.dumps(fingerprint, indent=1))
@@ -148,9 +153,36 @@ class RunFolder:
         if not dist.is_main:
             self._check(manifest, fingerprint)
 
+    def _discard(self) -> None:
+        """--overwrite: remove what a scan wrote into this folder, and nothing else. A folder that is not a
+        catchtag run, or that holds files a scan did not write, is refused and left as it is."""
+        import shutil
+
+        if not self.folder.is_dir():
+            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
+        if not (self.folder / "run.json").is_file():
+            if any(self.folder.iterdir()):
+                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run (no run.json), so "
+                                    f"nothing in it was removed. Fix: choose an empty or new --out")
+            return
+        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise CatchtagError(f"--overwrite refused: {self.folder} also holds files a scan did not write "
+                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
+                                f"removed. Fix: move them away, or choose another --out")
+        for name in RUN_ENTRIES:
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
     def _check(self, manifest: Path, fingerprint: dict) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
         if manifest.is_file():
-            old = json.loads(manifest.read_text())
+            old = {k: v for k, v in json.loads(manifest.read_text()).items() if k not in SPELLING_ONLY}
+            fingerprint = {k: v for k, v in fingerprint.items() if k not in SPELLING_ONLY}
             if old != fingerprint:
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise CatchtagError(f"{self.folder} holds a run with other settings ({', '.join(changed)} differ). "
@@ -235,7 +267,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     """Detect sinks and decompose every head of ``model`` on ``texts``.
 
     texts: a string, a list of strings, or a list of ``Prompt`` (already tokenised). eps / min_rows: sink
-    threshold and minimum rows per column (spec section 1). sweep_eps: extra thresholds computed in the
+    threshold and minimum rows per column (docs/method.md). sweep_eps: extra thresholds computed in the
     same pass (ScanResult.sweep). request: per-token activations, attention maps or hidden states to keep.
     out: a run folder to save into as it goes; rerunning with the same arguments resumes.
     dist: under torchrun, this rank's place (catchtag.distributed.init()); each rank scans its shard into

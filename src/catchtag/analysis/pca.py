@@ -1,4 +1,4 @@
-"""Release pictures (spec section 4, the paper's Fig. 2): one head's outputs per token, coloured by their top
+"""Release pictures (the paper's Fig. 2): one head's outputs per token, coloured by their top
 three principal components as R, G, B; the head's attention map with its sinks; and the residual stream
 several layers deeper, projected the same way, with each token labelled by the sink that tagged it.
 

@@ -1,4 +1,4 @@
-"""Probes (spec section 5): do the tags carry the answer?
+"""Probes (docs/method.md): do the tags carry the answer?
 
 Few-shot prompts end where the model must answer ("... This statement is:"). At that last token every
 (layer, head) gives three residual-stream activations: full (W_O^h o), tag-only (W_O^h tag) and non-tag
@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 
 from catchtag.errors import CatchtagError
-from catchtag.report.figures import save_figure  # noqa: E402
+from catchtag.report.figures import new_figure, save_figure  # noqa: E402
 
 KINDS = ("full", "tag", "nontag")
 DEFAULT_CS = tuple(np.logspace(-3, 3, 7))
 
-#: published tag-probe accuracies (spec section 5: paper Table 1 and the rebuttal), for side-by-side tables
+#: published tag-probe accuracies (paper Table 1 and the authors' rebuttal), for side-by-side tables
 PUBLISHED = {
     "truth": "cities true/false, Qwen2.5 3B/7B/14B, Llama-3 8B, Llama-3.1 8B: tag probe 92.5%-99.5%, non-tag near "
              "chance on the selected heads, tag can beat full; Qwen3 8B / 14B: tag probe 100% / 87%",
@@ -422,12 +422,11 @@ def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     layers = sorted(table["layer"].unique())
     heads = sorted(table["head"].unique())
-    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.3 * len(heads) + 0.9) + 1.4, 0.2 * len(layers) + 1.9),
+    fig, axes = new_figure(1, 3, figsize=(3 * (0.3 * len(heads) + 0.9) + 1.4, 0.2 * len(layers) + 1.9),
                              sharey=True, layout="constrained")
     titles = {"tag": "tag-only probe", "nontag": "non-tag probe", "full": "full-output probe"}
     for ax, kind in zip(axes, ("tag", "nontag", "full")):

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from catchtag.errors import CatchtagError
-from catchtag.report.figures import save_figure  # noqa: E402
+from catchtag.report.figures import new_figure, save_figure  # noqa: E402
 
 DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
 
@@ -224,10 +224,9 @@ def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prom
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     heads = table[["layer", "head"]].drop_duplicates().to_numpy().tolist()
-    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.6), squeeze=False, sharey=True)
+    fig, axes = new_figure(1, len(heads), figsize=(4.2 * len(heads), 3.6), squeeze=False, sharey=True)
     labels = summary.get("labels", ["label 0", "label 1"])
     for ax, (layer, head) in zip(axes[0], heads):
         sub = table[(table["layer"] == layer) & (table["head"] == head)]

@@ -1,4 +1,4 @@
-"""Threshold sweep (spec section 6): mean sinks per head vs mean VE as eps goes from 0.03 to 0.4.
+"""Threshold sweep (docs/method.md): mean sinks per head vs mean VE as eps goes from 0.03 to 0.4.
 
 All thresholds come from one forward pass: ``scan(..., sweep_eps=SWEEP_EPS)`` evaluates the nested sink sets
 of every eps at once and fills ``ScanResult.sweep``; this module only aggregates that table.
@@ -12,7 +12,7 @@ from catchtag.errors import CatchtagError
 
 SWEEP_EPS = (0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4)
 
-# Published (spec section 6, an 8B model): eps -> (mean sinks per head, mean VE)
+# Published (the paper, an 8B model): eps -> (mean sinks per head, mean VE)
 PUBLISHED_8B = {0.03: (5.3, 0.45), 0.2: (1.07, 0.32), 0.4: (0.81, 0.27)}
 
 

@@ -22,6 +22,7 @@ class Prompt:
     prompt_id: int
     input_ids: list[int]
     text: str = ""
+    n_cut: int = 0  # tokens cut off the end (--max-tokens or the model's context)
 
 
 def prose_corpus() -> str:
@@ -167,23 +168,28 @@ def tokenize_prompts(texts: Sequence[str], tokenizer, *, max_tokens: int | None 
         prompts = [Prompt(i, bos + w, "") for i, w in enumerate(windows)]
     else:
         prompts = []
-        too_long = 0
+        too_long = cut_to_max = 0
         for i, t in enumerate(texts):
             if limit is not None and i >= limit:
                 break
             ids = tokenizer(t)["input_ids"]
+            n_full = len(ids)
             if context and len(ids) > context:
                 if not truncate:
                     raise CatchtagError(f"prompt {i} has {len(ids)} tokens, longer than the model's context "
                                         f"({context}). Fix: shorten it, or allow truncation (drop --no-truncate)")
                 too_long += 1
                 ids = ids[:context]
-            if max_tokens:
+            if max_tokens and len(ids) > max_tokens:
+                cut_to_max += 1
                 ids = ids[:max_tokens]
-            prompts.append(Prompt(i, ids, t))
+            prompts.append(Prompt(i, ids, t, n_cut=n_full - len(ids)))
         if too_long:
             warnings.warn(f"{too_long} prompt(s) were longer than the model's context ({context} tokens) and were "
                           f"truncated; pass --no-truncate to refuse them instead", stacklevel=2)
+        if cut_to_max:
+            warnings.warn(f"{cut_to_max} of {len(prompts)} prompt(s) were longer than --max-tokens {max_tokens} and "
+                          f"were cut to {max_tokens} tokens", stacklevel=2)
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:

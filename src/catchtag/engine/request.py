@@ -18,7 +18,7 @@ Positions = Union[str, Sequence[int]]  # "last", "all", or prompt positions (0-b
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """Sink detection and variance-explained settings (spec sections 1 and 3).
+    """Sink detection and variance-explained settings (docs/method.md).
 
     eps: a column is a sink when its score (mean attention from the rows that can see it) exceeds eps.
     min_rows: only columns seen by at least this many rows can be sinks (late columns are noisy).

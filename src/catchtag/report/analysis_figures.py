@@ -1,18 +1,14 @@
-"""Figures of the analyses (pca, compare, sweep, taxonomy, geometry): matplotlib Agg, one PNG each."""
+"""Figures of the analyses (pca, compare, sweep, taxonomy, geometry): one PNG each, drawn outside pyplot."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from catchtag.report.figures import save_figure  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
+from catchtag.report.figures import new_figure, save_figure
 
 SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 RUN_COLORS = ["#3b6ea8", "#c0504d", "#6a9f58", "#8064a2", "#f79646", "#4bacc6"]
@@ -58,7 +54,7 @@ def pca_figure(pic, path) -> Path:
     n_chars = sum(max(1, len(_show_token(t))) for t in pic.tokens)
     lines = max(2, int(np.ceil(n_chars / (width * 0.92))))
     text_h = 0.19 * lines + 0.6
-    fig = plt.figure(figsize=(13, 2 * text_h + 4.4))
+    fig, _ = new_figure(figsize=(13, 2 * text_h + 4.4), subplots=False)
     gs = fig.add_gridspec(3, 3, height_ratios=[text_h, 4.0, text_h], hspace=0.55, wspace=0.3)
     sink_col = {g: SINK_COLORS[g % len(SINK_COLORS)] for g in range(len(pic.sinks))}
     outline = [sink_col.get(int(g)) if g >= 0 else None for g in pic.tagged_by]
@@ -117,7 +113,7 @@ def compare_figure(cmp, path) -> Path:
     """Sinks per head (violin), VE per head (box), share of heads with VE above the level, per-layer means."""
     runs = list(cmp.summary["run"])
     ph, pl = cmp.per_head, cmp.per_layer
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.7, 1.5]})
+    fig, axes = new_figure(1, 4, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.7, 1.5]})
     colors = {r: RUN_COLORS[i % len(RUN_COLORS)] for i, r in enumerate(runs)}
     data = [ph.loc[ph["run"] == r, "sinks"].to_numpy() for r in runs]
     parts = axes[0].violinplot(data, showmeans=True, showextrema=True)
@@ -169,7 +165,7 @@ def sweep_figure(table, path, published: dict | None = None) -> Path:
     from catchtag.analysis.sweep import PUBLISHED_8B
 
     published = PUBLISHED_8B if published is None else published
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax2) = new_figure(1, 2, figsize=(12, 4.5))
     for i, (run, g) in enumerate(table.groupby("run", sort=False)):
         c = RUN_COLORS[i % len(RUN_COLORS)]
         ax.plot(g["mean_sinks_per_head"], g["mean_ve"], "o-", color=c, label=f"{run}: all heads", ms=4)
@@ -210,7 +206,7 @@ def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
     from catchtag.analysis.taxonomy import KINDS
 
     n = len(tables)
-    fig, axes = plt.subplots(n, 2, figsize=(13, 3.2 + 0.18 * top * n), squeeze=False,
+    fig, axes = new_figure(n, 2, figsize=(13, 3.2 + 0.18 * top * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1.6, 1]})
     kind_colors = dict(zip(KINDS, ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"]))
     for row, (run, (tokens, kinds)) in enumerate(tables.items()):
@@ -257,7 +253,7 @@ def geometry_figure(geoms: dict, path) -> Path:
     from catchtag.analysis.geometry import PAIR_KINDS
 
     n = len(geoms)
-    fig, axes = plt.subplots(n, 3, figsize=(14, 3.4 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 1]})
+    fig, axes = new_figure(n, 3, figsize=(14, 3.4 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 1]})
     bins = np.linspace(-1, 1, 81)
     for row, (run, g) in enumerate(geoms.items()):
         ax = axes[row, 0]

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from catchtag.result import ScanResult
 
-from catchtag.result import ScanResult  # noqa: E402
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, subplots: bool = True, **subplot_kw):
+    """(figure, axes) as ``pyplot.subplots`` makes them, but outside pyplot: no backend is chosen or switched
+    (importing catchtag leaves a notebook's inline backend alone), and no global figure list holds them."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return (fig, fig.subplots(nrows, ncols, **subplot_kw)) if subplots else (fig, None)
 
 
 def save_figure(fig, path, dpi: int = 110) -> Path:
-    """Write a figure as PNG (creating its folder) and close it: the one way every figure is saved."""
+    """Write a figure as PNG (creating its folder): the one way every figure is saved."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
@@ -29,7 +32,7 @@ def _title(result: ScanResult, what: str) -> str:
 
 def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str = "viridis", vmax=None) -> Path:
     table = result.head_means(column)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * table.shape[1] + 2.5), max(3.5, 0.22 * table.shape[0] + 1.5)))
+    fig, ax = new_figure(figsize=(max(4, 0.45 * table.shape[1] + 2.5), max(3.5, 0.22 * table.shape[0] + 1.5)))
     im = ax.imshow(table.values, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
@@ -45,7 +48,7 @@ def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str =
 def ve_distribution(result: ScanResult, path: Path) -> Path:
     h = result.heads
     with_sinks = h.loc[h["n_sinks"] > 0, "ve"].to_numpy()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = new_figure(1, 2, figsize=(10, 3.8))
     ax1.hist(with_sinks, bins=np.linspace(0, 1, 41), color="#3b6ea8")
     ax1.set_xlabel("variance explained by the tag (heads with >= 1 sink)")
     ax1.set_ylabel("(prompt, layer, head) count")
@@ -66,7 +69,7 @@ def ve_distribution(result: ScanResult, path: Path) -> Path:
 
 def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
     counts = result.sink_token_counts().head(top)
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.28 * len(counts) + 1)))
+    fig, ax = new_figure(figsize=(7, max(3, 0.28 * len(counts) + 1)))
     labels = [repr(t) for t in counts["token"]]
     ax.barh(range(len(counts)), counts["count"], color="#6a9f58")
     ax.set_yticks(range(len(counts)))

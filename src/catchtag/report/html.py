@@ -106,7 +106,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, mode
               _figure(fig, "(a) Distribution over heads of the mean number of sinks per head (mean over prompts); "
                            "(b) the same for the variance explained by tags (VE; heads without a sink count as 0); "
                            "(c) share of (prompt, layer, head) with VE above 0.3; (d) means per layer against "
-                           "relative depth, VE solid and sinks dashed. Published (spec §6): QK-norm Qwen3 keeps "
+                           "relative depth, VE solid and sinks dashed. Published (paper): QK-norm Qwen3 keeps "
                            "~1.03 sinks per head with VE ~0.25."),
               _table(cmp.summary)]
     # sweep

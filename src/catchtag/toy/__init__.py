@@ -1,35 +1,29 @@
 """The minimal problem of Section 7: averaging after [SEP], where catch, tag, release provably works
-(Theorem 7.1, ``construct_model``) and emerges by training (``train_seeds``, ``success_table``)."""
+(Theorem 7.1, ``construct_model``) and emerges by training (``train_seeds``, ``success_table``).
 
-from catchtag.toy.model import ToyAttentionModel, ToyConfig, construct_model
-from catchtag.toy.task import Batch, TaskConfig, make_batch, min_length
-from catchtag.toy.train import (
-    RECIPES,
-    SeedResults,
-    TrainConfig,
-    make_recipe,
-    mechanism_metrics,
-    recipe_model_options,
-    success_table,
-    train_model,
-    train_seeds,
-)
+Names are imported on first use (PEP 562), so that ``catchtag toy --help`` does not load torch."""
 
-__all__ = [
-    "Batch",
-    "RECIPES",
-    "SeedResults",
-    "TaskConfig",
-    "ToyAttentionModel",
-    "ToyConfig",
-    "TrainConfig",
-    "construct_model",
-    "make_batch",
-    "make_recipe",
-    "mechanism_metrics",
-    "recipe_model_options",
-    "min_length",
-    "success_table",
-    "train_model",
-    "train_seeds",
-]
+import importlib
+
+_LAZY = {
+    "ToyAttentionModel": "catchtag.toy.model", "ToyConfig": "catchtag.toy.model", "construct_model": "catchtag.toy.model",
+    "Batch": "catchtag.toy.task", "TaskConfig": "catchtag.toy.task", "make_batch": "catchtag.toy.task",
+    "min_length": "catchtag.toy.task",
+    **{name: "catchtag.toy.train" for name in ("RECIPES", "SeedResults", "TrainConfig", "make_recipe",
+                                               "mechanism_metrics", "recipe_model_options", "success_table",
+                                               "train_model", "train_seeds")},
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'catchtag.toy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 toy_app = typer.Typer(
@@ -84,6 +83,8 @@ def construct(
         ex = int((batch.types.shape[1] - batch.sep).argmax()) if v == "single" else 0
         plot_attention(construct_model(show_tag, v), batch, out / f"construct_attention_{v}.png", index=ex,
                        title=f"construction, {v}, tag={show_tag:g}")
+    import pandas as pd
+
     df = pd.DataFrame(rows)
     df.to_csv(out / "construct.csv", index=False)
     plot_construct_error(df, out / "construct_error.png")
@@ -91,7 +92,7 @@ def construct(
     typer.echo(f"wrote {out}/construct.csv and PNGs")
 
 
-def _print_rows(df: pd.DataFrame) -> None:
+def _print_rows(df) -> None:
     cols = [c for c in ["seed", "r2", "success", "sink_mass", "release_mass", "release_entropy", "sink2_mass",
                         "sink_between_mass", "between_mass", "between_entropy", "r2_tag_removed", "tag_share",
                         "r2_tag2_removed", "tag2_share", "mechanism", "tag_causal", "tag", "seconds"] if c in df]

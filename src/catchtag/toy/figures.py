@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from catchtag.toy.task import SEP, SEP2, Batch  # noqa: E402
-from catchtag.report.figures import save_figure  # noqa: E402
+from catchtag.toy.task import SEP, SEP2, Batch
+from catchtag.report.figures import new_figure, save_figure
 
 
 def _labels(batch: Batch, i: int) -> list[str]:
@@ -31,7 +27,7 @@ def plot_attention(model, batch: Batch, path: str | Path, index: int = 0, title:
     H = attn[0].shape[0]
     labels = _labels(batch, index)
     L = len(labels)
-    fig, axes = plt.subplots(2, H, figsize=(3.1 * H + 0.6, 5.8), squeeze=False)
+    fig, axes = new_figure(2, H, figsize=(3.1 * H + 0.6, 5.8), squeeze=False)
     for li, a in enumerate(attn):
         for h in range(H):
             ax = axes[li][h]
@@ -52,7 +48,7 @@ def plot_attention(model, batch: Batch, path: str | Path, index: int = 0, title:
 
 def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
     """Error of the explicit construction against the tag value (log scale)."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    fig, ax = new_figure(figsize=(4.2, 3.0))
     for v, g in df.groupby("variant"):
         ax.semilogy(g["tag"], g["rmse"].clip(lower=1e-12), "o-", label=v, ms=3)
     ax.set_xlabel("tag value")
@@ -65,7 +61,7 @@ def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
 
 def plot_seeds(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Per seed: held-out R^2 against layer-1 sink mass (the mechanism and the success go together)."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    fig, ax = new_figure(figsize=(4.2, 3.0))
     r2 = df["r2"].clip(lower=-0.1)
     c = ["tab:green" if s else "tab:red" for s in df["success"]]
     ax.scatter(df["sink_mass"], r2, c=c, s=18)
