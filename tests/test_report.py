@@ -164,3 +164,16 @@ def test_report_without_per_token(runs, tmp_path, monkeypatch):
     out = write_report(runs, tmp_path / "r.html", per_token=False)
     assert "Release pictures" not in out.read_text() and "Threshold sweep" in out.read_text()
     assert list(scratch.iterdir()) == [], "the report's figure folder is removed afterwards"
+
+
+def test_scan_result_shows_itself_in_a_notebook(runs):
+    """A ScanResult as the last line of a notebook cell: its summary and the layer x head VE map, inline."""
+    import base64
+    import re
+
+    from catchtag import ScanResult
+
+    page = ScanResult.load(runs[0])._repr_html_()
+    assert "catchtag ScanResult" in page and "mean_ve" in page and "3 layers" in page
+    png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -333,8 +333,10 @@ def test_help_and_models_load_no_torch(argv):
 def test_importing_catchtag_changes_no_global_state():
     """Importing catchtag (figures included) keeps the caller's matplotlib backend, e.g. a notebook's inline one."""
     code = ("import matplotlib, logging\nbefore = (matplotlib.get_backend(), logging.getLogger().level)\n"
-            "import catchtag\nfrom catchtag.report import figures, analysis_figures\nfrom catchtag.toy import figures as t\n"
-            "catchtag.scan, catchtag.toy.construct_model\n"
+            "from catchtag.scan import _decoder\nimport catchtag, types\n"
+            "from catchtag.report import figures, analysis_figures\nfrom catchtag.toy import figures as t\n"
+            "assert callable(catchtag.scan) and not isinstance(catchtag.scan, types.ModuleType)\n"
+            "assert isinstance(catchtag.toy, types.ModuleType) and catchtag.toy.construct_model\n"
             "assert (matplotlib.get_backend(), logging.getLogger().level) == before, (matplotlib.get_backend(), before)\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -5,12 +5,10 @@ Most users need two calls: ``load_model`` and ``scan``; each analysis is one fun
 
 __version__ = "0.1.0"
 
-import importlib
-
 from catchtag.errors import CatchtagError
+from catchtag.lazy import lazy_exports
 
-# Imported on first use (PEP 562), so that `import catchtag` and `catchtag --help` do not load torch and
-# transformers, and importing catchtag changes no global state.
+# Imported on first use, so that `import catchtag` and `catchtag --help` do not load torch and transformers.
 _LAZY = {
     "ActivationRequest": "catchtag.engine.request", "SinkSettings": "catchtag.engine.request",
     "available_models": "catchtag.models", "load_model": "catchtag.models",
@@ -23,22 +21,9 @@ _LAZY = {
     "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
     "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",
     "token_view": "catchtag.report.viewer",
+    "toy": "catchtag.toy:",  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
 }
-
-
-def __getattr__(name: str):
-    if name == "toy":  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
-        return importlib.import_module("catchtag.toy")
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'catchtag' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | {"toy"})
-
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 __all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "SWEEP_EPS", "ScanResult", "SinkSettings", "TagProbe",
            "answer_logprobs", "available_models", "compare_runs", "kind_shares", "load_model", "pca_picture",

@@ -49,6 +49,22 @@ def resolve_model(model, device: str = "auto", dtype: str = "auto"):
     return model, net, tok
 
 
+def check_file_out(out) -> None:
+    """An --out that must be a file: refuse a folder before any work is done."""
+    if Path(out).is_dir():
+        raise CatchtagError(f"--out {out} is a folder; this command writes one HTML file. Fix: e.g. --out "
+                            f"{Path(out) / 'page.html'}")
+
+
+def check_head(net, layer, head, layer_flag: str = "--layer") -> None:
+    """--layer/--head inside the model, or one line saying what the model has."""
+    n_layers, n_heads = net.config.num_hidden_layers, net.config.num_attention_heads
+    if layer is not None and not 0 <= layer < n_layers:
+        raise CatchtagError(f"{layer_flag} {layer} is out of range: the model has layers 0-{n_layers - 1}")
+    if head is not None and not 0 <= head < n_heads:
+        raise CatchtagError(f"--head {head} is out of range: the model has heads 0-{n_heads - 1}")
+
+
 def resolve_text(tokenizer, net, text: str | None = None, text_file: str | None = None,
                  data: str = "builtin:prose", prompt: int = 0, max_tokens: int | None = 256):
     """The one prompt to analyse: --text, else --text-file, else prompt number ``prompt`` of ``data`` (cut to
@@ -126,6 +142,9 @@ def run_pca(model="smollm2-135m", out="runs/pca", *, text=None, text_file=None, 
     from catchtag.report.analysis_figures import pca_figure
 
     name, net, tok = resolve_model(model, device, dtype)
+    check_head(net, layer, head)
+    if deeper is not None:
+        check_head(net, deeper, None, layer_flag="--deeper")
     p = resolve_text(tok, net, text, text_file, data, prompt, max_tokens)
     pic = pca_picture(net, tok, p, layer=layer, head=head, deeper=deeper, eps=eps, min_rows=min_rows,
                       tag_level=tag_level, name=name)
@@ -227,7 +246,9 @@ def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None
 
     if (layer is None) != (head is None):
         raise CatchtagError("give both --layer and --head, or neither")
+    check_file_out(out)
     name, net, tok = resolve_model(model, device, dtype)
+    check_head(net, layer, head)
     p = resolve_text(tok, net, text, text_file, data, prompt, max_tokens)
     path = token_view(net, tok, p, out, eps=eps, min_rows=min_rows, name=name,
                       start=None if layer is None else (layer, head))
@@ -237,5 +258,6 @@ def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None
 def run_report(runs, out="report.html", *, per_token=True, text=None, prompt=0, device="auto") -> dict:
     from catchtag.report.html import write_report
 
+    check_file_out(out)
     path = write_report(runs, out, per_token=per_token, text=text, prompt=prompt, device=device)
     return {"out": str(path), "bytes": Path(path).stat().st_size}

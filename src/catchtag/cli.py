@@ -350,7 +350,16 @@ def steer(
     typer.echo(f"wrote {report.get('out', '')}steering.parquet, steering.json ({report['seconds']:.0f} s)")
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def main() -> None:
+    import os
+    import warnings
+
+    warnings.showwarning = _warn_in_one_line  # one clean line each, not Python's file:line report
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its tokenizer-length notices are not the user's concern
     try:
         app()
     except KeyboardInterrupt:

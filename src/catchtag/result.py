@@ -93,6 +93,24 @@ class ScanResult:
             "top_sink_tokens": [[t, int(c)] for t, c in zip(top["token"], top["count"])],
         }
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the summary and the layer x head map of mean VE, inline."""
+        import base64
+        import html
+        import io
+
+        from catchtag.report.figures import ve_heatmap_figure
+
+        summary = self.summary()
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_short(v))}</td></tr>"
+                       for k, v in summary.items())
+        buf = io.BytesIO()
+        ve_heatmap_figure(self).savefig(buf, format="png", dpi=80)
+        img = base64.b64encode(buf.getvalue()).decode()
+        name = html.escape(str(self.settings.get("model", "")))
+        return (f"<div><b>catchtag ScanResult</b> {name}: {len(self.prompts)} prompts x {self.n_layers} layers x "
+                f"{self.n_heads} heads<table>{rows}</table><img src='data:image/png;base64,{img}'/></div>")
+
     # ---- saving and loading --------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -116,3 +134,11 @@ class ScanResult:
         sweep = pd.read_parquet(folder / "sweep.parquet") if (folder / "sweep.parquet").is_file() else None
         return cls(heads=pd.read_parquet(folder / "heads.parquet"), prompts=pd.read_parquet(folder / "prompts.parquet"),
                    settings=settings, sweep=sweep)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(str(v[0]) if isinstance(v, (list, tuple)) else str(v) for v in value[:8])
+    return str(value)

@@ -106,6 +106,14 @@ def chunk_ids(ids: Sequence[int], size: int) -> list[list[int]]:
     return chunks
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CatchtagError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). Fix: save it as UTF-8, "
+                            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None
+
+
 def read_texts(data: str) -> tuple[list[str], bool]:
     """The raw texts of DATA, and whether they form one long text (meant to be chunked)."""
     if data.startswith("builtin:") and data.split(":", 1)[1] in LABELLED:
@@ -118,7 +126,7 @@ def read_texts(data: str) -> tuple[list[str], bool]:
                             f"({', '.join('builtin:' + n for n in BUILTINS)})")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -136,7 +144,7 @@ def read_texts(data: str) -> tuple[list[str], bool]:
             raise CatchtagError(f"{path} holds no prompts. Give it one JSON object with a 'text' field per line")
         return texts, False
     if path.suffix in (".txt", ".text", ".md", ""):
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line for line in _read_utf8(path).splitlines() if line.strip()]
         if not texts:
             raise CatchtagError(f"{path} is empty. Give it one prompt per line (or a long text with --chunk)")
         return texts, False

@@ -31,6 +31,15 @@ def _title(result: ScanResult, what: str) -> str:
 
 
 def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str = "viridis", vmax=None) -> Path:
+    return save_figure(heatmap_figure(result, column, label, cmap, vmax), path)
+
+
+def ve_heatmap_figure(result: ScanResult):
+    """The layer x head map of mean VE (also what a ScanResult shows in a notebook)."""
+    return heatmap_figure(result, "ve", "mean VE", vmax=1)
+
+
+def heatmap_figure(result: ScanResult, column: str, label: str, cmap: str = "viridis", vmax=None):
     table = result.head_means(column)
     fig, ax = new_figure(figsize=(max(4, 0.45 * table.shape[1] + 2.5), max(3.5, 0.22 * table.shape[0] + 1.5)))
     im = ax.imshow(table.values, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
@@ -42,7 +51,7 @@ def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str =
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(_title(result, f"{label} per layer and head"), fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def ve_distribution(result: ScanResult, path: Path) -> Path:

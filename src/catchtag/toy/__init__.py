@@ -3,7 +3,7 @@
 
 Names are imported on first use (PEP 562), so that ``catchtag toy --help`` does not load torch."""
 
-import importlib
+from catchtag.lazy import lazy_exports
 
 _LAZY = {
     "ToyAttentionModel": "catchtag.toy.model", "ToyConfig": "catchtag.toy.model", "construct_model": "catchtag.toy.model",
@@ -13,17 +13,5 @@ _LAZY = {
                                                "mechanism_metrics", "recipe_model_options", "success_table",
                                                "train_model", "train_seeds")},
 }
-
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'catchtag.toy' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
