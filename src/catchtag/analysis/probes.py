@@ -28,17 +28,12 @@ import numpy as np
 import pandas as pd
 
 from catchtag.errors import CatchtagError
+from catchtag.published import PROBES as PUBLISHED_PROBES
 from catchtag.report.figures import new_figure, save_figure  # noqa: E402
 
 KINDS = ("full", "tag", "nontag")
 DEFAULT_CS = tuple(np.logspace(-3, 3, 7))
 
-#: published tag-probe accuracies (paper Table 1 and the authors' rebuttal), for side-by-side tables
-PUBLISHED = {
-    "truth": "cities true/false, Qwen2.5 3B/7B/14B, Llama-3 8B, Llama-3.1 8B: tag probe 92.5%-99.5%, non-tag near "
-             "chance on the selected heads, tag can beat full; Qwen3 8B / 14B: tag probe 100% / 87%",
-    "sentiment": "SST-2 style sentences (rebuttal): tag probe 86.5%-94.0%",
-}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,7 +383,7 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
         "mean_test_accuracy": {k: float(table[table["kind"] == k]["test_accuracy"].mean()) for k in KINDS},
         "selection": {"top": top, "min_tag_cv": min_tag, "max_nontag_cv": max_nontag, "on": "train-split CV accuracy"},
         "selected_heads": selected.to_dict(orient="records"),
-        "published": PUBLISHED[task],
+        "published": PUBLISHED_PROBES[task],
         "seconds": {"load": load_seconds, "scan": scan_seconds, "model_answers": answer_seconds, "probes": probe_seconds},
         "n_probes": len(table),
     }

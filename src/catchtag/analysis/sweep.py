@@ -12,9 +12,6 @@ from catchtag.errors import CatchtagError
 
 SWEEP_EPS = (0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4)
 
-# Published (the paper, an 8B model): eps -> (mean sinks per head, mean VE)
-PUBLISHED_8B = {0.03: (5.3, 0.45), 0.2: (1.07, 0.32), 0.4: (0.81, 0.27)}
-
 
 def sweep_table(result) -> pd.DataFrame:
     """One row per eps: mean sinks per head, share of heads with a sink, mean VE over all heads and over heads

@@ -8,6 +8,7 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
+from catchtag.published import TAG_COSINE_BAND, TAG_TOKEN_COSINE_RANGE
 from catchtag.report.figures import new_figure, save_figure
 
 SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -162,9 +163,9 @@ def compare_figure(cmp, path) -> Path:
 
 def sweep_figure(table, path, published: dict | None = None) -> Path:
     """Mean sinks per head vs mean VE as eps varies, one curve per run; eps written at the points."""
-    from catchtag.analysis.sweep import PUBLISHED_8B
+    from catchtag.published import SWEEP_8B
 
-    published = PUBLISHED_8B if published is None else published
+    published = SWEEP_8B if published is None else published
     fig, (ax, ax2) = new_figure(1, 2, figsize=(12, 4.5))
     for i, (run, g) in enumerate(table.groupby("run", sort=False)):
         c = RUN_COLORS[i % len(RUN_COLORS)]
@@ -266,7 +267,7 @@ def geometry_figure(geoms: dict, path) -> Path:
         xs = np.linspace(-1, 1, 400)
         ax.plot(xs, np.exp(-xs ** 2 / (2 * sd ** 2)) / (sd * np.sqrt(2 * np.pi)), "k:", lw=1,
                 label=f"random directions in {g.hidden} dims")
-        ax.axvspan(-0.05, 0.05, color="grey", alpha=0.15)
+        ax.axvspan(-TAG_COSINE_BAND, TAG_COSINE_BAND, color="grey", alpha=0.15)
         ax.set_xlabel("cosine similarity between two distinct tags (residual stream)")
         ax.set_ylabel("density")
         ax.set_title(f"{run}: distinct tags, one per (layer, head, sink), n={g.n_tags}", fontsize=9)
@@ -275,7 +276,7 @@ def geometry_figure(geoms: dict, path) -> Path:
         c = g.tag_vs_token["cosine"].to_numpy()
         ax.hist(c, bins=bins, density=True, color="#6a9f58", alpha=0.8, label=f"n={len(c)}")
         ax.plot(xs, np.exp(-xs ** 2 / (2 * sd ** 2)) / (sd * np.sqrt(2 * np.pi)), "k:", lw=1, label="random")
-        ax.axvspan(-0.17, 0.02, color="orange", alpha=0.15, label="published range")
+        ax.axvspan(*TAG_TOKEN_COSINE_RANGE, color="orange", alpha=0.15, label="published range")
         ax.set_xlabel("cosine(tag of head at token i, residual stream entering the layer at i)")
         ax.set_title(f"{run}: tag vs the token it is added to (mean {c.mean() if len(c) else 0:.3f})", fontsize=9)
         ax.legend(fontsize=6)

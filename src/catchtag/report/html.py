@@ -75,7 +75,8 @@ def write_report(runs, out="report.html", *, per_token: bool = True, text: str |
 
 def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, models, title) -> Path:
     from catchtag.analysis.compare import compare_runs, load_runs
-    from catchtag.analysis.sweep import PUBLISHED_8B, sweep_runs
+    from catchtag.analysis.sweep import sweep_runs
+    from catchtag.published import SWEEP_8B
     from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
     from catchtag.report import analysis_figures as af
     from catchtag.report.figures import heatmap
@@ -115,7 +116,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, mode
     if with_sweep:
         table = sweep_runs(with_sweep)
         fig = af.sweep_figure(table, tmp / "sweep.png")
-        pub = ", ".join(f"eps {e:g}: {s:g} sinks, VE {v:g}" for e, (s, v) in PUBLISHED_8B.items())
+        pub = ", ".join(f"eps {e:g}: {s:g} sinks, VE {v:g}" for e, (s, v) in SWEEP_8B.items())
         parts += [_figure(fig, "(a) Mean sinks per head against mean VE as the threshold eps varies (labels): "
                                "lower eps finds more sinks, whose span explains more variance. Solid: all heads; "
                                f"dotted: heads with a sink. Crosses: published values for an 8B model ({pub}). "

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from catchtag.published import TOY as TOY_PUBLISHED
+
 toy_app = typer.Typer(
     help="The averaging task where catch, tag, release provably works (Theorem 7.1) and emerges by training.",
     no_args_is_help=True,
@@ -17,13 +19,6 @@ toy_app = typer.Typer(
 RECIPE_HELP = ("paper (plain Adam), hidden-sep-zero-q (ours, single), hidden-sep-l1norm-zv-t20 (ours, two-sink), "
                "hidden-sep-l1norm-wd, hidden-sep-l1norm, hidden-sep or qk-norm; docs/toy.md.")
 
-PUBLISHED = {
-    ("single", 1, 1.0): "0/10",
-    ("single", 1, 6.0): "3/10",
-    ("single", 1, 10.0): "4/10",
-    ("two-sink", 2, 10.0): "converges",
-    ("two-sink", 1, 10.0): "0/15",
-}
 
 
 def _floats(s: str) -> list[float]:
@@ -174,7 +169,7 @@ def table(
     t0 = time.time()
     df = success_table(_floats(init_tags), seeds, recipe, length, (2, 1) if two_sink else (), out,
                        workers or None, steps or None)
-    df["published"] = [PUBLISHED.get((r.variant, r.heads, float(r.init_tag)), "") for r in df.itertuples()]
+    df["published"] = [TOY_PUBLISHED.get((r.variant, r.heads, float(r.init_tag)), "") for r in df.itertuples()]
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / f"table_{recipe}.csv", index=False)
     cols = ["variant", "heads", "init_tag", "recipe", "rate", "verified", "tag_verified", "published", "median_r2",
