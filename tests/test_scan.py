@@ -360,3 +360,14 @@ def test_cut_prompts_are_announced_and_recorded(tmp_path):
         with pytest.raises(CatchtagError, match=">= [01]"):
             run_scan("tiny:llama", str(data), tmp_path / "bad", **kw)
     assert not (tmp_path / "bad").exists()
+
+
+def test_scan_runs_without_triton():
+    """`make demo` installs no Triton (only the test extras do): a CPU scan must not import it."""
+    code = ("import sys\nsys.modules['triton'] = None  # any import of triton now fails\n"
+            "from catchtag import load_model, scan\nnet, tok = load_model('tiny:llama', device='cpu')\n"
+            "r = scan(net, tok, ['The cat sat on the mat and looked at the dog.'] * 2, eps=0.03, min_rows=4, "
+            "progress=False)\nassert len(r.heads) == 2 * 3 * 4 and r.settings['backends_used'] == ['torch']\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

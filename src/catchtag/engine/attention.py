@@ -74,13 +74,16 @@ class Capture:
 
     def finish(self) -> None:
         """Finish the deferred statistics, check the sink cap (SinkCapExceeded) and move the records to the CPU."""
-        from catchtag.engine.kernels.sinkpass import finish_moments
+        from catchtag.engine.moments import finish_moments
 
         if self.pending:
             counts = [m.n_candidates for _, m in self.pending if m.n_candidates is not None]
             needed = None
             if counts and self.sink_cap is not None:
-                needed = int(torch.stack(counts).max())  # the one wait for the GPU before the copies
+                by_device: dict = {}  # under a device map the layers' counts live on several GPUs
+                for c in counts:
+                    by_device.setdefault(c.device, []).append(c)
+                needed = max(int(torch.stack(cs).max()) for cs in by_device.values())  # the wait for the GPU
                 if needed > self.sink_cap:
                     raise SinkCapExceeded(needed)
             finish_moments(self.pending, self.settings, k_used=needed)
@@ -119,7 +122,7 @@ def captured_forward(forward, settings: SinkSettings, request: ActivationRequest
     the kernel's limit, with the counting pass). The Capture's sink_cap is the one to start from next time.
     meanwhile: called once, after forward() has queued its GPU work and before the statistics are collected, so
     host work (the previous batch's tables) overlaps the pass."""
-    from catchtag.engine.kernels.sinkpass import MAX_SINKS
+    from catchtag.engine.moments import MAX_SINKS
 
     while True:
         try:
@@ -223,14 +226,14 @@ def _records_to_cpu(layers: dict[int, LayerRecord]) -> dict[int, LayerRecord]:
     stats = {layer: {} for layer in order}
     seen: dict[int, torch.Tensor] = {}  # tensors shared by layers (token_valid, row counts) copied once
 
-    on_gpu = False
+    gpus: set = set()  # every GPU a copy was queued on (several under a device map)
 
     def host(x):
-        nonlocal on_gpu
         if x is None or x.device.type == "cpu":
             return x
         if id(x) not in seen:
-            on_gpu |= x.is_cuda
+            if x.is_cuda:
+                gpus.add(x.device)
             seen[id(x)] = x.to("cpu", non_blocking=True)
         return seen[id(x)]
 
@@ -250,8 +253,8 @@ def _records_to_cpu(layers: dict[int, LayerRecord]) -> dict[int, LayerRecord]:
                               activations={k: host(v) for k, v in layers[layer].activations.items()},
                               attention_maps={h: host(m) for h, m in layers[layer].attention_maps.items()})
            for layer in order}
-    if on_gpu:
-        torch.cuda.synchronize()  # the copies above were queued without waiting
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)  # the copies above were queued without waiting
     return out
 
 
