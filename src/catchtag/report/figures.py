@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from catchtag.result import ScanResult
+if TYPE_CHECKING:  # only for annotations: result.py draws its notebook view with these figures
+    from catchtag.result import ScanResult
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, subplots: bool = True, **subplot_kw):

@@ -155,7 +155,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, mode
 
 def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> list[str]:
     from catchtag.analysis.geometry import tag_geometry
-    from catchtag.api import resolve_model, resolve_text
+    from catchtag.inputs import resolve_model, resolve_text
     from catchtag.analysis.pca import pca_picture
     from catchtag.report import analysis_figures as af
 
