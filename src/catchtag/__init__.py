@@ -16,7 +16,7 @@ _LAZY = {
     "compare_runs": "catchtag.analysis.compare", "tag_geometry": "catchtag.analysis.geometry",
     "pca_picture": "catchtag.analysis.pca", "HeadProbes": "catchtag.analysis.probes",
     "TagProbe": "catchtag.analysis.probes", "run_probe": "catchtag.analysis.probes",
-    "answer_logprobs": "catchtag.analysis.steering", "run_steer": "catchtag.analysis.steering",
+    "answer_logprobs": "catchtag.analysis.answers", "run_steer": "catchtag.analysis.steering",
     "steering_curve": "catchtag.analysis.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
     "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
     "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",

@@ -314,7 +314,7 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
     (probes.parquet, heads.csv), a heat map and summary.json in OUT. Returns the summary."""
     from catchtag.engine.request import SinkSettings
     from catchtag.models import load_model
-    from catchtag.analysis.steering import answer_logprobs
+    from catchtag.analysis.answers import answer_logprobs
 
     probe_task = get_task(task, template)
     SinkSettings(eps=eps, min_rows=min_rows)

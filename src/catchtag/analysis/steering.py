@@ -17,74 +17,14 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
+from catchtag.analysis.answers import answer_logprobs
 from catchtag.errors import CatchtagError
-from catchtag.report.figures import new_figure, save_figure  # noqa: E402
+from catchtag.report.figures import new_figure, save_figure
+
+__all__ = ["answer_logprobs", "random_directions", "run_steer", "steering_curve", "tag_direction"]
 
 DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
-
-
-def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, steer: dict | None = None,
-                    batch_size: int = 8, progress: bool = False, desc: str = "answers") -> np.ndarray:
-    """Log-probabilities of the answer tokens at the last real token of each prompt.
-
-    prompts: list of ``Prompt`` (tokenised). answer_ids: token ids to read (e.g. [id(' FALSE'), id(' TRUE')]).
-    steer: {(layer, head): head-space vector} added to that head's output at the last token (runs the
-    model inside an engine capture); None runs the model plainly. Returns (n_prompts, len(answer_ids)).
-    """
-    from catchtag.engine.attention import capture
-    from catchtag.engine.request import ActivationRequest, SinkSettings
-    from catchtag.scan import _batch_tensors
-
-    if not prompts:
-        raise CatchtagError("no prompts to read answers from")
-    device = next(model.parameters()).device
-    ids_t = torch.as_tensor(list(answer_ids), dtype=torch.long)
-    out = np.zeros((len(prompts), len(answer_ids)), dtype=np.float64)
-    request = None
-    if steer:
-        n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-        clean = {}
-        for (layer, head), vec in steer.items():
-            if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise CatchtagError(f"cannot steer head ({layer}, {head}): the model has {n_layers} layers x "
-                                    f"{n_heads} heads")
-            clean[(int(layer), int(head))] = torch.as_tensor(np.asarray(vec), dtype=torch.float32)
-        request = ActivationRequest(layers=[], positions="last", steer=clean)  # keep no activations
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True)
-    for start in starts:
-        batch = prompts[start:start + batch_size]
-        ids, mask = _batch_tensors(batch, tokenizer, device)
-        last = mask.shape[1] - 1 - mask.flip(-1).float().argmax(dim=-1)  # last real token (either padding side)
-        with torch.no_grad():
-            if request is None:
-                logits = _last_logits(model, ids, mask, last)
-            else:
-                with capture(SinkSettings(), request):
-                    logits = _last_logits(model, ids, mask, last)
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        out[start:start + len(batch)] = logp[:, ids_t.to(logp.device)].cpu().numpy()
-    return out
-
-
-def _last_logits(model, ids, mask, last) -> torch.Tensor:
-    """Logits (B, vocab) at each prompt's last real token. Asks the model for the logits of those positions
-    only (``logits_to_keep``, when the model takes it): the vocabulary projection of every token is most
-    of the cost of a short prompt."""
-    keep = torch.unique(last)
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:
-        logits = None
-    if logits is None or logits.shape[1] != len(keep):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return logits[torch.arange(len(last)), last]
-    return logits[torch.arange(len(last)), torch.searchsorted(keep, last)]
 
 
 def tag_direction(head_tag: np.ndarray, labels: np.ndarray) -> np.ndarray:
