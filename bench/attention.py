@@ -159,7 +159,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-def scan_row(model, B, T, n_prompts, reps=2):
+def scan_row(model, B, T, n_prompts, reps=2, profile_scan=False):
     """End to end: catchtag.scan of n_prompts random prompts of T tokens (batch B, run folder written) against the
     bare SDPA forward of the same batches through the same call; tokens/s of each, medians over ``reps``."""
     from catchtag.data.prompts import Prompt
@@ -191,6 +191,19 @@ def scan_row(model, B, T, n_prompts, reps=2):
                 model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
             torch.cuda.synchronize()
             sdpa_times.append(time.perf_counter() - t0)
+    if profile_scan:  # where a scan's time goes on the host (the GPU side: --profile)
+        import cProfile
+        import pstats
+
+        enable(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof = cProfile.Profile()
+            prof.enable()
+            scan(model, tok, prompts, batch_size=B, out=Path(tmp) / "run", progress=False)
+            torch.cuda.synchronize()
+            prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        model.set_attn_implementation("sdpa")
     n = n_prompts * T
     h = result.heads
     return dict(B=B, T=T, prompts=n_prompts, scan_tok_s=n / statistics.median(scan_times),
@@ -319,6 +332,7 @@ def main():
     ap.add_argument("--sinks", default="planted,none", help="planted (hooks, see plant_sinks) and/or none")
     ap.add_argument("--scan", type=int, default=0, help="also an end-to-end scan of this many prompts of the "
                                                             "first size, against the bare SDPA forward")
+    ap.add_argument("--profile-scan", action="store_true", help="with --scan: cProfile of one more scan (host time)")
     ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
     ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
     ap.add_argument("--check", action="store_true")
@@ -360,7 +374,7 @@ def main():
         print(f"\n## sinks: {sinks}\n" + table(rows), flush=True)
         if a.scan and sinks == "planted":
             B, T = sizes[0] if sizes else (4, 1024)
-            out["scan"] = scan_row(model, B, T, a.scan)
+            out["scan"] = scan_row(model, B, T, a.scan, profile_scan=a.profile_scan)
             r = out["scan"]
             print(f"\nend to end, {r['prompts']} prompts of {T} tokens, batch {B}: catchtag scan "
                   f"{r['scan_tok_s'] / 1e3:.1f}k tok/s, bare SDPA forward {r['sdpa_tok_s'] / 1e3:.1f}k tok/s, ratio "
