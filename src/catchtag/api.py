@@ -54,11 +54,9 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps))  # bad thresholds fail before loading
     if max_tokens is not None and max_tokens < 0:
         raise CatchtagError(f"--max-tokens must be >= 0 (0: no limit), got {max_tokens}. Fix: e.g. --max-tokens 256")
-    for flag, value in (("--chunk", chunk), ("--limit", limit), ("--batch-size", batch_size)):
+    for flag, value, example in (("--chunk", chunk, 256), ("--limit", limit, 32), ("--batch-size", batch_size, 8)):
         if value is not None and value < 1:
-            raise CatchtagError(f"{flag} must be a whole number >= 1, got {value}. Fix: e.g. {flag} 256"
-                                if flag != "--batch-size" else f"--batch-size must be >= 1, got {value}. Fix: e.g. "
-                                f"--batch-size 8")
+            raise CatchtagError(f"{flag} must be a whole number >= 1, got {value}. Fix: e.g. {flag} {example}")
     started = time.perf_counter()
     device = resolve_device(device)
     dist = init(device)

@@ -97,7 +97,7 @@ def scan(
     typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else " and figures/*.png"))
 
 
-# ---- analyses (the paper's Sections 3-5) --------------------------------------------------------------------------
+# ---- analyses (docs/analyses.md) ------------------------------------------------------------------------------------
 _MODEL = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path")
 _TEXT = typer.Option(None, "--text", "-t", help="the prompt (default: prompt --prompt of --data)")
 _TEXT_FILE = typer.Option(None, "--text-file", help="read the prompt from this file")
@@ -259,7 +259,7 @@ def view(
     typer.echo(f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)")
 
 
-# ---- probes and steering (docs/method.md) ----------------------------------------------------------------
+# ---- probes and steering (docs/probes.md) ----------------------------------------------------------------
 def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     """'20.3,21.0' -> [(20, 3), (21, 0)]."""
     if not text:

@@ -142,7 +142,7 @@ class RunFolder:
         self.rank = dist.rank
         manifest = self.folder / "run.json"
         if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
-            if overwrite and self.folder.exists():
+            if overwrite and self.folder.is_dir():  # a file given as --out is refused by _check
                 self._discard()
             self._check(manifest, fingerprint)
             self.parts.mkdir(parents=True, exist_ok=True)
@@ -158,8 +158,6 @@ class RunFolder:
         catchtag run, or that holds files a scan did not write, is refused and left as it is."""
         import shutil
 
-        if not self.folder.is_dir():
-            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
         if not (self.folder / "run.json").is_file():
             if any(self.folder.iterdir()):
                 raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run (no run.json), so "
@@ -360,6 +358,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
 
     decoder = _decoder(model)  # the scan needs no logits: skip the LM head
     want_hidden = bool(request is not None and request.hidden_states)
+
     def scan_batches():
         nonlocal sink_cap
         mark = time.perf_counter()

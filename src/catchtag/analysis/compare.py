@@ -1,4 +1,4 @@
-"""Models side by side (docs/method.md): sinks per head, VE per head, share of high-VE heads, per-layer means.
+"""Models side by side (docs/analyses.md): sinks per head, VE per head, share of high-VE heads, per-layer means.
 
 Every number is computed from the runs' tables (``catchtag scan`` folders or ScanResults), so two models
 scanned on the same prompts compare directly. Layers are also given as relative depth (layer / (L - 1)),

@@ -1,4 +1,4 @@
-"""Tag geometry (docs/method.md): are tags near-orthogonal to each other and to the tokens they are added to?
+"""Tag geometry (docs/analyses.md): are tags near-orthogonal to each other and to the tokens they are added to?
 
 A tag is a head's output through its slice of W_O restricted to its sinks (W_O^h tag_i, in the residual
 stream). We take every head's tag at a bounded sample of token positions, then

@@ -1,4 +1,4 @@
-"""Probes (docs/method.md): do the tags carry the answer?
+"""Probes (docs/probes.md): do the tags carry the answer?
 
 Few-shot prompts end where the model must answer ("... This statement is:"). At that last token every
 (layer, head) gives three residual-stream activations: full (W_O^h o), tag-only (W_O^h tag) and non-tag

@@ -1,4 +1,4 @@
-"""Threshold sweep (docs/method.md): mean sinks per head vs mean VE as eps goes from 0.03 to 0.4.
+"""Threshold sweep (docs/analyses.md): mean sinks per head vs mean VE as eps goes from 0.03 to 0.4.
 
 All thresholds come from one forward pass: ``scan(..., sweep_eps=SWEEP_EPS)`` evaluates the nested sink sets
 of every eps at once and fills ``ScanResult.sweep``; this module only aggregates that table.

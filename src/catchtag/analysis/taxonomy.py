@@ -1,4 +1,4 @@
-"""Sink-token taxonomy (docs/method.md): which token strings become sinks, how often, in how many heads, and
+"""Sink-token taxonomy (docs/analyses.md): which token strings become sinks, how often, in how many heads, and
 with what VE; and which kinds of token they are beyond the first position.
 
 Kinds (our choice, fixed and documented): ``first`` (position 0, usually BOS), ``punctuation`` (only

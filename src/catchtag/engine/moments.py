@@ -16,7 +16,8 @@ class SinkMoments:
     """What the K x K algebra of one layer needs (on the layer's device), kept so that Capture.finish can run it
     for every layer of a forward pass in one batch (finish_moments): the kernel's per-block sums ``blocks``
     (B,H,NB, [sum y (KP), sum a (KP), sum o (Dv), |o - block mean|^2, rows]), the float64 product ``products``
-    (B,H,2KP,2KP) of the per-row [y, a] and their float64 sums ``sums`` (B,H,2KP), the sink values (B,H,K,Dv) and the candidates' column scores (B,H,K).
+    (B,H,2KP,2KP) of the per-row [y, a] and their float64 sums ``sums`` (B,H,2KP), the sink values (B,H,K,Dv)
+    and the candidates' column scores (B,H,K).
     n_candidates (0-d): the most columns of any head above the lowest threshold, checked there against the cap."""
 
     blocks: torch.Tensor

@@ -1,4 +1,5 @@
-"""The plain reference: the method computed from eager attention maps, in float64, straight from the definitions in docs/method.md.
+"""The plain reference: the method computed from eager attention maps, in float64, straight from the
+definitions in docs/method.md.
 
 Slow and memory-hungry on purpose (full T x T maps for every layer, python loops over prompts and heads);
 it exists so tests can hold every fast path to it. It shares no code with the engine: which rows see

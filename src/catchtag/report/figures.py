@@ -100,7 +100,7 @@ def scan_figures(result: ScanResult, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     return [
         heatmap(result, "n_sinks", "mean sinks", folder / "sinks_heatmap.png", cmap="magma"),
-        heatmap(result, "ve", "mean VE", folder / "ve_heatmap.png", vmax=1),
+        save_figure(ve_heatmap_figure(result), folder / "ve_heatmap.png"),
         ve_distribution(result, folder / "ve_distribution.png"),
         sink_tokens(result, folder / "sink_tokens.png"),
     ]

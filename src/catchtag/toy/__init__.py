@@ -6,7 +6,8 @@ Names are imported on first use (PEP 562), so that ``catchtag toy --help`` does 
 from catchtag.lazy import lazy_exports
 
 _LAZY = {
-    "ToyAttentionModel": "catchtag.toy.model", "ToyConfig": "catchtag.toy.model", "construct_model": "catchtag.toy.model",
+    "ToyAttentionModel": "catchtag.toy.model", "ToyConfig": "catchtag.toy.model",
+    "construct_model": "catchtag.toy.model",
     "Batch": "catchtag.toy.task", "TaskConfig": "catchtag.toy.task", "make_batch": "catchtag.toy.task",
     "min_length": "catchtag.toy.task",
     **{name: "catchtag.toy.train" for name in ("RECIPES", "SeedResults", "TrainConfig", "make_recipe",
