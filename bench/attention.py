@@ -95,11 +95,16 @@ def build_model(layers: int | None = None):
     return model.eval()
 
 
+_K_HINT: dict = {}
+
+
 def forward(model, mode, ids, settings):
     from catchtag.engine.attention import captured_forward
 
-    if mode.startswith("catchtag"):
-        cap, _ = captured_forward(lambda: model.model(input_ids=ids, use_cache=False), settings)
+    if mode.startswith("catchtag"):  # as a scan does: the last pass's candidate count is the next one's hint
+        cap, _ = captured_forward(lambda: model.model(input_ids=ids, use_cache=False), settings,
+                                  k_hint=_K_HINT.get(id(model)))
+        _K_HINT[id(model)] = cap.k_hint
         return cap
     model.model(input_ids=ids, use_cache=False, output_attentions=(mode == "eager"))
     return None
@@ -159,7 +164,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-def scan_row(model, B, T, n_prompts, reps=2, profile_scan=False):
+def scan_row(model, B, T, n_prompts, reps=2, profile_scan=False, trace=""):
     """End to end: catchtag.scan of n_prompts random prompts of T tokens (batch B, run folder written) against the
     bare SDPA forward of the same batches through the same call; tokens/s of each, medians over ``reps``."""
     from catchtag.data.prompts import Prompt
@@ -203,6 +208,26 @@ def scan_row(model, B, T, n_prompts, reps=2, profile_scan=False):
             torch.cuda.synchronize()
             prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        # the GPU side of the same scan: how much of the wall time the GPU was busy
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with tempfile.TemporaryDirectory() as tmp, torch_profile(activities=[ProfilerActivity.CPU,
+                                                                             ProfilerActivity.CUDA]) as tprof:
+            t0 = time.perf_counter()
+            scan(model, tok, prompts, batch_size=B, out=Path(tmp) / "run", progress=False)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        if trace:  # the timeline of a short scan (4 batches), for chrome://tracing or a script
+            with tempfile.TemporaryDirectory() as tmp, torch_profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as short:
+                scan(model, tok, prompts[:4 * B], batch_size=B, out=Path(tmp) / "run", progress=False)
+                torch.cuda.synchronize()
+            short.export_chrome_trace(trace)
+        events = tprof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the aten ops too
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        print(f"scan under the torch profiler: wall {wall:.3f} s, GPU busy {busy:.3f} s ({busy / wall:.1%})")
+        print(events.table(sort_by="self_device_time_total", row_limit=20))
         model.set_attn_implementation("sdpa")
     n = n_prompts * T
     h = result.heads
@@ -333,6 +358,7 @@ def main():
     ap.add_argument("--scan", type=int, default=0, help="also an end-to-end scan of this many prompts of the "
                                                             "first size, against the bare SDPA forward")
     ap.add_argument("--profile-scan", action="store_true", help="with --scan: cProfile of one more scan (host time)")
+    ap.add_argument("--trace", default="", help="with --profile-scan: write a Chrome trace of a 4-batch scan here")
     ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
     ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
     ap.add_argument("--check", action="store_true")
@@ -374,7 +400,7 @@ def main():
         print(f"\n## sinks: {sinks}\n" + table(rows), flush=True)
         if a.scan and sinks == "planted":
             B, T = sizes[0] if sizes else (4, 1024)
-            out["scan"] = scan_row(model, B, T, a.scan, profile_scan=a.profile_scan)
+            out["scan"] = scan_row(model, B, T, a.scan, profile_scan=a.profile_scan, trace=a.trace)
             r = out["scan"]
             print(f"\nend to end, {r['prompts']} prompts of {T} tokens, batch {B}: catchtag scan "
                   f"{r['scan_tok_s'] / 1e3:.1f}k tok/s, bare SDPA forward {r['sdpa_tok_s'] / 1e3:.1f}k tok/s, ratio "

@@ -310,8 +310,11 @@ def test_a_capped_sink_pass_gives_the_exact_result_and_reruns_past_its_cap(tiny_
                 run()
         capped, _ = captured_forward(run, settings, backend="triton", sink_cap=1)
         roomy, _ = captured_forward(run, settings, backend="triton", sink_cap=32)
+        # a hint below the count (the last pass had fewer candidates): finished again with all of them
+        hinted, _ = captured_forward(run, settings, backend="triton", sink_cap=32, k_hint=1)
     assert capped.sink_cap >= most and roomy.sink_cap == 32
-    for got in (capped, roomy):
+    assert roomy.k_hint == most and hinted.k_hint == most and hinted.sink_cap == 32
+    for got in (capped, roomy, hinted):
         for layer, rec in exact.layers.items():
             _compare_stats(rec.stats, got.layers[layer].stats, TOL, settings, seed)
 

@@ -238,7 +238,7 @@ def test_empty_prompt_in_api_is_refused(tiny_models):
 
 
 def _rows_one_by_one(cap, prompts, token_strings, settings):
-    """The plain per-element construction the vectorised _records_to_rows must reproduce."""
+    """The plain per-element construction the vectorised _records_to_tables must reproduce."""
     heads_rows, sweep_rows = [], []
     for layer in sorted(cap.layers):
         st = cap.layers[layer].stats
@@ -262,7 +262,7 @@ def test_rows_match_a_per_element_construction(tiny_models, arch):
     from catchtag.data.prompts import tokenize_prompts
     from catchtag.engine.attention import capture
     from catchtag.engine.request import SinkSettings
-    from catchtag.scan import _batch_tensors, _records_to_rows, _token_strings
+    from catchtag.scan import _batch_tensors, _records_to_tables, _token_strings
 
     model, tok = tiny_models(arch)
     rng = np.random.default_rng()
@@ -275,7 +275,8 @@ def test_rows_match_a_per_element_construction(tiny_models, arch):
     shared: dict[int, str] = {}  # one cache over the prompts, as a scan keeps it over its batches
     strings = {p.prompt_id: _token_strings(tok, p.input_ids, shared) for p in prompts}
     assert strings == {p.prompt_id: tok.batch_decode([[i] for i in p.input_ids]) for p in prompts}
-    fast = _records_to_rows(cap, prompts, strings, settings)
+    tables = _records_to_tables(cap, prompts, strings, settings)
+    fast = tuple([tuple(row.values()) for row in t.to_pylist()] for t in tables)
     assert sum(r[4] for r in fast[0]) > 0, "no sinks: the comparison would not test the sink columns"
     assert fast == _rows_one_by_one(cap, prompts, strings, settings)
 

@@ -64,13 +64,23 @@ def _batch_tensors(prompts: list[Prompt], tokenizer, device):
     return ids.to(device), mask.to(device)
 
 
-def _records_to_rows(cap, prompts, token_strings, settings):
-    """One row per (prompt, layer, head) (and per threshold of a sweep), from the captured statistics.
+def _records_to_tables(cap, prompts, token_strings, settings):
+    """(heads, sweep or None) as Arrow tables: one row per (prompt, layer, head) (and per threshold of a sweep).
 
-    Built a layer at a time from numpy columns: indexing torch tensors element by element cost ~0.2 s per batch
-    of 4 prompts x 28 layers x 28 heads, longer than the forward pass of a 7B model on a GPU."""
-    heads_rows, sweep_rows = [], []
-    ids = np.asarray([p.prompt_id for p in prompts])
+    Built from whole numpy columns, the sink lists as Arrow list arrays (offsets + flat values): a batch of
+    4 prompts x 28 layers x 28 heads costs about a millisecond, not the tens of milliseconds of Python rows, which
+    would rival the forward pass of a 7B model on a GPU."""
+    import pyarrow as pa
+
+    ids = np.asarray([p.prompt_id for p in prompts], dtype=np.int64)
+    # every prompt's token strings, end to end: a sink's string is one fancy index
+    strings = [np.asarray(token_strings[int(i)], dtype=object) for i in ids]
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in strings])[:-1]]).astype(np.int64)
+    all_strings = np.concatenate(strings) if strings else np.empty(0, dtype=object)
+    cols: dict[str, list] = {k: [] for k in ("prompt_id", "layer", "head", "n_tokens", "n_sinks", "positions",
+                                            "tokens", "scores", "ve", "r2", "ve_uncentred")}
+    sweep_cols: dict[str, list] = {k: [] for k in SWEEP_COLUMNS}
+    E = len(settings.all_eps)
     for layer in sorted(cap.layers):
         st = cap.layers[layer].stats
         B, H, _ = st.col_scores.shape
@@ -79,26 +89,34 @@ def _records_to_rows(cap, prompts, token_strings, settings):
         ok, idx = st.sink_ok.numpy(), st.sink_idx.numpy()
         scores = st.col_scores.float().numpy() if st.col_scores.dtype.itemsize < 4 else st.col_scores.numpy()
         b_i, h_i, _ = np.nonzero(ok)  # every sink, in (prompt, head) order, ascending within a head
-        cols = idx[ok]
-        positions = (cols - first[b_i]).tolist()
-        tokens = [token_strings[ids[b]][q] for b, q in zip(b_i.tolist(), positions)]
-        sink_scores = scores[b_i, h_i, cols].tolist()
-        counts = ok.sum(axis=-1).ravel()
-        ends = np.cumsum(counts).tolist()
-        starts = [0] + ends[:-1]
-        heads_rows.extend(zip(
-            np.repeat(ids, H).tolist(), [layer] * (B * H), np.tile(np.arange(H), B).tolist(),
-            np.repeat(n_tokens, H).tolist(), counts.tolist(),
-            [positions[a:z] for a, z in zip(starts, ends)], [tokens[a:z] for a, z in zip(starts, ends)],
-            [sink_scores[a:z] for a, z in zip(starts, ends)],
-            *(t.double().numpy().ravel().tolist() for t in (st.ve, st.r2, st.ve_uncentred))))
+        cols_i = idx[ok]
+        positions = cols_i - first[b_i]
+        cols["positions"].append(positions.astype(np.int64))
+        cols["tokens"].append(all_strings[starts[b_i] + positions])
+        cols["scores"].append(scores[b_i, h_i, cols_i].astype(np.float64))
+        cols["n_sinks"].append(ok.sum(axis=-1).ravel().astype(np.int64))
+        cols["prompt_id"].append(np.repeat(ids, H))
+        cols["layer"].append(np.full(B * H, layer, dtype=np.int64))
+        cols["head"].append(np.tile(np.arange(H, dtype=np.int64), B))
+        cols["n_tokens"].append(np.repeat(n_tokens, H).astype(np.int64))
+        for name in ("ve", "r2", "ve_uncentred"):
+            cols[name].append(getattr(st, name).double().numpy().ravel())
         if settings.sweep_eps:
-            E = len(settings.all_eps)
-            sweep_rows.extend(zip(
-                np.repeat(ids, H * E).tolist(), [layer] * (B * H * E), np.tile(np.repeat(np.arange(H), E), B).tolist(),
-                list(settings.all_eps) * (B * H), st.sweep_n_sinks.numpy().ravel().tolist(),
-                st.sweep_ve.double().numpy().ravel().tolist(), st.sweep_r2.double().numpy().ravel().tolist()))
-    return heads_rows, sweep_rows
+            sweep_cols["prompt_id"].append(np.repeat(ids, H * E))
+            sweep_cols["layer"].append(np.full(B * H * E, layer, dtype=np.int64))
+            sweep_cols["head"].append(np.tile(np.repeat(np.arange(H, dtype=np.int64), E), B))
+            sweep_cols["eps"].append(np.tile(np.asarray(settings.all_eps, dtype=np.float64), B * H))
+            sweep_cols["n_sinks"].append(st.sweep_n_sinks.numpy().ravel().astype(np.int64))
+            sweep_cols["ve"].append(st.sweep_ve.double().numpy().ravel())
+            sweep_cols["r2"].append(st.sweep_r2.double().numpy().ravel())
+    cat = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
+    offsets = pa.array(np.concatenate([[0], np.cumsum(cat["n_sinks"])]).astype(np.int32))
+    lists = {name: pa.ListArray.from_arrays(offsets, pa.array(cat[key], type=kind))
+             for name, key, kind in (("sink_positions", "positions", pa.int64()), ("sink_tokens", "tokens", pa.string()),
+                                     ("sink_scores", "scores", pa.float64()))}
+    heads = pa.table({name: lists[name] if name in lists else pa.array(cat[name]) for name in HEAD_COLUMNS})
+    sweep = pa.table({k: pa.array(np.concatenate(v)) for k, v in sweep_cols.items()}) if settings.sweep_eps else None
+    return heads, sweep
 
 
 def _batch_activations(cap, request, hidden, prompts):
@@ -227,9 +245,16 @@ class RunFolder:
         return heads, prompts, sweep, [dict(np.load(f)) for f in acts]
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+def _write_parquet(table, path: Path) -> None:
+    """A DataFrame or Arrow table to ``path``, atomically (written beside it, then renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     tmp = path.with_suffix(".tmp.parquet")
-    df.to_parquet(tmp, index=False)
+    if isinstance(table, pa.Table):
+        pq.write_table(table, tmp)
+    else:
+        table.to_parquet(tmp, index=False)
     os.replace(tmp, path)
 
 
@@ -300,7 +325,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
 
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
-    sink_cap, backends_used = DEFAULT_SINK_CAP, set()
+    sink_cap, k_hint, backends_used = DEFAULT_SINK_CAP, None, set()
     decoded: dict[int, str] = {}
     attention_maps: dict = {}
     sink_attention: dict = {}
@@ -315,9 +340,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         """One finished batch's host work: token strings, rows, tables, the part files. The next batch's forward
         pass runs on the GPU meanwhile (captured_forward's ``meanwhile``)."""
         strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in batch}  # this rank's only
-        heads_rows, sweep_rows = _records_to_rows(cap, batch, strings, settings)
-        heads_df = pd.DataFrame(heads_rows, columns=HEAD_COLUMNS)
-        sweep_df = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS) if settings.sweep_eps else None
+        heads_df, sweep_df = _records_to_tables(cap, batch, strings, settings)  # Arrow tables
         prompts_df = pd.DataFrame({"prompt_id": [p.prompt_id for p in batch],
                                    "n_tokens": [len(p.input_ids) for p in batch],
                                    "tokens": [strings[p.prompt_id] for p in batch],
@@ -360,7 +383,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     want_hidden = bool(request is not None and request.hidden_states)
 
     def scan_batches():
-        nonlocal sink_cap
+        nonlocal sink_cap, k_hint
         mark = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -370,13 +393,13 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
                     cap, output = captured_forward(
                         lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False,
                                         output_hidden_states=want_hidden), settings, request, backend, sink_cap,
-                        meanwhile=flush)
+                        meanwhile=flush, k_hint=k_hint)
             except torch.OutOfMemoryError:
                 flush()  # the batch before this one is complete: keep it
                 raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} "
                                     f"tokens. Fix: a smaller --batch-size (or --max-tokens)") from None
             flush()  # already done while the pass ran, unless it failed first
-            sink_cap = cap.sink_cap  # a cap raised for one batch stays raised: no second pass for the next ones
+            sink_cap, k_hint = cap.sink_cap, cap.k_hint  # a cap raised for one batch stays raised: no second pass
             backends_used.update(cap.backends_used)
             if len(cap.layers) != n_layers:
                 raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
@@ -402,9 +425,11 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         dist.barrier()  # every rank's parts are written
         heads, prompt_table, sweep, act_parts = run.read_tables()
     else:
-        heads = pd.concat(heads_parts, ignore_index=True)
+        import pyarrow as pa
+
+        heads = pa.concat_tables(heads_parts).to_pandas()
         prompt_table = pd.concat(prompt_parts, ignore_index=True)
-        sweep = pd.concat(sweep_parts, ignore_index=True) if settings.sweep_eps else None
+        sweep = pa.concat_tables(sweep_parts).to_pandas() if settings.sweep_eps else None
     heads = heads.sort_values(["prompt_id", "layer", "head"], ignore_index=True)
     prompt_table = prompt_table.sort_values("prompt_id", ignore_index=True)
     if sweep is not None:

@@ -54,8 +54,9 @@ class Capture:
     cap and moves every record to the CPU in one go."""
 
     def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-                 sink_cap: int | None = None):
+                 sink_cap: int | None = None, k_hint: int | None = None):
         self.settings = settings
+        self.k_hint = k_hint  # most candidates of any head in the last pass (finish's guess; None: the cap)
         self.request = request
         self.backend = backend
         self.sink_cap = sink_cap
@@ -73,24 +74,37 @@ class Capture:
         return int(idx)
 
     def finish(self) -> None:
-        """Finish the deferred statistics, check the sink cap (SinkCapExceeded) and move the records to the CPU."""
+        """Finish the deferred statistics, check the sink cap (SinkCapExceeded) and move the records to the CPU.
+
+        Nothing waits for the GPU before every step is queued: the moments are finished for ``k_hint`` candidates
+        (the last pass's count; the cap when there is none), the candidate counts travel to the host with the
+        records, and the one wait comes last. Only when a head had more candidates than the hint are the moments
+        finished again, with the count."""
         from catchtag.engine.moments import finish_moments
 
+        counts = [m.n_candidates for _, m in self.pending if m.n_candidates is not None]
+        guess = None
+        if counts and self.sink_cap is not None:
+            guess = min(self.sink_cap, self.k_hint or self.sink_cap)
+            by_device: dict = {}  # under a device map the layers' counts live on several GPUs
+            for c in counts:
+                by_device.setdefault(c.device, []).append(c)
+            counts = [torch.stack(cs).amax() for cs in by_device.values()]
         if self.pending:
-            counts = [m.n_candidates for _, m in self.pending if m.n_candidates is not None]
-            needed = None
-            if counts and self.sink_cap is not None:
-                by_device: dict = {}  # under a device map the layers' counts live on several GPUs
-                for c in counts:
-                    by_device.setdefault(c.device, []).append(c)
-                needed = max(int(torch.stack(cs).max()) for cs in by_device.values())  # the wait for the GPU
-                if needed > self.sink_cap:
-                    raise SinkCapExceeded(needed)
-            finish_moments(self.pending, self.settings, k_used=needed)
-            self.pending = []
-        self.mask_structures, self.mask_infos = {}, {}
+            finish_moments(self.pending, self.settings, k_used=guess)
+        on_device = self.layers
         if self.layers:  # on the CPU too, so the tests go through the same reassembly
-            self.layers = _records_to_cpu(self.layers)
+            self.layers, counts = _records_to_cpu(on_device, counts)  # the one wait for the GPU
+        if guess is not None:
+            needed = max(int(c) for c in counts)
+            if needed > self.sink_cap:
+                raise SinkCapExceeded(needed)
+            if needed > guess:  # rare: more candidates than the last pass; finish again with all of them
+                finish_moments(self.pending, self.settings, k_used=needed)
+                self.layers, _ = _records_to_cpu(on_device)
+            self.k_hint = needed
+        self.pending = []
+        self.mask_structures, self.mask_infos = {}, {}
 
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catchtag_capture", default=None)
@@ -98,12 +112,12 @@ _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catcht
 
 @contextmanager
 def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-            sink_cap: int | None = None):
+            sink_cap: int | None = None, k_hint: int | None = None):
     """Within this block, forward passes of an enabled model record statistics into the yielded Capture.
 
     sink_cap: see Capture; with a cap, leaving the block raises SinkCapExceeded when a head had more candidate
     sinks than the cap (``captured_forward`` runs the pass again with a larger one)."""
-    cap = Capture(settings, request, backend, sink_cap)
+    cap = Capture(settings, request, backend, sink_cap, k_hint)
     token = _ACTIVE.set(cap)
     try:
         yield cap
@@ -116,23 +130,26 @@ DEFAULT_SINK_CAP = 16  # columns per head the sink pass takes without counting (
 
 
 def captured_forward(forward, settings: SinkSettings, request: ActivationRequest | None = None,
-                     backend: str = "auto", sink_cap: int | None = DEFAULT_SINK_CAP, meanwhile=None):
+                     backend: str = "auto", sink_cap: int | None = DEFAULT_SINK_CAP, meanwhile=None,
+                     k_hint: int | None = None):
     """(Capture, forward()'s result) of one forward pass inside ``capture``, with no host synchronisation per layer:
     if a head had more candidate sinks than ``sink_cap``, the pass runs again with a cap that holds them (beyond
     the kernel's limit, with the counting pass). The Capture's sink_cap is the one to start from next time.
     meanwhile: called once, after forward() has queued its GPU work and before the statistics are collected, so
-    host work (the previous batch's tables) overlaps the pass."""
+    host work (the previous batch's tables) overlaps the pass. k_hint: the last pass's Capture.k_hint (the most
+    candidates of any head), so finish queues the right amount of work before it waits."""
     from catchtag.engine.moments import MAX_SINKS
 
     while True:
         try:
-            with capture(settings, request, backend, sink_cap) as cap:
+            with capture(settings, request, backend, sink_cap, k_hint) as cap:
                 result = forward()
                 if meanwhile is not None:
                     meanwhile, work = None, meanwhile
                     work()
             return cap, result
         except SinkCapExceeded as exc:
+            k_hint = exc.needed
             sink_cap = 1 << (exc.needed - 1).bit_length()
             if sink_cap > MAX_SINKS:
                 sink_cap = None
@@ -218,9 +235,10 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _records_to_cpu(layers: dict[int, LayerRecord]) -> dict[int, LayerRecord]:
+def _records_to_cpu(layers: dict[int, LayerRecord], extra: list[torch.Tensor] = ()):
     """Every record's tensors on the CPU, with few copies: each statistic is stacked over the layers (one copy per
-    field, not per layer and field); the copies are queued into pinned memory and waited for once."""
+    field, not per layer and field); the copies are queued and waited for once. ``extra`` tensors travel with
+    them. Returns (records, extra on the CPU)."""
     order = sorted(layers)
     fields = list(vars(layers[order[0]].stats))
     stats = {layer: {} for layer in order}
@@ -253,9 +271,10 @@ def _records_to_cpu(layers: dict[int, LayerRecord]) -> dict[int, LayerRecord]:
                               activations={k: host(v) for k, v in layers[layer].activations.items()},
                               attention_maps={h: host(m) for h, m in layers[layer].attention_maps.items()})
            for layer in order}
+    extra = [host(x) for x in extra]
     for gpu in gpus:
         torch.cuda.synchronize(gpu)  # the copies above were queued without waiting
-    return out
+    return out, extra
 
 
 def catchtag_mask(*args, **kwargs):

@@ -17,6 +17,7 @@ sliding window.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -141,8 +142,10 @@ def layer_statistics(query, key, value, mask, scaling, softcap, settings, keep_m
         capture.backends_used.add(chosen.name)
     if chosen.name == "triton":
         info = _cached_mask_info(mask, structure, query, settings.min_rows, capture)
-        return triton_statistics(query, key, value, mask, scaling, settings, info, keep_maps=keep_maps,
-                                 sink_attention=sink_attention, capture=capture)
+        # Triton launches on the current device: under a device map a layer's tensors may live on another GPU
+        with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+            return triton_statistics(query, key, value, mask, scaling, settings, info, keep_maps=keep_maps,
+                                     sink_attention=sink_attention, capture=capture)
     return attention_with_stats(query, key, value, mask, scaling, softcap, settings, keep_maps=keep_maps)
 
 

@@ -4,6 +4,7 @@ moments; engine.attention.Capture.finish calls finish_moments)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def finish_moments(items, settings, budget: int = 1 << 23, k_used: int | None = 
     for (shape, bshape, rtol, dev), group in groups.items():
         per_item = max(torch.Size(shape).numel(), torch.Size(bshape).numel())
         step = max(1, budget // max(1, per_item))
-        eps = torch.tensor(all_eps, dtype=torch.float64, device=dev)
+        eps = _thresholds(tuple(all_eps), dev)
         for g0 in range(0, len(group), step):
             part = group[g0:g0 + step]
             got = _finish_stacked([m for _, m in part], eps, main_e, rtol, k_used)
@@ -59,6 +60,13 @@ def finish_moments(items, settings, budget: int = 1 << 23, k_used: int | None = 
                 n_sinks, ve, r2, ve_raw = (x[i] for x in got)
                 st.sweep_n_sinks, st.sweep_ve, st.sweep_r2 = n_sinks, ve, r2
                 st.ve, st.r2, st.ve_uncentred = ve[..., main_e].clone(), r2[..., main_e].clone(), ve_raw
+
+
+@functools.lru_cache(maxsize=16)
+def _thresholds(all_eps: tuple, device: torch.device) -> torch.Tensor:
+    """The thresholds on the device, made once: a copy from pageable host memory would wait for the GPU's queue,
+    which is exactly what finish_moments must not do."""
+    return torch.tensor(all_eps, dtype=torch.float64, device=device)
 
 
 def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
