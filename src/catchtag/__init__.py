@@ -20,12 +20,12 @@ _LAZY = {
     "steering_curve": "catchtag.analysis.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
     "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
     "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",
-    "token_view": "catchtag.report.viewer",
+    "token_view": "catchtag.report.viewer", "show_tokens": "catchtag.report.viewer",
     "toy": "catchtag.toy:",  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
 }
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 __all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "SWEEP_EPS", "ScanResult", "SinkSettings", "TagProbe",
            "answer_logprobs", "available_models", "compare_runs", "kind_shares", "load_model", "pca_picture",
-           "run_probe", "run_scan", "run_steer", "scan", "sink_taxonomy", "steering_curve", "sweep_table",
-           "tag_geometry", "token_view", "toy", "write_report"]
+           "run_probe", "run_scan", "run_steer", "scan", "show_tokens", "sink_taxonomy", "steering_curve",
+           "sweep_table", "tag_geometry", "token_view", "toy", "write_report"]

@@ -81,15 +81,37 @@ def render_view(data: dict, title: str | None = None) -> str:
 """
 
 
-def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
-               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
-    """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
+class TokenView:
+    """The viewer page shown inline in a notebook, inside an iframe so that its CSS and JS cannot touch the
+    notebook's own (and the notebook's cannot touch the page). ``save(path)`` writes the same page to a file."""
+
+    def __init__(self, page: str, height: int = 640):
+        self.html, self.height = page, height
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" title="catchtag token viewer" '
+                f'style="width:100%;height:{int(self.height)}px;border:1px solid #ccc"></iframe>')
+
+    def save(self, out) -> Path:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(self.html, encoding="utf-8")
+        return out
+
+
+def show_tokens(model, tokenizer, text, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
+                name: str | None = None, start: tuple[int, int] | None = None, height: int = 640) -> TokenView:
+    """The token viewer for one prompt as an object a notebook displays inline (``token_view`` writes a file)."""
     from catchtag.scan import scan
 
     result = scan(model, tokenizer, one_prompt(text), eps=eps, min_rows=min_rows, max_tokens=max_tokens,
                   request=ActivationRequest(layers=[], sink_attention=True), progress=False)
     result.settings["model"] = model_name(model, name)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_view(view_data(result, start=start)), encoding="utf-8")
-    return out
+    return TokenView(render_view(view_data(result, start=start)), height=height)
+
+
+def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
+               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
+    """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
+    return show_tokens(model, tokenizer, text, eps=eps, min_rows=min_rows, max_tokens=max_tokens, name=name,
+                       start=start).save(out)
