@@ -196,3 +196,38 @@ def test_model_without_attention_interface_is_refused(tiny_models):
     model._supports_attention_backend = False
     with pytest.raises(CatchtagError, match="AttentionInterface"):
         enable(model)
+
+
+def test_one_span_rule_in_all_three_places():
+    """The torch path (stats._span_basis), the fast path (moments._gram_schmidt) and the float64 reference
+    (reference._orth) build the sink-value span by one rule, also where an SVD cut would differ: a set nearly
+    dependent as a whole (16 values in 16 dimensions, smallest singular value ~1e-6 of the largest) while no value
+    is close to the span of the others, plus a repeated value (the same token at two positions)."""
+    from catchtag.engine.moments import _gram_schmidt, score_order
+    from catchtag.engine.reference import _orth
+    from catchtag.engine.stats import _span_basis
+
+    seed = random.randrange(1 << 30)
+    rng = np.random.default_rng(seed)
+    K = D = 16
+    u, _ = np.linalg.qr(rng.standard_normal((K, K)))
+    w, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    values = (u * np.logspace(0, -6, K)) @ w.T  # nearly dependent as a whole
+    values[5] = values[2] * (1 + 1e-9)  # the same token twice, up to rounding
+    scores = rng.uniform(0.2, 1.0, K)
+    rtol = 1e-5
+    svd_rank = int((np.linalg.svd(values, compute_uv=False) > rtol * np.linalg.norm(values, 2)).sum())
+    ref = _orth(values, scores, rtol)  # (D, r) orthonormal columns
+    assert ref.shape[1] != svd_rank, f"seed {seed}: this set does not separate the two rules"
+    v = torch.from_numpy(values)[None]
+    s = torch.from_numpy(scores)[None]
+    order = score_order(s)
+    fast = _gram_schmidt(v.gather(-2, order[..., None].expand(1, K, D)), rtol)[0].numpy()
+    q_fast = v.gather(-2, order[..., None].expand(1, K, D))[0].numpy().T @ fast  # (D, K), zero columns dropped
+    q_torch = values.T @ _span_basis(v, s, rtol)[0].numpy()
+    x = rng.standard_normal((50, D))  # outputs: the projections onto each basis must agree
+    want = ((x @ ref) ** 2).sum()
+    for got in (q_fast, q_torch):
+        assert abs(((x @ got) ** 2).sum() - want) < 1e-8 * want, f"seed {seed}"
+        kept = np.linalg.norm(got, axis=0) > 0.5
+        assert kept.sum() == ref.shape[1], f"seed {seed}"

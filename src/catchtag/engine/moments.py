@@ -89,7 +89,7 @@ def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
     centred = products - n[..., None, None] * mean_ya[..., :, None] * mean_ya[..., None, :]
 
     top = stack("top_scores").double()
-    order = top.argsort(dim=-1, descending=True)  # each threshold's sinks: a prefix of this order
+    order = score_order(top)  # each threshold's sinks: a prefix of this order
     if k_used is not None and k_used < K:  # columns past the most candidates of any head are never sinks
         order = order[..., :max(1, k_used)]
     top = top.gather(-1, order)
@@ -130,11 +130,18 @@ def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
     return n_e, ve, r2, ve_raw
 
 
+def score_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices of the candidates in descending column score (ties: lower position first), the order in which the
+    span rule takes sink values (every path uses this one order)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
 def _gram_schmidt(values: torch.Tensor, rtol: float) -> torch.Tensor:
     """For values (..., K, D) float64, the (..., K, K) upper-triangular W with q_j = sum_k W[k, j] v_k orthonormal
     and span{q_0..q_j} = span{v_0..v_j}: classical Gram-Schmidt with one re-orthogonalisation. A value whose distance
     to the span of the earlier ones is below rtol x the largest norm so far adds no direction (column of zeros),
-    as the SVD cut of stats._span_basis drops it (span_rtol: the same token seen at two positions)."""
+    (span_rtol: the same token seen at two positions). This is the span rule of every path (stats._span_basis uses
+    it too, and engine.reference writes it out one value at a time)."""
     K = values.shape[-2]
     q = torch.zeros_like(values)
     w = torch.zeros(*values.shape[:-1], K, dtype=values.dtype, device=values.device)

@@ -43,14 +43,24 @@ def layer_windows(config) -> list[int | None]:
     return [window] * n
 
 
-def _orth(vectors: np.ndarray, rtol: float) -> np.ndarray:
-    """Orthonormal basis (columns) of the span of the given row vectors; directions whose singular value is below
-    rtol x the largest are rounding, not span (sink values equal up to the model's rounding count once)."""
-    if len(vectors) == 0:
-        return np.zeros((0, 0))
-    u, s, _ = np.linalg.svd(vectors.T, full_matrices=False)
-    rank = int((s > s.max() * rtol).sum()) if s.size and s.max() > 0 else 0
-    return u[:, :rank]
+def _orth(vectors: np.ndarray, scores: np.ndarray, rtol: float) -> np.ndarray:
+    """Orthonormal basis (columns) of the span of the sink values (rows), by the span rule of docs/method.md: the
+    values in descending score order (ties: lower position first), each adding a direction only if its distance to
+    the span of those before it exceeds rtol x the largest norm so far (values equal up to the model's rounding
+    count once). Written out plainly, one value at a time."""
+    basis: list[np.ndarray] = []
+    largest = 0.0
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        v = np.asarray(vectors[i], dtype=np.float64)
+        largest = max(largest, float(np.linalg.norm(v)))
+        r = v.copy()
+        for _ in range(2):  # twice: once is not enough in floating point for nearly dependent values
+            for q in basis:
+                r = r - (q @ r) * q
+        norm = float(np.linalg.norm(r))
+        if norm > rtol * largest:
+            basis.append(r / norm)
+    return np.stack(basis, axis=1) if basis else np.zeros((vectors.shape[1], 0))
 
 
 @torch.no_grad()
@@ -93,7 +103,8 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                     tag += a[:, p:p + 1] * V[b, h, valid[p]][None, :]
                 oc = o - o.mean(axis=0)
                 nc = (o - tag) - (o - tag).mean(axis=0)
-                basis = _orth(np.stack([V[b, h, valid[p]] for p in sinks]), rec["rtol"]) if sinks else np.zeros((o.shape[1], 0))
+                basis = (_orth(np.stack([V[b, h, valid[p]] for p in sinks]), scores[sinks], rec["rtol"]) if sinks
+                         else np.zeros((o.shape[1], 0)))
                 total = (oc ** 2).sum()
                 ve = float(((oc @ basis) ** 2).sum() / total) if sinks and total > 0 else 0.0
                 r2 = float(1 - (nc ** 2).sum() / total) if sinks and total > 0 else 0.0

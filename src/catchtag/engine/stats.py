@@ -182,7 +182,7 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     for e_i, e in enumerate(all_eps):
         ok = top_scores > e  # (B,H,K)
         okf = ok.double()
-        to_basis = _span_basis(v_s64 * okf[..., None], span_rtol(v_dtype))  # (B,H,K,r): sink-value coordinates -> orthonormal basis
+        to_basis = _span_basis(v_s64 * okf[..., None], top_scores, span_rtol(v_dtype))  # (B,H,K,K)
         proj = torch.matmul(x * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
         tag = torch.matmul(a_s * ok[:, :, None, :], v_s)  # (B,H,T,Dv)
         nontag = (out - tag)
@@ -202,12 +202,15 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     return main_tag, stats
 
 
-def _span_basis(v: torch.Tensor, rtol: float) -> torch.Tensor:
-    """For sink values v (..., K, D), the (..., K, r) matrix W with (o @ v^T) @ W = o @ Q, Q an orthonormal basis
-    of span{v_k}: from v = U S Wh, Q = Wh^T and W = U / S. Singular values below rtol x the largest are dropped
-    (see span_rtol), so repeated or masked sink values add no direction."""
-    u, s, _ = torch.linalg.svd(v, full_matrices=False)
-    tol = s.amax(dim=-1, keepdim=True) * rtol
-    keep = s > tol
-    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    return u * inv[..., None, :]
+def _span_basis(v: torch.Tensor, scores: torch.Tensor, rtol: float) -> torch.Tensor:
+    """For sink values v (..., K, D) and their column scores (..., K), the (..., K, K) matrix W with
+    (o @ v^T) @ W = o @ Q, Q an orthonormal basis of the sinks' value span: the span rule of docs/method.md (values
+    taken in descending score order, each adding a direction only if its distance to the span of those before it
+    exceeds rtol x the largest norm so far; the triton path and the float64 reference use the same rule), so
+    repeated or masked (zero) sink values add no direction."""
+    from catchtag.engine.moments import _gram_schmidt, score_order
+
+    order = score_order(scores)
+    w = _gram_schmidt(v.gather(-2, order[..., None].expand(*v.shape)), rtol)  # rows in score order
+    back = torch.empty_like(w)  # rows back in v's order
+    return back.scatter_(-2, order[..., None].expand(*w.shape), w)
