@@ -42,13 +42,18 @@ def runs(tmp_path_factory):
     """Two tiny models (llama, qwen3) scanned on TEXTS with the 12-eps sweep, as run folders."""
     from catchtag import load_model, scan
     from catchtag.analysis.sweep import SWEEP_EPS
+    from catchtag.data.prompts import tokenize_prompts
+    from catchtag.jobs import write_views
 
     folder = tmp_path_factory.mktemp("runs")
     out = []
     for arch in ("llama", "qwen3"):
         net, tok = load_model(f"tiny:{arch}")
-        scan(net, tok, TEXTS, eps=EPS, min_rows=MIN_ROWS, sweep_eps=SWEEP_EPS, out=folder / arch, progress=False,
+        prompts = tokenize_prompts(TEXTS, tok)
+        scan(net, tok, prompts, eps=EPS, min_rows=MIN_ROWS, sweep_eps=SWEEP_EPS, out=folder / arch, progress=False,
              model_name=f"tiny:{arch}", data_name="tests")
+        # what `catchtag scan` keeps for the report: the per-token pictures of the first prompt
+        write_views(net, tok, prompts[0], folder / arch / "views", eps=EPS, min_rows=MIN_ROWS, name=f"tiny:{arch}")
         out.append(folder / arch)
     return out
 

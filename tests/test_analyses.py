@@ -31,11 +31,11 @@ def test_sink_attention_request_matches_attention_maps(llama):
     net, tok = llama
     r = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False,
              request=ActivationRequest(layers=[], sink_attention=True, attention_maps=[(1, 2), (2, 0)]))
-    assert len(r.sink_attention) == r.n_layers * r.n_heads
+    assert len(r.cache.sink_attention) == r.n_layers * r.n_heads
     for layer, head in [(1, 2), (2, 0)]:
         row = r.heads[(r.heads["layer"] == layer) & (r.heads["head"] == head)].iloc[0]
-        A = r.attention_maps[(0, layer, head)]
-        got = r.sink_attention[(0, layer, head)]
+        A = r.cache.get("pattern", layer=layer, head=head, prompt=0)
+        got = r.cache.get("sink_attention", layer=layer, head=head, prompt=0)
         assert got.shape == (row["n_tokens"], row["n_sinks"])
         np.testing.assert_allclose(got, A[:, list(row["sink_positions"])], atol=1e-5)
 
@@ -159,8 +159,8 @@ def test_geometry_matches_direct_computation(llama):
     r = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False,
              request=ActivationRequest(layers=[layer], heads=[head], positions=[pos], space="residual",
                                        hidden_states=[layer]))
-    tag = r.activations["tag"][0, 0, 0, 0]
-    token = r.hidden_states[layer][0, 0]
+    tag = r.cache.get("result_tag", layer=layer, head=head, pos=pos)[0]
+    token = r.cache.get("resid_pre", layer=layer, pos=pos)[0]
     cos = tag @ token / np.linalg.norm(tag) / np.linalg.norm(token)
     assert row["cosine"] == pytest.approx(cos, abs=1e-4)
     summary = g.summary()
@@ -181,8 +181,8 @@ def test_per_sink_tag_directions_recover_the_tags(llama):
     r = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False,
              request=ActivationRequest(layers=[layer], heads=[head], positions=pos, space="residual",
                                        sink_attention=True))
-    tags = r.activations["tag"][0, 0, 0].astype(np.float64)
-    A = r.sink_attention[(0, layer, head)][pos].astype(np.float64)
+    tags = r.cache["result_tag", layer][0, 0].astype(np.float64)
+    A = r.cache.get("sink_attention", layer=layer, head=head, prompt=0)[pos].astype(np.float64)
     U = np.linalg.lstsq(A, tags, rcond=None)[0]
     np.testing.assert_allclose(A @ U, tags, atol=1e-4 * np.abs(tags).max())
 

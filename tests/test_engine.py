@@ -42,8 +42,8 @@ def _compare(cap, ref_rows, check_acts=True):
         assert abs(float(st.ve_uncentred[b, h]) - r["ve_uncentred"]) < TOL
         if check_acts:
             acts = rec.activations
-            scale = max(1.0, np.abs(r["full"]).max())
-            for name in ("full", "tag", "nontag"):
+            scale = max(1.0, np.abs(r["result"]).max())
+            for name in ("result", "result_tag", "result_nontag"):
                 assert np.abs(acts[name][b, h, 0].numpy() - r[name]).max() < TOL * scale, name
     return n_sinks
 
@@ -139,7 +139,7 @@ def test_attention_maps_and_all_positions(tiny_models):
     cap, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.08, min_rows=4), req)
     rec = cap.layers[1]
     assert set(rec.attention_maps) == {2}
-    assert rec.activations["full"].shape[:3] == (2, 2, 30)
+    assert rec.activations["result"].shape[:3] == (2, 2, 30)
     assert not cap.layers[0].activations  # only the requested layer keeps per-token data
     # rows of the kept map sum to 1 on real tokens, and it matches eager attention
     from transformers import AutoModelForCausalLM
@@ -160,8 +160,8 @@ def test_attention_maps_and_all_positions(tiny_models):
 
     attn = model.transformer.h[1].attn
     w = head_output_projection(attn, 4, 16)
-    torch.testing.assert_close(torch.einsum("pd,dk->pk", rec.activations["head_tag"][0, 1], w[2].float()),
-                               rec.activations["tag"][0, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.einsum("pd,dk->pk", rec.activations["z_tag"][0, 1], w[2].float()),
+                               rec.activations["result_tag"][0, 1], atol=1e-5, rtol=0)
 
 
 def test_steering_adds_vector_at_head(tiny_models):

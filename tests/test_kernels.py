@@ -207,8 +207,8 @@ def test_triton_backend_matches_reference_on_tiny_models(arch):
         for name in ("ve", "r2", "ve_uncentred"):
             assert abs(float(getattr(st, name)[b, h]) - r[name]) < TOL, f"seed {seed}: {name}"
         acts = cap.layers[r["layer"]].activations
-        scale = max(1.0, np.abs(r["full"]).max())
-        for name in ("full", "tag", "nontag"):
+        scale = max(1.0, np.abs(r["result"]).max())
+        for name in ("result", "result_tag", "result_nontag"):
             assert np.abs(acts[name][b, h, 0].numpy() - r[name]).max() < TOL * scale, f"seed {seed}: {name}"
     assert n_sinks > 0, "no sinks at all: the comparison shows nothing"
 
@@ -249,28 +249,28 @@ def test_every_request_kind_through_the_triton_backend(tiny_models, arch):
         assert np.abs(got.heads[col] - ref.heads[col]).max() < TOL * 10, col
     assert (got.sweep["n_sinks"] == ref.sweep["n_sinks"]).all()
     assert np.abs(got.sweep["ve"] - ref.sweep["ve"]).max() < TOL * 10
-    assert set(got.activations) == set(ref.activations) == {"full", "tag", "nontag", "head_full", "head_tag",
-                                                           "head_nontag"}
-    for name in got.activations:
-        scale = max(1.0, np.abs(ref.activations[name]).max())
-        assert np.abs(got.activations[name] - ref.activations[name]).max() < TOL * scale, name
-    assert np.array_equal(got.positions, ref.positions)
+    assert set(got.cache.arrays) == set(ref.cache.arrays) == {"result", "result_tag", "result_nontag", "z",
+                                                               "z_tag", "z_nontag"}
+    for name in got.cache.arrays:
+        scale = max(1.0, np.abs(ref.cache.arrays[name]).max())
+        assert np.abs(got.cache.arrays[name] - ref.cache.arrays[name]).max() < TOL * scale, name
+    assert np.array_equal(got.cache.positions, ref.cache.positions)
     for i in (1, 2):
-        assert np.abs(got.hidden_states[i] - ref.hidden_states[i]).max() < TOL * 10
-    assert set(got.attention_maps) == set(ref.attention_maps) and len(got.attention_maps) == 6
-    assert set(got.sink_attention) == set(ref.sink_attention)
+        assert np.abs(got.cache["resid_pre", i] - ref.cache["resid_pre", i]).max() < TOL * 10
+    assert set(got.cache.pattern) == set(ref.cache.pattern) and len(got.cache.pattern) == 6
+    assert set(got.cache.sink_attention) == set(ref.cache.sink_attention)
     for p in prompts:
         eager = _eager64(model, p.input_ids)
-        for key, m in got.attention_maps.items():
+        for key, m in got.cache.pattern.items():
             if key[0] == p.prompt_id:
                 _, layer, h = key
-                assert np.abs(m - ref.attention_maps[key]).max() < TOL
+                assert np.abs(m - ref.cache.pattern[key]).max() < TOL
                 assert np.abs(m - eager[layer][h].numpy()).max() < TOL, f"map {key}"
         rows = got.heads[got.heads["prompt_id"] == p.prompt_id]
         for r in rows.itertuples():
-            a = got.sink_attention[(p.prompt_id, r.layer, r.head)]
+            a = got.cache.get("sink_attention", layer=r.layer, head=r.head, prompt=p.prompt_id)
             assert a.shape == (len(p.input_ids), r.n_sinks)
-            assert np.abs(a - ref.sink_attention[(p.prompt_id, r.layer, r.head)]).max() < TOL
+            assert np.abs(a - ref.cache.sink_attention[(p.prompt_id, r.layer, r.head)]).max() < TOL
             want = eager[r.layer][r.head][:, list(r.sink_positions)].numpy()
             assert np.abs(a - want).max() < TOL, f"sink attention L{r.layer}H{r.head}"
 

@@ -48,8 +48,8 @@ def test_smollm2_engine_matches_reference(smollm2):
         assert abs(float(st.ve[b, h]) - r["ve"]) < tol, (r["layer"], b, h, r["conditioning"])
         assert abs(float(st.r2[b, h]) - r["r2"]) < tol, (r["layer"], b, h, r["conditioning"])
         acts = cap.layers[r["layer"]].activations
-        scale = max(1.0, np.abs(r["full"]).max())
-        assert np.abs(acts["tag"][b, h, 0].numpy() - r["tag"]).max() < 1e-4 * scale
+        scale = max(1.0, np.abs(r["result"]).max())
+        assert np.abs(acts["result_tag"][b, h, 0].numpy() - r["result_tag"]).max() < 1e-4 * scale
     assert n_sinks > 100  # a real model has sinks in most heads
     assert mismatched <= 2
     # the first token is a sink in most heads of the deeper half (published: first-token sinks dominate)
@@ -70,4 +70,4 @@ def test_readme_python_block_runs():
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
         result = namespace["result"]
-        assert result.activations["tag"].shape[:3] == (2, 1, 1)
+        assert result.cache.arrays["result_tag"].shape[:3] == (2, 1, 1)

@@ -15,7 +15,8 @@ import pytest
 
 from catchtag import scan
 from catchtag.report.html import write_report
-from catchtag.report.viewer import render_view, token_view
+from catchtag.jobs import token_view
+from catchtag.report.viewer import render_view
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -138,16 +139,24 @@ def test_viewer_fast_with_2k_tokens(browser, tmp_path):
     assert errors == []
 
 
-def test_report_in_browser(browser, runs, tmp_path):
-    out = write_report(runs, tmp_path / "report.html", text=TEXT)
+def test_report_in_browser(browser, runs, tmp_path, monkeypatch):
+    import catchtag.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the report loaded a model")
+
+    monkeypatch.setattr(catchtag.models, "load_model", no_model)  # it only renders what the runs hold
+    monkeypatch.chdir(tmp_path)  # from any working directory
+    out = write_report(runs, tmp_path / "report.html")
     page_text = out.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page_text), "no network resource"
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page_text)
     # compare, sweep, taxonomy, 2 heatmaps per run, a pca picture per run, geometry
     assert len(images) == 3 + 2 * len(runs) + len(runs) + 1
     for section in ("Runs, settings and versions", "Models side by side", "Threshold sweep", "Which tokens are sinks",
-                    "Release pictures", "Tag geometry", "transformers"):
+                    "Release pictures", "Tag geometry", "Token viewer", "transformers"):
         assert section in page_text
+    assert page_text.count("<iframe srcdoc=") == len(runs) and "Not drawn" not in page_text
     assert page_text.count("<figcaption>") == len(images)
     page, errors, requests = open_page(browser, out)
     widths = page.evaluate("() => [...document.images].map(i => i.naturalWidth)")
@@ -164,6 +173,37 @@ def test_report_without_per_token(runs, tmp_path, monkeypatch):
     out = write_report(runs, tmp_path / "r.html", per_token=False)
     assert "Release pictures" not in out.read_text() and "Threshold sweep" in out.read_text()
     assert list(scratch.iterdir()) == [], "the report's figure folder is removed afterwards"
+
+
+def test_report_draws_what_it_can_and_says_why_not(runs, llama, tmp_path):
+    """Any finished run renders: a run without per-token pictures (scanned from Python), a ScanResult from memory,
+    and a run whose first prompt is too short to have a sink each get a note in the page, the rest is drawn."""
+    import shutil
+
+    from catchtag.jobs import write_views
+
+    net, tok = llama
+    bare = tmp_path / "bare"
+    scan(net, tok, ["Hi", TEXT], eps=EPS, min_rows=MIN_ROWS, out=bare, progress=False, model_name="tiny:llama")
+    short = tmp_path / "short"
+    shutil.copytree(bare, short)
+    from catchtag.data.prompts import tokenize_prompts
+
+    write_views(net, tok, tokenize_prompts(["Hi"], tok)[0], short / "views", eps=EPS, min_rows=MIN_ROWS,
+                name="tiny:llama")
+    memory = scan(net, tok, [TEXT], eps=EPS, min_rows=MIN_ROWS, progress=False, model_name="tiny:llama (memory)")
+    out = write_report({"bare": bare, "short": short, "memory": memory, "llama": runs[0]}, tmp_path / "r.html")
+    page = out.read_text()
+    assert page.count("Not drawn: the run holds no per-token pictures") == 3  # pca, geometry, viewer of 'bare'
+    assert "Not drawn: this result was passed from memory" in page
+    import html as html_lib
+    import json
+
+    why = json.loads((short / "views" / "views.json").read_text())["not_made"]
+    assert why, "the short prompt should have nothing to picture"
+    for reason in why.values():  # each picture the short prompt could not give is in the page, with its reason
+        assert f"Not drawn: {html_lib.escape(reason)}" in page
+    assert page.count("<iframe srcdoc=") >= 1 and "Models side by side" in page
 
 
 def test_scan_result_shows_itself_in_a_notebook(runs):

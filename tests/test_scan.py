@@ -74,13 +74,14 @@ def test_activations_in_prompt_order(tiny_models):
     model, tok = tiny_models("qwen3")
     req = ActivationRequest(layers=[0, 2], heads=[1], positions="last", space="residual", hidden_states=[1])
     res = catchtag.scan(model, tok, TEXTS, eps=0.08, min_rows=4, batch_size=2, request=req, progress=False)
-    assert res.activations["tag"].shape == (3, 2, 1, 1, model.config.hidden_size)
-    assert res.activation_layers == [0, 2]
+    assert res.cache.arrays["result_tag"].shape == (3, 2, 1, 1, model.config.hidden_size)
+    assert res.cache["result_tag", 2].shape == (3, 1, 1, model.config.hidden_size)
+    assert res.cache.layers == [0, 2]
     lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
-    assert res.positions[:, 0].tolist() == [n - 1 for n in lengths]
+    assert res.cache.positions[:, 0].tolist() == [n - 1 for n in lengths]
     alone = catchtag.scan(model, tok, [TEXTS[2]], eps=0.08, min_rows=4, request=req, progress=False)
-    np.testing.assert_allclose(res.activations["full"][2], alone.activations["full"][0], atol=1e-5)
-    np.testing.assert_allclose(res.hidden_states[1][2], alone.hidden_states[1][0], atol=1e-5)
+    np.testing.assert_allclose(res.cache.arrays["result"][2], alone.cache.arrays["result"][0], atol=1e-5)
+    np.testing.assert_allclose(res.cache["resid_pre", 1][2], alone.cache["resid_pre", 1][0], atol=1e-5)
 
 
 def test_run_folder_resumes_and_refuses_other_settings(tiny_models, tmp_path):
@@ -301,7 +302,7 @@ def test_overwrite_removes_only_a_catchtag_run(tiny_models, tmp_path):
     (run / "mine.txt").unlink()
     again = catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **kw)
     assert len(again.prompts) == 2 and sorted(p.name for p in run.iterdir()) == sorted(
-        ["run.json", "parts", "heads.parquet", "prompts.parquet"])
+        ["run.json", "parts", "heads.parquet", "prompts.parquet", "summary.json"])
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for overwrite in (False, True):
@@ -346,7 +347,7 @@ def test_importing_catchtag_changes_no_global_state():
 
 
 def test_cut_prompts_are_announced_and_recorded(tmp_path):
-    from catchtag.api import run_scan
+    from catchtag.jobs import run_scan
 
     data = tmp_path / "prompts.txt"
     data.write_text("short one\n" + "a much longer prompt " * 20 + "\n")

@@ -12,15 +12,15 @@ from catchtag.lazy import lazy_exports
 _LAZY = {
     "ActivationRequest": "catchtag.engine.request", "SinkSettings": "catchtag.engine.request",
     "available_models": "catchtag.models", "load_model": "catchtag.models",
-    "ScanResult": "catchtag.result", "scan": "catchtag.scan", "run_scan": "catchtag.api",
+    "ScanResult": "catchtag.result", "scan": "catchtag.scan", "run_scan": "catchtag.jobs",
     "compare_runs": "catchtag.analysis.compare", "tag_geometry": "catchtag.analysis.geometry",
     "pca_picture": "catchtag.analysis.pca", "HeadProbes": "catchtag.analysis.probes",
-    "TagProbe": "catchtag.analysis.probes", "run_probe": "catchtag.analysis.probes",
-    "answer_logprobs": "catchtag.analysis.answers", "run_steer": "catchtag.analysis.steering",
-    "steering_curve": "catchtag.analysis.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
+    "TagProbe": "catchtag.analysis.probes", "run_probe": "catchtag.jobs",
+    "answer_logprobs": "catchtag.analysis.answers", "run_steer": "catchtag.jobs",
+    "steering_curve": "catchtag.interventions.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
     "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
     "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",
-    "token_view": "catchtag.report.viewer", "show_tokens": "catchtag.report.viewer",
+    "token_view": "catchtag.jobs", "show_tokens": "catchtag.jobs",
     "toy": "catchtag.toy:",  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
 }
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)

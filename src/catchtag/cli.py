@@ -69,17 +69,19 @@ def scan(
     no_truncate: bool = typer.Option(False, "--no-truncate", help="refuse prompts longer than the model's context"),
     overwrite: bool = typer.Option(False, help="discard an existing run in --out"),
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+    no_views: bool = typer.Option(False, "--no-views", help="skip the per-token pictures of the first prompt that "
+                                                             "`catchtag report` shows (views/)"),
     device_map: Optional[str] = typer.Option(None, help="split the layers over the visible GPUs (accelerate): auto, balanced, balanced_low_0 or sequential"),
 ) -> None:
     """Detect sinks and decompose every head on DATA; write heads.parquet, summary.json and figures to OUT."""
-    from catchtag.api import run_scan
+    from catchtag.jobs import run_scan
 
     try:
         sweep_eps = tuple(float(x) for x in sweep.split(",")) if sweep else ()
         summary = run_scan(model=model, data=data, out=out, eps=eps, min_rows=min_rows, max_tokens=max_tokens,
                            chunk=chunk, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                            sweep_eps=sweep_eps, truncate=not no_truncate, overwrite=overwrite,
-                           figures=not no_figures, device_map=device_map)
+                           figures=not no_figures, views=not no_views, device_map=device_map)
     except CatchtagError as err:
         _fail(str(err))
     except ValueError as err:
@@ -94,7 +96,8 @@ def scan(
                f"{100 * s['share_heads_with_sink']:.1f}% · mean VE {s['mean_ve']:.3f} "
                f"(heads with a sink: {s['mean_ve_heads_with_sink']:.3f})")
     typer.echo("top sink tokens: " + ", ".join(f"{t!r} ({c})" for t, c in s["top_sink_tokens"][:5]))
-    typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else " and figures/*.png"))
+    typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else ", figures/*.png")
+               + ("" if no_views else ", views/ (the first prompt's per-token pictures)"))
 
 
 # ---- analyses (docs/analyses.md) ------------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def pca(
     """Figure-2 picture of one head: outputs coloured by top-3 PCs, attention with sinks, the residual stream deeper.
 
     Default head: the highest VE among heads with a sink beyond the first token."""
-    from catchtag.api import run_pca
+    from catchtag.jobs import run_pca
 
     s = _run_job(run_pca, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, layer=layer, head=head, deeper=deeper, eps=eps,
@@ -149,7 +152,7 @@ def compare(
     ve_level: float = typer.Option(0.3, help="report the share of heads with VE above this"),
 ) -> None:
     """Models side by side: sinks per head (violin), VE per head (box), share of high-VE heads, per-layer means."""
-    from catchtag.api import run_compare
+    from catchtag.jobs import run_compare
 
     s = _run_job(run_compare, runs, out, ve_level=ve_level)
     for r in s["runs"]:
@@ -171,7 +174,7 @@ def sweep(
     device: str = _DEVICE,
 ) -> None:
     """Threshold sweep, eps 0.03..0.4 (12 values, one forward pass): mean sinks per head vs mean VE per model."""
-    from catchtag.api import run_sweep
+    from catchtag.jobs import run_sweep
 
     s = _run_job(run_sweep, runs, out, model=model, data=data, max_tokens=max_tokens, limit=limit,
                  batch_size=batch_size, device=device)
@@ -188,7 +191,7 @@ def taxonomy(
     top: int = typer.Option(15, help="how many sink tokens to list"),
 ) -> None:
     """Sink-token taxonomy: each sink token's count, heads and mean VE; kinds (punctuation, function words, ...)."""
-    from catchtag.api import run_taxonomy
+    from catchtag.jobs import run_taxonomy
 
     s = _run_job(run_taxonomy, runs, out, top=top)
     for name, r in s["runs"].items():
@@ -209,7 +212,7 @@ def geometry(
     device: str = _DEVICE,
 ) -> None:
     """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
-    from catchtag.api import run_geometry
+    from catchtag.jobs import run_geometry
 
     s = _run_job(run_geometry, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, n_positions=n_positions, max_pairs=max_pairs, eps=eps,
@@ -226,15 +229,13 @@ def report(
     runs: list[Path] = typer.Argument(..., help="run folders written by `catchtag scan`"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="the HTML file to write"),
     per_token: bool = typer.Option(True, "--per-token/--no-per-token",
-                                   help="also load each run's model for the pca picture and tag geometry"),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="prompt for the per-token analyses"),
-    prompt: int = typer.Option(0, "--prompt", help="else this prompt of each run's data"),
-    device: str = _DEVICE,
+                                   help="also the per-token pictures each run keeps of its first prompt"),
 ) -> None:
-    """One self-contained HTML report (figures embedded, no network) with every analysis of RUNS."""
-    from catchtag.api import run_report
+    """One self-contained HTML report (figures embedded, no network) with every analysis of RUNS. Loads no model:
+    it draws what the run folders hold."""
+    from catchtag.jobs import run_report
 
-    s = _run_job(run_report, runs, out, per_token=per_token, text=text, prompt=prompt, device=device)
+    s = _run_job(run_report, runs, out, per_token=per_token)
     typer.echo(f"wrote {s['out']} ({s['bytes'] / 1e6:.1f} MB)")
 
 
@@ -251,7 +252,7 @@ def view(
     device: str = _DEVICE,
 ) -> None:
     """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
-    from catchtag.api import run_view
+    from catchtag.jobs import run_view
 
     s = _run_job(run_view, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, eps=eps, min_rows=min_rows, layer=layer, head=head,
@@ -290,7 +291,7 @@ def probe(
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the heat map"),
 ) -> None:
     """Probe every head's last-token full, tag-only and non-tag output for TASK's label; select heads."""
-    from catchtag.analysis.probes import run_probe
+    from catchtag.jobs import run_probe
 
     try:
         s = run_probe(model=model, task=task, out=out, shots=shots, template=template, eps=eps, min_rows=min_rows,
@@ -329,7 +330,7 @@ def steer(
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
 ) -> None:
     """Add a selected head's mean tag difference (label 1 minus label 0) at its output on test prompts."""
-    from catchtag.analysis.steering import run_steer
+    from catchtag.jobs import run_steer
 
     try:
         scale_values = tuple(float(x) for x in scales.split(","))

@@ -1,5 +1,5 @@
 """What a job reads before it computes: the model a name stands for, the one prompt of a per-prompt analysis, and
-checks of the flags that point into them. Shared by the jobs (api.py) and the report, so neither imports the other."""
+checks of the flags that point into them. Shared by the jobs (jobs.py) and the report, so neither imports the other."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 from catchtag.data.prompts import Prompt, load_prompts, tokenize_prompts
 from catchtag.errors import CatchtagError
-from catchtag.models import load_model
+from catchtag.models import display_name, load_model
 
 
 def resolve_model(model, device: str = "auto", dtype: str = "auto"):
     """A model name -> (name, model, tokenizer); a (model, tokenizer) pair passes through."""
     if isinstance(model, (tuple, list)):
         net, tok = model
-        return getattr(net, "name_or_path", "") or type(net).__name__, net, tok
+        return display_name(net), net, tok
     net, tok = load_model(model, device=device, dtype=dtype)
     return model, net, tok
 

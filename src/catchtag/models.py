@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING
 
 from catchtag.errors import CatchtagError
 
+
+def display_name(model, given: str | None = None) -> str:
+    """The name a model goes by in tables, figures and summaries: the name it was asked for by (``given``), else
+    its Hugging Face name_or_path, else its class. The one place every module takes it from."""
+    return given or getattr(model, "name_or_path", "") or type(model).__name__
+
 if TYPE_CHECKING:
     import torch
 

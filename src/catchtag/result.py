@@ -6,12 +6,12 @@ for what the scan's ActivationRequest named.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from catchtag.cache import ActivationCache
 
 HEAD_COLUMNS = ["prompt_id", "layer", "head", "n_tokens", "n_sinks", "sink_positions", "sink_tokens",
                 "sink_scores", "ve", "r2", "ve_uncentred"]
@@ -27,26 +27,17 @@ class ScanResult:
       of the uncentred outputs' energy, in which the mean direction counts).
     sweep: one row per (prompt, layer, head, eps) when extra thresholds were asked for.
     prompts: prompt_id, n_tokens, tokens (decoded strings).
-    activations: name -> array (n_prompts, n_layers_kept, n_heads_kept, n_positions, dim) in prompt order,
-      names full/tag/nontag (residual stream) and head_full/head_tag/head_nontag (head space);
-      ``positions`` gives the prompt positions of axis 3 (-1 where a prompt has none).
-    hidden_states: index -> array (n_prompts, n_positions, hidden) at the same positions.
-    attention_maps: (prompt_id, layer, head) -> (T, T) attention of that head on that prompt.
-    sink_attention: (prompt_id, layer, head) -> (T, n_sinks) attention of every token to each sink, columns in
-      the order of that row's sink_positions (only with ActivationRequest(sink_attention=True); not saved).
+    cache: the per-token arrays the scan's ActivationRequest asked for, under the field's names (z, z_tag,
+      z_nontag, result, result_tag, result_nontag, resid_pre, pattern, sink_attention): see catchtag.cache.
+      ``result.cache["result_tag", 20]`` or ``result.cache.get("z", layer=3, head=1, pos=-1)``. Saved with the
+      run and loaded back by ``ScanResult.load``.
     """
 
     heads: pd.DataFrame
     prompts: pd.DataFrame
     settings: dict
     sweep: pd.DataFrame | None = None
-    activations: dict[str, np.ndarray] = field(default_factory=dict)
-    activation_layers: list[int] = field(default_factory=list)
-    activation_heads: list[int] = field(default_factory=list)
-    positions: np.ndarray | None = None
-    hidden_states: dict[int, np.ndarray] = field(default_factory=dict)
-    attention_maps: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
-    sink_attention: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
+    cache: ActivationCache = field(default_factory=ActivationCache)
 
     # ---- helpers every analysis uses -------------------------------------------------------------
     @property
@@ -111,29 +102,19 @@ class ScanResult:
         return (f"<div><b>catchtag ScanResult</b> {name}: {len(self.prompts)} prompts x {self.n_layers} layers x "
                 f"{self.n_heads} heads<table>{rows}</table><img src='data:image/png;base64,{img}'/></div>")
 
-    # ---- saving and loading --------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.heads.to_parquet(folder / "heads.parquet", index=False)
-        self.prompts.to_parquet(folder / "prompts.parquet", index=False)
-        if self.sweep is not None:
-            self.sweep.to_parquet(folder / "sweep.parquet", index=False)
+    # ---- saving and loading (catchtag.runs owns the folder) ----------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the tables (and per-token arrays) into ``folder`` (see catchtag.runs)."""
+        from catchtag.runs import save_result
+
+        return save_result(self, folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "ScanResult":
-        """Read a run folder written by ``catchtag scan`` (tables only)."""
-        from catchtag.errors import CatchtagError
+        """Everything a run folder written by ``catchtag scan`` holds: tables, settings, per-token arrays."""
+        from catchtag.runs import read_run
 
-        folder = Path(folder)
-        if not (folder / "heads.parquet").is_file():
-            raise CatchtagError(f"{folder} is not a finished catchtag run (no heads.parquet). Run `catchtag scan "
-                                f"--out {folder}` first, or rerun it to finish an interrupted scan")
-        settings = json.loads((folder / "summary.json").read_text()).get("settings", {}) \
-            if (folder / "summary.json").is_file() else {}
-        sweep = pd.read_parquet(folder / "sweep.parquet") if (folder / "sweep.parquet").is_file() else None
-        return cls(heads=pd.read_parquet(folder / "heads.parquet"), prompts=pd.read_parquet(folder / "prompts.parquet"),
-                   settings=settings, sweep=sweep)
+        return cls(**read_run(folder))
 
 
 def _short(value) -> str:

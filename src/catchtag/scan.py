@@ -1,18 +1,17 @@
 """scan(): run a model over prompts with the engine on, and turn its records into a ScanResult.
 
-With ``out`` the scan saves each finished batch to the run folder at once (atomically) and, when run
-again with the same settings, skips the prompts already done: an interrupted scan resumes without losing
-or duplicating a row.
+Two layers: ``scan_batch`` is the core (one batch: forward pass, statistics, tables and per-token arrays, no
+files), and ``scan`` drives it (prompts, batches, progress, the run folder, overlap of host work with the next
+pass). With ``out`` each finished batch is saved to the run folder at once (catchtag.runs) and, run again with the
+same settings, the scan skips the prompts already done: an interrupted scan resumes without losing or
+duplicating a row.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +22,12 @@ import torch
 from catchtag.data.prompts import Prompt, model_context, tokenize_prompts
 from catchtag.distributed import Dist
 from catchtag.engine.attention import DEFAULT_SINK_CAP, captured_forward, request_positions
+from catchtag.engine.positions import first_real
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.errors import CatchtagError
+from catchtag.models import display_name
 from catchtag.result import HEAD_COLUMNS, ScanResult
+from catchtag.runs import RunFolder, cache_from_batches, fingerprint, save_result
 
 SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2"]
 
@@ -85,7 +87,7 @@ def _records_to_tables(cap, prompts, token_strings, settings):
         st = cap.layers[layer].stats
         B, H, _ = st.col_scores.shape
         valid = st.token_valid.numpy()
-        n_tokens, first = valid.sum(axis=-1), valid.argmax(axis=-1)
+        n_tokens, first = valid.sum(axis=-1), first_real(valid)
         ok, idx = st.sink_ok.numpy(), st.sink_idx.numpy()
         scores = st.col_scores.float().numpy() if st.col_scores.dtype.itemsize < 4 else st.col_scores.numpy()
         b_i, h_i, _ = np.nonzero(ok)  # every sink, in (prompt, head) order, ascending within a head
@@ -119,180 +121,94 @@ def _records_to_tables(cap, prompts, token_strings, settings):
     return heads, sweep
 
 
-def _batch_activations(cap, request, hidden, prompts):
-    """Per-token arrays of one batch: name -> (B, L, nh, P, dim); positions (B, P) in prompt coordinates."""
+@dataclass
+class BatchOutput:
+    """What ``scan_batch`` gives back for one batch: its Capture (statistics on the CPU) and, with a request,
+    the per-token arrays as npz entries (runs.cache_from_batches names them)."""
+
+    cap: object
+    prompts: list[Prompt]
+    arrays: dict
+
+
+def _batch_arrays(cap, request, hidden, prompts) -> dict:
+    """One batch's per-token arrays as npz entries: z*/result* (B, L, nh, P, dim), positions (B, P) in prompt
+    coordinates, layers, heads, prompt_id, resid_pre_<i>, pattern_<pid>_<l>_<h>, sink_attention_<pid>_<l>_<h>."""
     if request is None:
-        return {}, None, [], {}
+        return {}
+    out: dict[str, np.ndarray] = {}
     layers = sorted(l for l in cap.layers if cap.layers[l].activations)
-    acts: dict[str, np.ndarray] = {}
-    positions = None
     if layers:
-        names = cap.layers[layers[0]].activations.keys()
-        for name in names:
-            acts[name] = torch.stack([cap.layers[l].activations[name] for l in layers], dim=1).numpy()
-        pos = cap.layers[layers[0]].positions
-        first = cap.layers[layers[0]].stats.token_valid.float().argmax(dim=-1)
-        positions = torch.where(pos >= 0, pos - first[:, None], pos).numpy()
-    hidden_out = {}
+        rec0 = cap.layers[layers[0]]
+        for name in rec0.activations:
+            out[name] = torch.stack([cap.layers[l].activations[name] for l in layers], dim=1).numpy()
+        first = first_real(rec0.stats.token_valid)
+        pos = rec0.positions
+        out["positions"] = torch.where(pos >= 0, pos - first[:, None], pos).numpy()
+        out["layers"] = np.asarray(layers, dtype=np.int64)
+        out["heads"] = np.asarray(rec0.heads, dtype=np.int64)
     if request.hidden_states and hidden is not None:
         any_layer = next(iter(cap.layers.values()))
         pos_abs = request_positions(request, any_layer.stats.token_valid.to(hidden[0].device))
+        if "positions" not in out:
+            first = first_real(any_layer.stats.token_valid).to(pos_abs.device)
+            out["positions"] = torch.where(pos_abs >= 0, pos_abs - first[:, None], pos_abs).cpu().numpy()
         for i in request.hidden_states:
             hs = hidden[i].float()
             idx = pos_abs.clamp_min(0)[:, :, None].expand(-1, -1, hs.shape[-1])
-            hidden_out[i] = (hs.gather(1, idx) * (pos_abs >= 0)[:, :, None]).cpu().numpy()
-    return acts, positions, layers, hidden_out
+            out[f"resid_pre_{i}"] = (hs.gather(1, idx) * (pos_abs >= 0)[:, :, None]).cpu().numpy()
+    for layer, record in cap.layers.items():
+        valid = record.stats.token_valid
+        for h, maps in record.attention_maps.items():
+            for b, p in enumerate(prompts):
+                out[f"pattern_{p.prompt_id}_{layer}_{h}"] = _trim(maps[b], valid[b])
+    if request.sink_attention:
+        for (pid, layer, h), arr in _sink_attention(cap, prompts).items():
+            out[f"sink_attention_{pid}_{layer}_{h}"] = arr
+    if out:
+        out["prompt_id"] = np.asarray([p.prompt_id for p in prompts], dtype=np.int64)
+    return out
 
 
-# What a scan writes into its folder (--overwrite removes these and nothing else).
-RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "summary.json", "figures")
-# Fingerprint keys that only name the run's inputs: the same prompts (prompts_sha1) are the same run however the
-# data file is spelled, so these never block a resume.
-SPELLING_ONLY = ("data",)
+def scan_batch(decoder, tokenizer, batch: list[Prompt], settings: SinkSettings, request=None, backend="auto",
+               sink_cap=DEFAULT_SINK_CAP, k_hint=None, meanwhile=None) -> BatchOutput:
+    """The core: one forward pass of ``batch`` with the engine on, its statistics and per-token arrays.
+    meanwhile: host work to run while the pass is queued on the GPU (captured_forward)."""
+    device = _input_device(decoder)
+    ids, mask = _batch_tensors(batch, tokenizer, device)
+    want_hidden = bool(request is not None and request.hidden_states)
+    with torch.no_grad():
+        cap, output = captured_forward(
+            lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_hidden),
+            settings, request, backend, sink_cap, meanwhile=meanwhile, k_hint=k_hint)
+    arrays = _batch_arrays(cap, request, output.hidden_states if want_hidden else None, batch)
+    return BatchOutput(cap, batch, arrays)
 
 
-class RunFolder:
-    """A scan's folder: run.json (what was asked), parts/ (one file per finished batch), final tables."""
-
-    def __init__(self, folder: str | Path, fingerprint: dict, overwrite: bool = False, dist: Dist = Dist()):
-        self.folder = Path(folder)
-        self.parts = self.folder / "parts"
-        self.rank = dist.rank
-        manifest = self.folder / "run.json"
-        if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
-            if overwrite and self.folder.is_dir():  # a file given as --out is refused by _check
-                self._discard()
-            self._check(manifest, fingerprint)
-            self.parts.mkdir(parents=True, exist_ok=True)
-            _write_atomic(manifest, json.dumps(fingerprint, indent=1))
-            for stale in self.parts.glob("*.tmp*"):
-                stale.unlink()
-        dist.barrier()
-        if not dist.is_main:
-            self._check(manifest, fingerprint)
-
-    def _discard(self) -> None:
-        """--overwrite: remove what a scan wrote into this folder, and nothing else. A folder that is not a
-        catchtag run, or that holds files a scan did not write, is refused and left as it is."""
-        import shutil
-
-        if not (self.folder / "run.json").is_file():
-            if any(self.folder.iterdir()):
-                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run (no run.json), so "
-                                    f"nothing in it was removed. Fix: choose an empty or new --out")
-            return
-        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES)
-        if foreign:
-            raise CatchtagError(f"--overwrite refused: {self.folder} also holds files a scan did not write "
-                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
-                                f"removed. Fix: move them away, or choose another --out")
-        for name in RUN_ENTRIES:
-            path = self.folder / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-
-    def _check(self, manifest: Path, fingerprint: dict) -> None:
-        if self.folder.exists() and not self.folder.is_dir():
-            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
-        if manifest.is_file():
-            old = {k: v for k, v in json.loads(manifest.read_text()).items() if k not in SPELLING_ONLY}
-            fingerprint = {k: v for k, v in fingerprint.items() if k not in SPELLING_ONLY}
-            if old != fingerprint:
-                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise CatchtagError(f"{self.folder} holds a run with other settings ({', '.join(changed)} differ). "
-                                    f"Fix: use another --out, or --overwrite to start it again")
-        elif self.folder.exists() and any(self.folder.iterdir()):
-            raise CatchtagError(f"{self.folder} exists and is not a catchtag run. Fix: choose an empty or new --out")
-
-    def part_files(self, kind: str) -> list[Path]:
-        """Finished part files of every rank (names: KIND-r<rank>-<n>.parquet)."""
-        return sorted(f for f in self.parts.glob(f"{kind}-*.parquet") if ".tmp" not in f.name)
-
-    def done_ids(self) -> set[int]:
-        done: set[int] = set()
-        for f in self.part_files("prompts"):
-            done.update(pd.read_parquet(f, columns=["prompt_id"])["prompt_id"].tolist())
-        return done
-
-    def elapsed(self) -> float:
-        return float(sum(pd.read_parquet(f, columns=["seconds"])["seconds"].iloc[0]
-                         for f in self.part_files("prompts")))
-
-    def write_part(self, heads: pd.DataFrame, sweep: pd.DataFrame | None, prompts: pd.DataFrame, acts: dict | None):
-        """Write one batch's rows; the prompts file goes last, so a batch counts as done only when complete."""
-        n = 0
-        while (self.parts / f"prompts-r{self.rank}-{n:05d}.parquet").exists():
-            n += 1
-        tag = f"r{self.rank}-{n:05d}"
-        _write_parquet(heads, self.parts / f"heads-{tag}.parquet")
-        if sweep is not None:
-            _write_parquet(sweep, self.parts / f"sweep-{tag}.parquet")
-        if acts:
-            tmp = self.parts / f"acts-{tag}.tmp.npz"
-            np.savez(tmp, **acts)
-            os.replace(tmp, self.parts / f"acts-{tag}.npz")
-        _write_parquet(prompts, self.parts / f"prompts-{tag}.parquet")
-
-    def read_tables(self):
-        done = [f.name[len("prompts-"):-len(".parquet")] for f in self.part_files("prompts")]
-        heads = pd.concat([pd.read_parquet(self.parts / f"heads-{t}.parquet") for t in done], ignore_index=True)
-        prompts = pd.concat([pd.read_parquet(self.parts / f"prompts-{t}.parquet") for t in done], ignore_index=True)
-        sweeps = [self.parts / f"sweep-{t}.parquet" for t in done if (self.parts / f"sweep-{t}.parquet").exists()]
-        sweep = pd.concat([pd.read_parquet(f) for f in sweeps], ignore_index=True) if sweeps else None
-        acts = [(self.parts / f"acts-{t}.npz") for t in done if (self.parts / f"acts-{t}.npz").exists()]
-        return heads, prompts, sweep, [dict(np.load(f)) for f in acts]
+def batch_tables(out: BatchOutput, settings: SinkSettings, strings: dict, seconds: float):
+    """(heads, sweep or None) as Arrow tables and the prompts DataFrame of one finished batch."""
+    heads, sweep = _records_to_tables(out.cap, out.prompts, strings, settings)
+    prompts = pd.DataFrame({"prompt_id": [p.prompt_id for p in out.prompts],
+                            "n_tokens": [len(p.input_ids) for p in out.prompts],
+                            "tokens": [strings[p.prompt_id] for p in out.prompts], "seconds": seconds})
+    return heads, sweep, prompts
 
 
-def _write_parquet(table, path: Path) -> None:
-    """A DataFrame or Arrow table to ``path``, atomically (written beside it, then renamed)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp = path.with_suffix(".tmp.parquet")
-    if isinstance(table, pa.Table):
-        pq.write_table(table, tmp)
-    else:
-        table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _fingerprint(model_name, data_name, settings: SinkSettings, prompts, dtype, request) -> dict:
-    digest = hashlib.sha1(json.dumps([p.input_ids for p in prompts]).encode()).hexdigest()
-    return {"model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
-            "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "dtype": str(dtype),
-            "n_prompts": len(prompts), "prompts_sha1": digest,
-            "request": None if request is None else repr((request.layers, request.heads, request.positions,
-                                                         request.space, tuple(request.hidden_states)))}
-
-
-def versions() -> dict:
-    import transformers
-
-    from catchtag import __version__
-
-    return {"catchtag": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+def _input_device(model):
+    return model.get_input_embeddings().weight.device  # with a device map, where the inputs go
 
 
 def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep_eps: Sequence[float] = (),
          max_tokens: int | None = None, batch_size: int = 8, request: ActivationRequest | None = None,
-         out: str | Path | None = None, overwrite: bool = False, truncate: bool = True, progress: bool = True,
-         backend: str = "auto", chunk_rows: int | None = None, model_name: str | None = None,
+         out: str | Path | RunFolder | None = None, overwrite: bool = False, truncate: bool = True,
+         progress: bool = True, backend: str = "auto", chunk_rows: int | None = None, model_name: str | None = None,
          data_name: str | None = None, dist: Dist | None = None) -> ScanResult:
     """Detect sinks and decompose every head of ``model`` on ``texts``.
 
     texts: a string, a list of strings, or a list of ``Prompt`` (already tokenised). eps / min_rows: sink
     threshold and minimum rows per column (docs/method.md). sweep_eps: extra thresholds computed in the
-    same pass (ScanResult.sweep). request: per-token activations, attention maps or hidden states to keep.
-    out: a run folder to save into as it goes; rerunning with the same arguments resumes.
+    same pass (ScanResult.sweep). request: per-token activations, attention patterns or hidden states to keep
+    (ScanResult.cache). out: a run folder to save into as it goes; rerunning with the same arguments resumes.
     dist: under torchrun, this rank's place (catchtag.distributed.init()); each rank scans its shard into
     ``out`` and every rank returns the whole result once all are done.
     Returns a ScanResult whose ``heads`` has one row per (prompt, layer, head).
@@ -304,8 +220,8 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     dist = dist or Dist()
     if dist.world > 1 and out is None:
         raise CatchtagError("a scan over several processes needs a run folder (--out) to gather the ranks' rows")
-    device = model.get_input_embeddings().weight.device  # with a device map, where the inputs go
-    model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
+    device = _input_device(model)
+    model_name = display_name(model, model_name)
     n_layers = model.config.num_hidden_layers
     if n_layers is None:
         raise CatchtagError("the model config does not say how many layers it has")
@@ -315,11 +231,12 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         warnings.warn(f"some prompts are shorter than min_rows={settings.min_rows} tokens: no column of theirs can "
                       f"be a sink. Lower --min-rows or use longer prompts", stacklevel=2)
 
-    run = None
+    run = out if isinstance(out, RunFolder) else None
     todo = prompts
     if out is not None:
-        run = RunFolder(out, _fingerprint(model_name, data_name, settings, prompts, model.dtype, request), overwrite,
-                        dist)
+        if run is None:
+            run = RunFolder(out, fingerprint(model_name, data_name, settings, prompts, model.dtype, request),
+                            overwrite, dist)
         done = run.done_ids()
         todo = [p for p in dist.shard(prompts) if p.prompt_id not in done]
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
@@ -327,8 +244,6 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     heads_parts, sweep_parts, prompt_parts, act_parts = [], [], [], []
     sink_cap, k_hint, backends_used = DEFAULT_SINK_CAP, None, set()
     decoded: dict[int, str] = {}
-    attention_maps: dict = {}
-    sink_attention: dict = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -336,84 +251,55 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         mine = len(dist.shard(prompts))
         bar = tqdm(total=mine, initial=mine - len(todo), unit="prompt", dynamic_ncols=True, position=dist.rank,
                    desc="scan" if dist.world == 1 else f"scan rank {dist.rank}/{dist.world}")
-    def collect(cap, batch, acts, positions, act_layers, hidden, seconds):
-        """One finished batch's host work: token strings, rows, tables, the part files. The next batch's forward
-        pass runs on the GPU meanwhile (captured_forward's ``meanwhile``)."""
-        strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in batch}  # this rank's only
-        heads_df, sweep_df = _records_to_tables(cap, batch, strings, settings)  # Arrow tables
-        prompts_df = pd.DataFrame({"prompt_id": [p.prompt_id for p in batch],
-                                   "n_tokens": [len(p.input_ids) for p in batch],
-                                   "tokens": [strings[p.prompt_id] for p in batch],
-                                   "seconds": seconds})
-        act_arrays = dict(acts)
-        if positions is not None:
-            act_arrays["positions"] = positions
-            act_arrays["layers"] = np.asarray(act_layers)
-        for i, arr in hidden.items():
-            act_arrays[f"hidden_{i}"] = arr
-        if act_arrays:
-            act_arrays["prompt_id"] = np.asarray([p.prompt_id for p in batch])
-        if run is not None:
-            writes.append(writer.submit(run.write_part, heads_df, sweep_df, prompts_df, act_arrays))
-        else:
-            heads_parts.append(heads_df)
-            sweep_parts.append(sweep_df)
-            prompt_parts.append(prompts_df)
-            if act_arrays:
-                act_parts.append(act_arrays)
-        attention_maps.update({(p.prompt_id, layer, h): _trim(cap.layers[layer].attention_maps[h][b],
-                                                         cap.layers[layer].stats.token_valid[b])
-                               for layer in cap.layers for h in cap.layers[layer].attention_maps
-                               for b, p in enumerate(batch)})
-        if request is not None and request.sink_attention:
-            sink_attention.update(_sink_attention(cap, batch))
-        if bar is not None:
-            bar.update(len(batch))
-
-    pending: list = []  # the finished batch whose host work waits for the next forward pass
     # part files are written by one thread beside the loop (in order; pyarrow leaves the interpreter free meanwhile)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catchtag-parts")
     writes: list = []
+    pending: list = []  # the finished batch whose host work waits for the next forward pass
+
+    def collect(done: BatchOutput, seconds: float):
+        """One finished batch's host work (token strings, tables, the part files), done while the next batch's
+        forward pass runs on the GPU."""
+        strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in done.prompts}
+        heads_t, sweep_t, prompts_df = batch_tables(done, settings, strings, seconds)
+        if run is not None:
+            writes.append(writer.submit(run.write_part, heads_t, sweep_t, prompts_df, done.arrays))
+        else:
+            heads_parts.append(heads_t)
+            sweep_parts.append(sweep_t)
+            prompt_parts.append(prompts_df)
+            if done.arrays:
+                act_parts.append(done.arrays)
+        if bar is not None:
+            bar.update(len(done.prompts))
 
     def flush():
         while pending:
             collect(*pending.pop())
 
     decoder = _decoder(model)  # the scan needs no logits: skip the LM head
-    want_hidden = bool(request is not None and request.hidden_states)
-
-    def scan_batches():
-        nonlocal sink_cap, k_hint
+    try:
         mark = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            ids, mask = _batch_tensors(batch, tokenizer, device)
             try:
-                with torch.no_grad():
-                    cap, output = captured_forward(
-                        lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False,
-                                        output_hidden_states=want_hidden), settings, request, backend, sink_cap,
-                        meanwhile=flush, k_hint=k_hint)
+                done = scan_batch(decoder, tokenizer, batch, settings, request, backend, sink_cap, k_hint,
+                                  meanwhile=flush)
             except torch.OutOfMemoryError:
                 flush()  # the batch before this one is complete: keep it
-                raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {ids.shape[1]} "
-                                    f"tokens. Fix: a smaller --batch-size (or --max-tokens)") from None
+                T = max(len(p.input_ids) for p in batch)
+                raise CatchtagError(f"out of memory on {device} with batch size {len(batch)} x {T} tokens. Fix: a "
+                                    f"smaller --batch-size (or --max-tokens)") from None
             flush()  # already done while the pass ran, unless it failed first
-            sink_cap, k_hint = cap.sink_cap, cap.k_hint  # a cap raised for one batch stays raised: no second pass
-            backends_used.update(cap.backends_used)
-            if len(cap.layers) != n_layers:
-                raise CatchtagError(f"only {len(cap.layers)} of {n_layers} layers went through catchtag's attention "
-                                    f"function; is the model loaded with catchtag.load_model (or engine.enable)?")
-            acts, positions, act_layers, hidden = _batch_activations(
-                cap, request, output.hidden_states if want_hidden else None, batch)
-            del output
+            sink_cap, k_hint = done.cap.sink_cap, done.cap.k_hint  # a raised cap stays raised: no second pass
+            backends_used.update(done.cap.backends_used)
+            if len(done.cap.layers) != n_layers:
+                raise CatchtagError(f"only {len(done.cap.layers)} of {n_layers} layers went through catchtag's "
+                                    f"attention function; is the model loaded with catchtag.load_model (or "
+                                    f"engine.enable)?")
             now = time.perf_counter()
-            pending.append((cap, batch, acts, positions, act_layers, hidden, now - mark))
+            pending.append((done, now - mark))
             mark = now
         flush()
-
-    try:
-        scan_batches()
     finally:
         writer.shutdown(wait=True)  # an interrupted scan still leaves every batch it finished on disk
     for w in writes:
@@ -423,7 +309,7 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
 
     if run is not None:
         dist.barrier()  # every rank's parts are written
-        heads, prompt_table, sweep, act_parts = run.read_tables()
+        heads, prompt_table, sweep, act_parts = run.read_parts()
     else:
         import pyarrow as pa
 
@@ -439,13 +325,11 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "batch_size": batch_size,
         "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend,
         "backends_used": sorted(backends_used), "world_size": dist.world})
-    _attach_activations(result, act_parts, request)
-    result.attention_maps = attention_maps  # kept for this call's prompts only (they are not saved in runs)
-    result.sink_attention = sink_attention  # likewise
+    result.cache = cache_from_batches(act_parts)
     if run is not None:
-        if dist.is_main:
-            result.save(run.folder)
         result.settings["seconds"] = run.elapsed()
+        if dist.is_main:
+            save_result(result, run.folder)
     else:
         result.settings["seconds"] = float(prompt_table["seconds"].sum())
     return result
@@ -476,37 +360,3 @@ def _sink_attention(cap, batch) -> dict:
 def _trim(attn: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
     idx = valid.nonzero().squeeze(-1)
     return attn[idx][:, idx].numpy()
-
-
-def _attach_activations(result: ScanResult, parts: list[dict], request) -> None:
-    """Stack per-batch activation arrays in prompt order (positions padded with -1 to a common length)."""
-    if not parts:
-        return
-    order = np.concatenate([p["prompt_id"] for p in parts])
-    sort = np.argsort(order, kind="stable")
-
-    def stack(key, pad_axis):
-        arrays = [p[key] for p in parts]
-        width = max(a.shape[pad_axis] for a in arrays)
-        padded = []
-        for a in arrays:
-            pad = [(0, 0)] * a.ndim
-            pad[pad_axis] = (0, width - a.shape[pad_axis])
-            padded.append(np.pad(a, pad, constant_values=-1 if key == "positions" else 0))
-        return np.concatenate(padded, axis=0)[sort]
-
-    keys = parts[0].keys()
-    for key in keys:
-        if key in ("prompt_id", "layers"):
-            continue
-        if key == "positions":
-            result.positions = stack(key, 1)
-        elif key.startswith("hidden_"):
-            result.hidden_states[int(key.split("_", 1)[1])] = stack(key, 1)
-        else:
-            result.activations[key] = stack(key, 3)
-    if "layers" in parts[0]:
-        result.activation_layers = [int(x) for x in parts[0]["layers"]]
-    if request is not None:
-        H = int(result.heads["head"].max()) + 1
-        result.activation_heads = list(request.heads) if request.heads is not None else list(range(H))

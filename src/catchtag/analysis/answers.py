@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
 
@@ -47,7 +48,7 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
     for start in starts:
         batch = prompts[start:start + batch_size]
         ids, mask = _batch_tensors(batch, tokenizer, device)
-        last = mask.shape[1] - 1 - mask.flip(-1).float().argmax(dim=-1)  # last real token (either padding side)
+        last = last_real(mask.bool())  # last real token (either padding side)
         with torch.no_grad():
             if request is None:
                 logits = _last_logits(model, ids, mask, last)

@@ -1,4 +1,4 @@
-"""Small helpers the per-token analyses share: one prompt in, the model's name out."""
+"""Small helpers the per-token analyses share: one prompt in, one head's row out."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ def one_prompt(text) -> list:
             raise CatchtagError("the text is empty. Give the prompt some text (--text '...' or --text-file F)")
         return [text]
     raise CatchtagError(f"expected one prompt (a string), got {type(text).__name__}")
-
-
-def model_name(model, given: str | None = None) -> str:
-    return given or getattr(model, "name_or_path", "") or type(model).__name__
 
 
 def head_row(result, layer: int, head: int, prompt_id: int | None = None):

@@ -34,12 +34,6 @@ def load_runs(runs) -> dict[str, ScanResult]:
     out: dict[str, ScanResult] = {}
     for run in runs:
         result = run if isinstance(run, ScanResult) else ScanResult.load(run)
-        manifest = None if isinstance(run, ScanResult) else Path(run) / "run.json"
-        if manifest is not None and manifest.is_file() and not result.settings:  # scanned by scan(out=) directly
-            import json
-
-            result.settings = {k: v for k, v in json.loads(manifest.read_text()).items()
-                               if k in ("model", "data", "eps", "min_rows", "sweep_eps")}
         name = str(result.settings.get("model") or (Path(run).name if not isinstance(run, ScanResult) else "run"))
         if name in out:
             name = Path(run).name if not isinstance(run, ScanResult) else f"{name} ({len(out)})"

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from catchtag.analysis.common import model_name, one_prompt
+from catchtag.analysis.common import one_prompt
 from catchtag.engine.request import ActivationRequest
 from catchtag.errors import CatchtagError
+from catchtag.models import display_name
 
 PAIR_KINDS = ("different layers", "same layer, different heads", "same head, different sinks")
 
@@ -101,7 +102,8 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
     request = ActivationRequest(layers=layers, positions=positions, space="residual", hidden_states=layers,
                                 sink_attention=True)
     result = scan(model, tokenizer, prompts, eps=eps, min_rows=min_rows, request=request, progress=False)
-    tags = result.activations["tag"][0]  # (L, H, P, hidden)
+    pid = int(result.prompts["prompt_id"].iloc[0])
+    tags = np.stack([result.cache["result_tag", layer][0] for layer in result.cache.layers])  # (L, H, P, hidden)
     L, H, P, D = tags.shape
     pos = np.asarray(positions)
     heads = result.heads.set_index(["layer", "head"])
@@ -110,12 +112,12 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
     # per-sink tag directions: tag_i = sum_k A_ik (W_O v_k), so the sampled tags (P x hidden) = A (P x K) @ U
     # (K x hidden); least squares gives U, one residual-stream direction per (layer, head, sink).
     directions, labels = [], []
-    for li, layer in enumerate(result.activation_layers):
+    for li, layer in enumerate(result.cache.layers):
         for h in range(H):
             sinks = list(heads.loc[(layer, h), "sink_positions"])
             if not sinks:
                 continue
-            A = result.sink_attention[(0, layer, h)][pos].astype(np.float64)  # (P, K)
+            A = result.cache.get("sink_attention", layer=layer, head=h, prompt=pid)[pos].astype(np.float64)  # (P, K)
             seen = A.max(axis=0) > 0
             if not seen.any():
                 continue
@@ -147,8 +149,8 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
     pairs = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["kind", "cosine", "a", "b"])
     # tag vs the residual stream entering its layer, at the same token
     tv = []
-    for li, layer in enumerate(result.activation_layers):
-        token_unit, token_norm = _unit(result.hidden_states[layer][0].astype(np.float64))  # (P, hidden)
+    for li, layer in enumerate(result.cache.layers):
+        token_unit, token_norm = _unit(result.cache["resid_pre", layer][0].astype(np.float64))  # (P, hidden)
         for h in range(H):
             ok = alive[li, h]
             if not ok.any():
@@ -156,9 +158,12 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
             cos = (unit[li, h] * token_unit).sum(-1)
             tv.append(pd.DataFrame({"layer": layer, "head": h, "position": pos[ok], "cosine": cos[ok],
                                     "tag_norm": norm[li, h][ok], "token_norm": token_norm[ok]}))
-    tag_vs_token = pd.concat(tv, ignore_index=True) if tv else pd.DataFrame(
-        columns=["layer", "head", "position", "cosine", "tag_norm", "token_norm"])
-    return TagGeometry(model=model_name(model, name), hidden=D, positions=positions, pairs=pairs,
+    if not tv:
+        raise CatchtagError(f"no head has a tag at the sampled tokens of this {T}-token prompt (no sink at eps {eps} "
+                            f"with min_rows {min_rows}), so there is no geometry to measure. Fix: a longer prompt, or "
+                            f"a lower --eps / --min-rows")
+    tag_vs_token = pd.concat(tv, ignore_index=True)
+    return TagGeometry(model=display_name(model, name), hidden=D, positions=positions, pairs=pairs,
                        tag_vs_token=tag_vs_token, n_tags=len(directions),
                        settings={"eps": eps, "min_rows": min_rows, "n_positions": n_positions,
                                  "max_pairs": max_pairs, "min_norm_ratio": min_norm_ratio, "seed": seed})

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from catchtag.analysis.common import head_row, model_name, one_prompt
+from catchtag.analysis.common import head_row, one_prompt
 from catchtag.engine.request import ActivationRequest
 from catchtag.errors import CatchtagError
+from catchtag.models import display_name
 
 UNTAGGED = -1
 
@@ -148,23 +149,24 @@ def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int |
     row = head_row(result, layer, head)
     T = int(row["n_tokens"])
     tokens = list(result.prompts["tokens"].iloc[0])
-    head_out = result.activations["head_full"][0, 0, 0, :T]
-    hidden = result.hidden_states[deeper + 1][0, :T]
+    head_out = result.cache["z", layer][0, 0, :T]
+    hidden = result.cache["resid_pre", deeper + 1][0, :T]
     fit = np.arange(1 if exclude_first and T > 4 else 0, T)
     head_pcs, head_var = top_components(head_out, fit_rows=fit)
     deep_pcs, deep_var = top_components(hidden, fit_rows=fit)
-    sink_attn = result.sink_attention[(int(row["prompt_id"]), layer, head)]
+    sink_attn = result.cache.get("sink_attention", layer=layer, head=head, prompt=int(row["prompt_id"]))
     sinks = [int(s) for s in row["sink_positions"]]
     if sinks:
         tagged = np.where(sink_attn.max(axis=1) >= tag_level, sink_attn.argmax(axis=1), UNTAGGED)
     else:
         tagged = np.full(T, UNTAGGED)
     return PcaPicture(
-        model=model_name(model, name), layer=layer, head=head, deeper=deeper, tokens=tokens, sinks=sinks,
+        model=display_name(model, name), layer=layer, head=head, deeper=deeper, tokens=tokens, sinks=sinks,
         sink_scores=[float(s) for s in row["sink_scores"]], ve=float(row["ve"]),
         head_pcs=head_pcs, head_rgb=to_rgb(head_pcs, fit), head_explained=head_var,
         deeper_pcs=deep_pcs, deeper_rgb=to_rgb(deep_pcs, fit), deeper_explained=deep_var,
-        attention=result.attention_maps[(int(row["prompt_id"]), layer, head)], sink_attention=sink_attn,
+        attention=result.cache.get("pattern", layer=layer, head=head, prompt=int(row["prompt_id"])),
+        sink_attention=sink_attn,
         tagged_by=tagged, tag_level=tag_level,
         separation_head=_silhouette(head_pcs[fit], tagged[fit]),
         separation_deeper=_silhouette(deep_pcs[fit], tagged[fit]),

@@ -15,23 +15,18 @@ probes per model cheap on a CPU.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from catchtag.errors import CatchtagError
-from catchtag.published import PROBES as PUBLISHED_PROBES
-from catchtag.report.figures import new_figure, save_figure  # noqa: E402
 
-KINDS = ("full", "tag", "nontag")
+KINDS = ("full", "tag", "nontag")  # probe kinds: the residual-stream activations they read (CACHE_NAME)
+CACHE_NAME = {"full": "result", "tag": "result_tag", "nontag": "result_nontag"}
 DEFAULT_CS = tuple(np.logspace(-3, 3, 7))
 
 
@@ -273,127 +268,6 @@ def select_heads(wide: pd.DataFrame, top: int = 5, min_tag: float = 0.7, max_non
     return wide.sort_values(["passes", "gap", "tag_cv_accuracy"], ascending=False).head(top).reset_index(drop=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the whole job: catchtag probe
-# ---------------------------------------------------------------------------------------------------
-def _data_name(task: ProbeTask, shots: int) -> str:
-    digest = hashlib.sha1(task.template.encode()).hexdigest()[:8]
-    return f"probe:{task.name}:shots={shots}:template={digest}"
-
-
-def load_probe_inputs(net, tokenizer, settings: dict, folder: Path, batch_size: int = 8, progress: bool = True) -> dict:
-    """Build the task's prompts and scan them (resuming the run in FOLDER/scan): the labelled frame, the
-    tokenised prompts, the ScanResult with last-token activations, and the answer token ids."""
-    from catchtag.data.prompts import tokenize_prompts, model_context
-    from catchtag.engine.request import ActivationRequest
-    from catchtag.scan import scan
-
-    task = get_task(settings["task"], settings.get("template"))
-    frame = task_frame(task.name)
-    if settings.get("limit"):
-        frame = frame.groupby(["split", "label"], group_keys=False).head(int(settings["limit"]) // 4)
-        frame = frame.reset_index(drop=True)
-    texts = few_shot_prompts(task, frame["text"].tolist(), demonstrations(task.name, settings["shots"]))
-    prompts = tokenize_prompts(texts, tokenizer, context=model_context(net))
-    request = ActivationRequest(positions="last", space="both")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="some prompts are shorter than min_rows")
-        result = scan(net, tokenizer, prompts, eps=settings["eps"], min_rows=settings["min_rows"],
-                      batch_size=batch_size, request=request, out=folder / "scan", model_name=settings["model"],
-                      data_name=_data_name(task, settings["shots"]), progress=progress)
-    return {"task": task, "frame": frame, "prompts": prompts, "texts": texts, "result": result,
-            "answer_ids": answer_token_ids(tokenizer, task)}
-
-
-def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path = "runs/probe", *, shots: int = 2,
-              template: str | None = None, eps: float = 0.2, min_rows: int = 16, limit: int | None = None,
-              batch_size: int = 8, cv: int = 5, seed: int = 0, top: int = 5, min_tag: float = 0.7,
-              max_nontag: float = 0.65, device: str = "auto", dtype: str = "auto", figures: bool = True) -> dict:
-    """What ``catchtag probe`` does: few-shot prompts for TASK, one engine pass per prompt (resumable in
-    OUT/scan), the model's own few-shot accuracy, 3 probes per (layer, head), selected heads, a table
-    (probes.parquet, heads.csv), a heat map and summary.json in OUT. Returns the summary."""
-    from catchtag.engine.request import SinkSettings
-    from catchtag.models import load_model
-    from catchtag.analysis.answers import answer_logprobs
-
-    probe_task = get_task(task, template)
-    SinkSettings(eps=eps, min_rows=min_rows)
-    if limit is not None and limit < 4 * cv:
-        raise CatchtagError(f"--limit {limit} leaves too few prompts for {cv}-fold CV; use at least {4 * cv}")
-    demonstrations(task, shots)  # bad --shots fails before loading the model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model, "task": task, "template": probe_task.template, "shots": shots, "eps": eps,
-                "min_rows": min_rows, "limit": limit, "cv": cv, "seed": seed}
-    started = time.perf_counter()
-    net, tokenizer = load_model(model, device=device, dtype=dtype)
-    load_seconds = time.perf_counter() - started
-    t0 = time.perf_counter()
-    inputs = load_probe_inputs(net, tokenizer, settings, out, batch_size=batch_size)
-    scan_seconds = time.perf_counter() - t0
-    frame, result, answer_ids = inputs["frame"], inputs["result"], inputs["answer_ids"]
-    labels = frame["label"].to_numpy()
-    train = (frame["split"] == "train").to_numpy()
-    test = ~train
-
-    # the model's own few-shot answer on the test split: which answer token is more likely at the last token
-    t0 = time.perf_counter()
-    test_prompts = [p for p, t in zip(inputs["prompts"], test) if t]
-    logp = answer_logprobs(net, tokenizer, test_prompts, answer_ids, batch_size=batch_size, progress=True)
-    model_answers = frame[test].assign(logp_label0=logp[:, 0], logp_label1=logp[:, 1],
-                                       predicted=(logp[:, 1] > logp[:, 0]).astype(int),
-                                       prompt=[t for t, keep in zip(inputs["texts"], test) if keep])
-    model_answers.to_parquet(out / "model_answers.parquet", index=False)
-    answer_seconds = time.perf_counter() - t0
-    correct_test = int((model_answers["predicted"].to_numpy() == labels[test]).sum())
-    mass = np.exp(logp).sum(axis=1)
-
-    t0 = time.perf_counter()
-    acts = {k: result.activations[k][:, :, :, 0, :] for k in KINDS}
-    probes = HeadProbes(KINDS, cv=cv, seed=seed).fit({k: a[train] for k, a in acts.items()}, labels[train],
-                                                     layers=result.activation_layers, heads=result.activation_heads)
-    table = probes.score_table({k: a[test] for k, a in acts.items()}, labels[test])
-    probe_seconds = time.perf_counter() - t0
-    sinks = result.heads.groupby(["layer", "head"]).agg(mean_sinks=("n_sinks", "mean")).reset_index()
-    tag_norm = np.linalg.norm(result.activations["head_tag"][:, :, :, 0, :], axis=-1)  # (n, L, H)
-    full_norm = np.linalg.norm(result.activations["head_full"][:, :, :, 0, :], axis=-1)
-    share = pd.DataFrame([{"layer": l, "head": h, "tag_share_of_output_norm": float(
-        (tag_norm[:, li, hi] / np.maximum(full_norm[:, li, hi], 1e-12)).mean())}
-        for li, l in enumerate(result.activation_layers) for hi, h in enumerate(result.activation_heads)])
-    table = table.merge(sinks, on=["layer", "head"], how="left").merge(share, on=["layer", "head"], how="left")
-    table.to_parquet(out / "probes.parquet", index=False)
-    wide = wide_table(table).merge(sinks, on=["layer", "head"]).merge(share, on=["layer", "head"])
-    wide.to_csv(out / "heads.csv", index=False, float_format="%.4f")
-    selected = select_heads(wide, top=top, min_tag=min_tag, max_nontag=max_nontag)
-
-    def best(kind):
-        row = table[table["kind"] == kind].sort_values("test_accuracy", ascending=False).iloc[0]
-        return {"layer": int(row["layer"]), "head": int(row["head"]), "test_accuracy": float(row["test_accuracy"]),
-                "ci": [float(row["ci_low"]), float(row["ci_high"])]}
-
-    summary = {
-        **settings, "labels": list(probe_task.labels), "answer_token_ids": answer_ids,
-        "n_prompts": len(frame), "n_train": int(train.sum()), "n_test": int(test.sum()),
-        "mean_prompt_tokens": float(np.mean([len(p.input_ids) for p in inputs["prompts"]])),
-        "example_prompt": inputs["texts"][0],
-        "model_accuracy": {"test": correct_test / int(test.sum()), "test_ci": list(wilson_interval(correct_test, int(test.sum()))),
-                           "share_predicting_label1": float(model_answers["predicted"].mean()),
-                           "mean_answer_mass": float(mass.mean())},
-        "best_test_accuracy": {k: best(k) for k in KINDS},
-        "mean_test_accuracy": {k: float(table[table["kind"] == k]["test_accuracy"].mean()) for k in KINDS},
-        "selection": {"top": top, "min_tag_cv": min_tag, "max_nontag_cv": max_nontag, "on": "train-split CV accuracy"},
-        "selected_heads": selected.to_dict(orient="records"),
-        "published": PUBLISHED_PROBES[task],
-        "seconds": {"load": load_seconds, "scan": scan_seconds, "model_answers": answer_seconds, "probes": probe_seconds},
-        "n_probes": len(table),
-    }
-    (out / "selected_heads.md").write_text(selected_heads_markdown(summary))
-    if figures:
-        summary["figures"] = [str(probe_heatmap(table, summary, out / "probe_heatmap.png"))]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    return summary
-
-
 def selected_heads_markdown(summary: dict) -> str:
     """The selected heads' test accuracies (95% Wilson CI) next to the published numbers, as a Markdown table."""
     lines = ["| head (layer.head) | tag | non-tag | full | tag CV (train) | non-tag CV (train) | passes |",
@@ -410,39 +284,3 @@ def selected_heads_markdown(summary: dict) -> str:
                  f"[{100 * m['test_ci'][0]:.0f}, {100 * m['test_ci'][1]:.0f}]; {summary['n_test']} test prompts.")
     lines.append(f"Published: {summary['published']}.")
     return "\n".join(lines) + "\n"
-
-
-def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
-    """Layer x head heat maps of test accuracy for the tag, non-tag and full probes (selected heads boxed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.patches import Rectangle
-
-    layers = sorted(table["layer"].unique())
-    heads = sorted(table["head"].unique())
-    fig, axes = new_figure(1, 3, figsize=(3 * (0.3 * len(heads) + 0.9) + 1.4, 0.2 * len(layers) + 1.9),
-                             sharey=True, layout="constrained")
-    titles = {"tag": "tag-only probe", "nontag": "non-tag probe", "full": "full-output probe"}
-    for ax, kind in zip(axes, ("tag", "nontag", "full")):
-        grid = table[table["kind"] == kind].pivot(index="layer", columns="head", values="test_accuracy")
-        grid = grid.reindex(index=layers, columns=heads)
-        im = ax.imshow(grid.to_numpy(), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_title(titles[kind], fontsize=10)
-        ax.set_xlabel("head")
-        ax.set_xticks(range(len(heads)))
-        ax.set_xticklabels(heads, fontsize=7)
-        for r in summary["selected_heads"]:
-            if r["passes"]:
-                ax.add_patch(Rectangle((heads.index(r["head"]) - 0.5, layers.index(r["layer"]) - 0.5), 1, 1,
-                                       fill=False, ec="red", lw=1.5))
-    axes[0].set_ylabel("layer")
-    axes[0].set_yticks(range(len(layers)))
-    axes[0].set_yticklabels(layers, fontsize=7)
-    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
-    cbar.set_label("test accuracy (chance 0.5)")
-    m = summary["model_accuracy"]["test"]
-    fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probe test accuracy\n{summary['n_train']} train / "
-                 f"{summary['n_test']} test prompts; model's own {summary['shots']}-shot accuracy {100 * m:.0f}%"
-                 f" (red box: selected head)", fontsize=9)
-    return save_figure(fig, path, dpi=100)

@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from catchtag.engine.arch import head_output_projection
+from catchtag.engine.positions import first_real, last_real
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.engine.stats import HeadStats
 from catchtag.errors import CatchtagError
@@ -33,7 +34,7 @@ class LayerRecord:
     stats: HeadStats
     heads: list[int] = field(default_factory=list)  # heads of the per-token activations below
     positions: torch.Tensor | None = None  # (B,P) absolute positions of the activations (-1: none)
-    activations: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, nh, P, dim)
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)  # z*, result* -> (B, nh, P, dim)
     attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # head -> (B,T,T)
 
 
@@ -160,15 +161,15 @@ def request_positions(request: ActivationRequest, token_valid: torch.Tensor) -> 
     B, T = token_valid.shape
     dev = token_valid.device
     if request.positions == "last":
-        last = T - 1 - token_valid.flip(-1).float().argmax(dim=-1)
+        last = last_real(token_valid)
         return last[:, None]
     if request.positions == "all":
-        first = token_valid.float().argmax(dim=-1)
+        first = first_real(token_valid)
         length = token_valid.sum(dim=-1)
         pos = first[:, None] + torch.arange(T, device=dev)[None, :]
         return torch.where(torch.arange(T, device=dev)[None, :] < length[:, None], pos, torch.full_like(pos, -1))
     wanted = torch.as_tensor(list(request.positions), device=dev, dtype=torch.long)
-    first = token_valid.float().argmax(dim=-1)
+    first = first_real(token_valid)
     length = token_valid.sum(dim=-1)
     pos = first[:, None] + wanted[None, :]
     return torch.where((wanted[None, :] >= 0) & (wanted[None, :] < length[:, None]), pos, torch.full_like(pos, -1))
@@ -213,16 +214,16 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
         if request is not None and request.wants_layer(layer):
             H = query.shape[1]
             heads = list(request.heads) if request.heads is not None else list(range(H))
-            full = _gather_tokens(out, heads, pos).float()  # the triton backend keeps out in the model dtype
-            tag_t = _gather_tokens(tag, heads, pos).float()
-            acts = {}
+            z = _gather_tokens(out, heads, pos).float()  # the triton backend keeps out in the model dtype
+            z_tag = _gather_tokens(tag, heads, pos).float()
+            acts = {}  # TransformerLens's names: z (head space), result (the head's write into the residual stream)
             if request.space in ("head", "both"):
-                acts.update(head_full=full, head_tag=tag_t, head_nontag=full - tag_t)
+                acts.update(z=z, z_tag=z_tag, z_nontag=z - z_tag)
             if request.space in ("residual", "both"):
                 w = head_output_projection(module, H, out.shape[-1])[heads].float()  # (nh, D, hidden)
-                full_r = torch.einsum("bhpd,hdk->bhpk", full, w)
-                tag_r = torch.einsum("bhpd,hdk->bhpk", tag_t, w)
-                acts.update(full=full_r, tag=tag_r, nontag=full_r - tag_r)
+                result = torch.einsum("bhpd,hdk->bhpk", z, w)
+                result_tag = torch.einsum("bhpd,hdk->bhpk", z_tag, w)
+                acts.update(result=result, result_tag=result_tag, result_nontag=result - result_tag)
             record.heads, record.positions = heads, pos
             record.activations = acts
         if request is not None and request.steer:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from catchtag.engine.stats import _bool_mask, attention_with_stats
+from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
 # What a layer's call can ask for. "statistics" (sinks, VE, R^2), "sweep" (extra thresholds), "activations"
@@ -218,7 +219,7 @@ def mask_structure(mask, B, T, device):
     n_valid = valid.sum(dim=-1)
     if not bool((n_valid > 0).all()):
         return None
-    last = T - 1 - valid.flip(-1).to(torch.int8).argmax(dim=-1)
+    last = last_real(valid)
     seen_by_last = bm[torch.arange(B, device=device), last].sum(dim=-1)
     narrow = seen_by_last < n_valid
     window = int(seen_by_last[narrow].min()) if bool(narrow.any()) else None

@@ -66,7 +66,7 @@ def _orth(vectors: np.ndarray, scores: np.ndarray, rtol: float) -> np.ndarray:
 @torch.no_grad()
 def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, positions="last"):
     """Per (prompt, layer, head): column scores, sinks, VE, R^2, and residual-stream full/tag/non-tag
-    activations at the last real token (positions="last") of every prompt. Also returns the logits."""
+    activations (result, result_tag, result_nontag) at the last real token of every prompt. Also returns the logits."""
     records: list = []
     AttentionInterface.register(REF_NAME, _recording_eager(records))
     AttentionMaskInterface.register(REF_NAME, eager_mask)
@@ -115,7 +115,7 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                 conditioning = float(np.sqrt((o ** 2).sum() / total)) if total > 0 else float("inf")
                 rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2, ve_uncentred=ve_unc,
                                  conditioning=conditioning,
-                                 full=full_r, tag=tag_r, nontag=full_r - tag_r, last=int(last)))
+                                 result=full_r, result_tag=tag_r, result_nontag=full_r - tag_r, last=int(last)))
     return rows, logits
 
 

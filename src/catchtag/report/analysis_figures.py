@@ -295,3 +295,60 @@ def geometry_figure(geoms: dict, path) -> Path:
     fig.suptitle("Tag geometry: are tags orthogonal to each other and to the tokens they tag?", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+    """Layer x head heat maps of test accuracy for the tag, non-tag and full probes (selected heads boxed)."""
+    from matplotlib.patches import Rectangle
+
+    layers = sorted(table["layer"].unique())
+    heads = sorted(table["head"].unique())
+    fig, axes = new_figure(1, 3, figsize=(3 * (0.3 * len(heads) + 0.9) + 1.4, 0.2 * len(layers) + 1.9),
+                             sharey=True, layout="constrained")
+    titles = {"tag": "tag-only probe", "nontag": "non-tag probe", "full": "full-output probe"}
+    for ax, kind in zip(axes, ("tag", "nontag", "full")):
+        grid = table[table["kind"] == kind].pivot(index="layer", columns="head", values="test_accuracy")
+        grid = grid.reindex(index=layers, columns=heads)
+        im = ax.imshow(grid.to_numpy(), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_title(titles[kind], fontsize=10)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(len(heads)))
+        ax.set_xticklabels(heads, fontsize=7)
+        for r in summary["selected_heads"]:
+            if r["passes"]:
+                ax.add_patch(Rectangle((heads.index(r["head"]) - 0.5, layers.index(r["layer"]) - 0.5), 1, 1,
+                                       fill=False, ec="red", lw=1.5))
+    axes[0].set_ylabel("layer")
+    axes[0].set_yticks(range(len(layers)))
+    axes[0].set_yticklabels(layers, fontsize=7)
+    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    cbar.set_label("test accuracy (chance 0.5)")
+    m = summary["model_accuracy"]["test"]
+    fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probe test accuracy\n{summary['n_train']} train / "
+                 f"{summary['n_test']} test prompts; model's own {summary['shots']}-shot accuracy {100 * m:.0f}%"
+                 f" (red box: selected head)", fontsize=9)
+    return save_figure(fig, path, dpi=100)
+
+
+def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prompts: int | str = "?") -> Path:
+    """One panel per steered head: mean shift of the answer log-odds against the steering scale, for the
+    tag direction and for each random direction of the same norm (error bars: standard error over prompts)."""
+    heads = table[["layer", "head"]].drop_duplicates().to_numpy().tolist()
+    fig, axes = new_figure(1, len(heads), figsize=(4.2 * len(heads), 3.6), squeeze=False, sharey=True)
+    labels = summary.get("labels", ["label 0", "label 1"])
+    for ax, (layer, head) in zip(axes[0], heads):
+        sub = table[(table["layer"] == layer) & (table["head"] == head)]
+        for (kind, index), grp in sub.groupby(["direction", "index"]):
+            grp = grp.sort_values("scale")
+            style = dict(color="C3", lw=2, marker="o", label="mean tag difference") if kind == "tag" else \
+                dict(color="0.6", lw=1, marker=".", label="random, same norm" if index == 0 else None)
+            ax.errorbar(grp["scale"], grp["shift"], yerr=grp["shift_sem"], capsize=2, **style)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"layer {layer}, head {head}")
+        ax.set_xlabel("steering scale (x mean tag difference)")
+    axes[0][0].set_ylabel(f"shift of log p({labels[1]}) - log p({labels[0]})")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{summary['model']}, {summary['task']}: steering one head at the last token\n"
+                 f"({n_prompts} test prompts; shift of the mean log-odds vs no steering)", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -21,10 +21,9 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, sub
 
 def save_figure(fig, path, dpi: int = 110) -> Path:
     """Write a figure as PNG (creating its folder): the one way every figure is saved."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    from catchtag.runs import save_figure_file
+
+    return save_figure_file(fig, path, dpi=dpi)
 
 
 def _title(result: ScanResult, what: str) -> str:

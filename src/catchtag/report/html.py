@@ -1,8 +1,9 @@
 """The HTML report: every analysis of a set of runs in one self-contained file (figures embedded as PNG data
 URIs, no network), with the settings and versions used and a caption under every picture.
 
-Table analyses (compare, sweep, taxonomy, per-run heatmaps) read the run folders; the per-token ones (pca,
-geometry) load each run's model and re-run one of its prompts (``per_token=False`` skips them).
+It only renders: every table comes from the run folders, and the per-token sections (pca picture, tag geometry,
+token viewer) from the pictures `catchtag scan` keeps of each run's first prompt (views/). A section that cannot be
+drawn for a run says why in the page; the report itself succeeds on any finished run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from catchtag.errors import CatchtagError
 
 _HERE = Path(__file__).parent
 
@@ -60,30 +60,27 @@ def _run_settings(name: str, folder, result) -> dict:
             "versions": ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()) or "not recorded"}
 
 
-def write_report(runs, out="report.html", *, per_token: bool = True, text: str | None = None, prompt: int = 0,
-                 device: str = "auto", models: dict | None = None, title: str = "catchtag report") -> Path:
+def write_report(runs, out="report.html", *, per_token: bool = True, title: str = "catchtag report") -> Path:
     """Write one HTML file with every analysis of ``runs`` (folders from ``catchtag scan``, or ScanResults).
 
-    per_token: also run the pca picture and tag geometry on one prompt per run (loads each run's model; pass
-    ``models={run name: (model, tokenizer)}`` to reuse loaded ones). text: that prompt (default: prompt
-    ``prompt`` of the run's data, cut as the scan cut it).
+    per_token: also the per-token sections, drawn from each run folder's views/ (a ScanResult held in memory has
+    none: the page says so).
     """
     with tempfile.TemporaryDirectory(prefix="catchtag-report-") as tmp:  # figures live only until embedded
-        return _write_report(runs, out, Path(tmp), per_token=per_token, text=text, prompt=prompt, device=device,
-                             models=models, title=title)
+        return _write_report(runs, out, Path(tmp), per_token=per_token, title=title)
 
 
-def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, models, title) -> Path:
+def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     from catchtag.analysis.compare import compare_runs, load_runs
     from catchtag.analysis.sweep import sweep_runs
     from catchtag.published import SWEEP_8B
     from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
     from catchtag.report import analysis_figures as af
     from catchtag.report.figures import heatmap
-    from catchtag.scan import versions
+    from catchtag.runs import versions
 
-    run_list = list(runs)
-    results = load_runs(run_list)
+    run_list = list(runs.values()) if isinstance(runs, dict) else list(runs)
+    results = load_runs(runs if isinstance(runs, dict) else run_list)
     folders = {name: (r if not hasattr(r, "heads") else None) for name, r in zip(results, run_list)}
     out = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>",
@@ -93,7 +90,8 @@ def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, mode
              "value vectors.</p>",
              "<nav><a href='#settings'>settings</a><a href='#compare'>comparison</a><a href='#sweep'>threshold "
              "sweep</a><a href='#taxonomy'>sink tokens</a><a href='#heads'>per head</a>"
-             + ("<a href='#pca'>release pictures</a><a href='#geometry'>tag geometry</a>" if per_token else "")
+             + ("<a href='#pca'>release pictures</a><a href='#geometry'>tag geometry</a><a href='#viewer'>token "
+                "viewer</a>" if per_token else "")
              + "</nav>"]
     # settings
     settings = pd.DataFrame([_run_settings(n, folders[n], r) for n, r in results.items()])
@@ -144,38 +142,58 @@ def _write_report(runs, out, tmp: Path, *, per_token, text, prompt, device, mode
                   _figure(a, f"{html.escape(n)}: mean number of sinks of each head over the prompts."),
                   _figure(b, f"{html.escape(n)}: mean VE of each head over the prompts.")]
     if per_token:
-        parts += _per_token_sections(results, tmp, text=text, prompt=prompt, device=device, models=models or {})
+        parts += _per_token_sections(results, folders, tmp)
     css = (_HERE / "report.css").read_text()
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{css}</style></head><body>" + "\n".join(parts) + "</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    from catchtag.runs import write_text
+
+    return write_text(out, page)
 
 
-def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> list[str]:
-    from catchtag.analysis.geometry import tag_geometry
-    from catchtag.inputs import resolve_model, resolve_text
-    from catchtag.analysis.pca import pca_picture
+def _per_token_sections(results, folders, tmp: Path) -> list[str]:
+    from catchtag.analysis.geometry import TagGeometry
+    from catchtag.analysis.pca import PcaPicture
     from catchtag.report import analysis_figures as af
+    from catchtag.report.viewer import TokenView, render_view
+    from catchtag.runs import read_record, repair_command
 
     pca_parts = ["<h2 id='pca'>Release pictures (one prompt, one head)</h2>"]
+    viewer_parts = ["<h2 id='viewer'>Token viewer (one prompt)</h2>",
+                    "<p class='note'>Pick a layer and head: sinks are framed, each token is coloured by the sink that "
+                    "tags it, hovering shows its attention to every sink.</p>"]
     geoms, geo_notes = {}, []
+
+    def not_drawn(n: str, why: str) -> str:
+        return f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(why)}</p>"
+
     for i, (n, r) in enumerate(results.items()):
-        s = r.settings
-        loaded = models.get(n)
-        if loaded is None:
-            if not s.get("model"):
-                raise CatchtagError(f"run {n} does not record its model, so the per-token analyses cannot load it. "
-                                    f"Fix: pass --no-per-token, or rescan it with `catchtag scan`")
-        name, net, tok = resolve_model(loaded if loaded is not None else s["model"], device)
-        data = s.get("data") or "builtin:prose"
-        p = resolve_text(tok, net, text, None, data, prompt, s.get("max_tokens") or 256)
-        eps, min_rows = float(s.get("eps") or 0.2), int(s.get("min_rows") or 16)
-        try:
-            pic = pca_picture(net, tok, p, eps=eps, min_rows=min_rows, name=n)
-        except CatchtagError as err:  # this prompt has nothing to picture: say so in the page, keep the rest
-            pca_parts.append(f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(str(err))}</p>")
+        folder = folders.get(n)
+        views = Path(folder) / "views" if folder is not None else None
+        if views is None or not (views / "views.json").is_file():
+            why = ("this result was passed from memory; the per-token pictures come from a run folder written by "
+                   "`catchtag scan`" if folder is None else
+                   f"the run holds no per-token pictures (scanned with --no-views, from Python, or before they were "
+                   f"kept). Fix: {repair_command(folder)} (without --no-views): it resumes at once and adds them")
+            for section in (pca_parts, geo_notes, viewer_parts):
+                section.append(not_drawn(n, why))
+            continue
+        info = json.loads((views / "views.json").read_text())
+        notes = info.get("not_made", {})
+        pic = read_record(PcaPicture, views, "pca")
+        geom = read_record(TagGeometry, views, "geometry")
+        if geom is not None:
+            geoms[n] = geom
+        else:
+            geo_notes.append(not_drawn(n, notes.get("geometry", "not kept")))
+        if (views / "viewer.json").is_file():
+            page = render_view(json.loads((views / "viewer.json").read_text()), title=f"catchtag viewer: {n}")
+            viewer_parts += [f"<h3>{html.escape(n)}: prompt {info.get('prompt_id', 0)}</h3>",
+                             TokenView(page, height=560)._repr_html_()]
+        else:
+            viewer_parts.append(not_drawn(n, notes.get("viewer", "not kept")))
+        if pic is None:
+            pca_parts.append(not_drawn(n, notes.get("pca", "not kept")))
             continue
         fig = af.pca_figure(pic, tmp / f"pca_{i}.png")
         summ = pic.summary()
@@ -190,12 +208,8 @@ def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> 
                                    "residual stream coloured like (a). Head chosen as the highest VE among heads with "
                                    "a sink beyond the first token."),
                       "<pre class='note'>" + html.escape(json.dumps(summ, indent=1, ensure_ascii=False)) + "</pre>"]
-        try:
-            geoms[n] = tag_geometry(net, tok, p, eps=eps, min_rows=min_rows, name=n)
-        except CatchtagError as err:
-            geo_notes.append(f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(str(err))}</p>")
     if not geoms:
-        return pca_parts + ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes]
+        return pca_parts + ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes] + viewer_parts
     fig = af.geometry_figure(geoms, tmp / "geometry.png")
     geo_parts = ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes,
                  _figure(fig, "Left: cosine similarity between distinct residual-stream tags (W_O of each head applied "
@@ -207,4 +221,4 @@ def _per_token_sections(results, tmp: Path, *, text, prompt, device, models) -> 
     for n, g in geoms.items():
         geo_parts.append(f"<h3>{html.escape(n)}</h3><pre class='note'>"
                          + html.escape(json.dumps(g.summary(), indent=1)) + "</pre>")
-    return pca_parts + geo_parts
+    return pca_parts + geo_parts + viewer_parts

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from catchtag.analysis.common import model_name, one_prompt
-from catchtag.engine.request import ActivationRequest
 
 _HERE = Path(__file__).parent
 
 
 def view_data(result, model: str = "", prompt_id: int | None = None, start: tuple[int, int] | None = None) -> dict:
     """What the page shows, from a ScanResult made with ActivationRequest(sink_attention=True)."""
-    if not result.sink_attention:
+    if "sink_attention" not in result.cache:
         from catchtag.errors import CatchtagError
 
         raise CatchtagError("this ScanResult has no sink attention. Scan with "
@@ -35,7 +33,7 @@ def view_data(result, model: str = "", prompt_id: int | None = None, start: tupl
     L, H = result.n_layers, result.n_heads
     heads = [[None] * H for _ in range(L)]
     for row in h.itertuples(index=False):
-        a = result.sink_attention[(prompt_id, row.layer, row.head)]
+        a = result.cache.get("sink_attention", layer=row.layer, head=row.head, prompt=prompt_id)
         q = np.clip(np.rint(np.asarray(a, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
         heads[row.layer][row.head] = {"s": [int(x) for x in row.sink_positions],
                                       "sc": [round(float(x), 4) for x in row.sink_scores],
@@ -93,25 +91,6 @@ class TokenView:
                 f'style="width:100%;height:{int(self.height)}px;border:1px solid #ccc"></iframe>')
 
     def save(self, out) -> Path:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.html, encoding="utf-8")
-        return out
+        from catchtag.runs import write_text
 
-
-def show_tokens(model, tokenizer, text, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
-                name: str | None = None, start: tuple[int, int] | None = None, height: int = 640) -> TokenView:
-    """The token viewer for one prompt as an object a notebook displays inline (``token_view`` writes a file)."""
-    from catchtag.scan import scan
-
-    result = scan(model, tokenizer, one_prompt(text), eps=eps, min_rows=min_rows, max_tokens=max_tokens,
-                  request=ActivationRequest(layers=[], sink_attention=True), progress=False)
-    result.settings["model"] = model_name(model, name)
-    return TokenView(render_view(view_data(result, start=start)), height=height)
-
-
-def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
-               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
-    """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
-    return show_tokens(model, tokenizer, text, eps=eps, min_rows=min_rows, max_tokens=max_tokens, name=name,
-                       start=start).save(out)
+        return write_text(Path(out), self.html)

@@ -1,0 +1,497 @@
+"""The run folder: the one module that knows its layout, writes its files and reads them back.
+
+    run.json          what was asked (the fingerprint: model, thresholds, dtype, request, the prompts' content
+                      hash) and the command that made it
+    parts/            one set of files per finished batch and rank: heads-, sweep-, acts- (per-token arrays), then
+                      prompts- last, so a batch counts as done only when all of its files are there
+    heads.parquet, prompts.parquet, sweep.parquet    the finished tables
+    activations.npz   per-token arrays of a result saved from memory (a scan's own are read from parts/)
+    summary.json      settings, versions and the headline numbers
+    figures/          the scan's pictures
+    views/            per-token pictures of one prompt, for the report (catchtag scan writes them)
+
+Every file is written beside its final name and renamed into place, so an interrupted write never leaves a
+half file under a real name. A resumed scan drops a batch whose files do not read back (they are redone); a load
+that meets a broken or missing file says which, and the command that repairs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from catchtag.cache import ActivationCache
+from catchtag.distributed import Dist
+from catchtag.errors import CatchtagError
+
+# What a scan writes into its folder (--overwrite removes these and nothing else).
+RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "activations.npz",
+               "summary.json", "figures", "views")
+# run.json keys that do not define the run: the same prompts (prompts_sha1) are the same run however the data file
+# is spelled and whatever command line asked for it, so these never block a resume.
+NOT_COMPARED = ("data", "command")
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------------------
+def _json(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _json(obj.tolist())
+    return obj
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (beside it, then renamed), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """JSON (numpy numbers and non-finite floats made plain) written atomically."""
+    return write_text(path, json.dumps(_json(data), indent=1, ensure_ascii=False))
+
+
+def write_table(table, path: Path) -> Path:
+    """A DataFrame or Arrow table to parquet, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.parquet")
+    if isinstance(table, pa.Table):
+        pq.write_table(table, tmp)
+    else:
+        table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(df: pd.DataFrame, path: Path, **kwargs) -> Path:
+    """A DataFrame as CSV, atomically (kwargs as for DataFrame.to_csv; the index is left out)."""
+    return write_text(path, df.to_csv(index=False, **kwargs))
+
+
+def write_arrays(arrays: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure_file(fig, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def versions() -> dict:
+    """The versions a run was made with (summary.json, the report)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from catchtag import __version__
+
+    return {"catchtag": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# ---- the fingerprint -------------------------------------------------------------------------------------------
+def fingerprint(model_name, data_name, settings, prompts, dtype, request, command: str | None = None) -> dict:
+    """What makes two scans the same run: by content (the prompts' token ids), not by how the inputs were named."""
+    digest = hashlib.sha1(json.dumps([p.input_ids for p in prompts]).encode()).hexdigest()
+    return {"model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
+            "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "dtype": str(dtype),
+            "n_prompts": len(prompts), "prompts_sha1": digest,
+            "request": None if request is None else repr((request.layers, request.heads, request.positions,
+                                                         request.space, tuple(request.hidden_states),
+                                                         tuple(request.attention_maps), request.sink_attention)),
+            "command": command or cli_command()}
+
+
+def cli_command() -> str | None:
+    """The command line that is running, when it is catchtag's CLI (for repair hints)."""
+    prog = Path(sys.argv[0]) if sys.argv else Path("")
+    if (prog.name == "catchtag" or prog.parts[-2:] == ("catchtag", "__main__.py")) and len(sys.argv) > 1:
+        return " ".join(shlex.quote(a) for a in ["catchtag", *sys.argv[1:]])
+    return None
+
+
+# ---- the folder --------------------------------------------------------------------------------------------------
+class RunFolder:
+    """A scan's folder (the layout in the module docstring). Opening one checks it: a folder holding another run, or
+    something that is not a run, is refused; a resumed run drops batches whose files do not read back."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict, overwrite: bool = False, dist: Dist = Dist()):
+        self.folder = Path(folder)
+        self.parts = self.folder / "parts"
+        self.rank = dist.rank
+        manifest = self.folder / "run.json"
+        if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
+            if overwrite and self.folder.is_dir():  # a file given as --out is refused by _check
+                self._discard()
+            self._check(manifest, fingerprint)
+            self.parts.mkdir(parents=True, exist_ok=True)
+            if manifest.is_file():  # keep the first command line: it is the one that repairs the run
+                fingerprint = {**fingerprint, "command": json.loads(manifest.read_text()).get("command")
+                               or fingerprint.get("command")}
+            write_json(manifest, fingerprint)
+            for stale in self.parts.glob("*.tmp*"):
+                stale.unlink()
+            self._drop_broken_batches()
+        dist.barrier()
+        if not dist.is_main:
+            self._check(manifest, fingerprint)
+
+    @property
+    def command(self) -> str:
+        return repair_command(self.folder)
+
+    def _discard(self) -> None:
+        """--overwrite: remove what a scan wrote into this folder, and nothing else. A folder that is not a
+        catchtag run, or that holds files a scan did not write, is refused and left as it is."""
+        if not (self.folder / "run.json").is_file():
+            if any(self.folder.iterdir()):
+                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run (no run.json), so "
+                                    f"nothing in it was removed. Fix: choose an empty or new --out")
+            return
+        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise CatchtagError(f"--overwrite refused: {self.folder} also holds files a scan did not write "
+                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
+                                f"removed. Fix: move them away, or choose another --out")
+        for name in RUN_ENTRIES:
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def _check(self, manifest: Path, fingerprint: dict) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise CatchtagError(f"{manifest} is corrupt. Fix: --overwrite to start the run again, or another "
+                                    f"--out") from None
+            old = {k: v for k, v in old.items() if k not in NOT_COMPARED}
+            new = {k: v for k, v in fingerprint.items() if k not in NOT_COMPARED}
+            if old != new:
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise CatchtagError(f"{self.folder} holds a run with other settings ({', '.join(changed)} differ). "
+                                    f"Fix: use another --out, or --overwrite to start it again")
+        elif self.folder.exists() and any(self.folder.iterdir()):
+            raise CatchtagError(f"{self.folder} exists and is not a catchtag run. Fix: choose an empty or new --out")
+
+    # ---- batches -------------------------------------------------------------------------------------------
+    def part_files(self, kind: str) -> list[Path]:
+        """Finished part files of every rank (names: KIND-r<rank>-<n>.parquet)."""
+        return sorted(f for f in self.parts.glob(f"{kind}-*.parquet") if ".tmp" not in f.name)
+
+    def _batches(self) -> list[str]:
+        return [f.name[len("prompts-"):-len(".parquet")] for f in self.part_files("prompts")]
+
+    def _batch_files(self, tag: str) -> list[Path]:
+        return [p for p in (self.parts / f"{k}-{tag}.{ext}" for k, ext in
+                            (("heads", "parquet"), ("sweep", "parquet"), ("acts", "npz"), ("prompts", "parquet")))
+                if p.exists()]
+
+    def _drop_broken_batches(self) -> None:
+        """A batch with a file that does not read back (a disk error, a copy cut short) is removed, files and all
+        (the scan wrote them), so that resuming redoes its prompts."""
+        for tag in self._batches():
+            files = self._batch_files(tag)
+            bad = [f for f in files if not _readable(f)]
+            if not (self.parts / f"heads-{tag}.parquet").exists():
+                bad.append(self.parts / f"heads-{tag}.parquet")
+            if bad:
+                import warnings
+
+                warnings.warn(f"{bad[0]} is broken or missing: that batch will be scanned again", stacklevel=2)
+                for f in files:
+                    f.unlink()
+
+    def done_ids(self) -> set[int]:
+        done: set[int] = set()
+        for f in self.part_files("prompts"):
+            done.update(pd.read_parquet(f, columns=["prompt_id"])["prompt_id"].tolist())
+        return done
+
+    def elapsed(self) -> float:
+        return float(sum(pd.read_parquet(f, columns=["seconds"])["seconds"].iloc[0]
+                         for f in self.part_files("prompts")))
+
+    def write_part(self, heads, sweep, prompts: pd.DataFrame, acts: dict | None):
+        """Write one batch's rows; the prompts file goes last, so a batch counts as done only when complete."""
+        n = 0
+        while (self.parts / f"prompts-r{self.rank}-{n:05d}.parquet").exists():
+            n += 1
+        tag = f"r{self.rank}-{n:05d}"
+        write_table(heads, self.parts / f"heads-{tag}.parquet")
+        if sweep is not None:
+            write_table(sweep, self.parts / f"sweep-{tag}.parquet")
+        if acts:
+            write_arrays(acts, self.parts / f"acts-{tag}.npz")
+        write_table(prompts, self.parts / f"prompts-{tag}.parquet")
+
+    def read_parts(self):
+        """(heads, prompts, sweep or None, [per-batch activation dicts]) from every finished batch."""
+        return read_parts(self.folder)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(path)
+        else:
+            with zipfile.ZipFile(path) as z:
+                return z.testzip() is None
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read back is a broken file
+        return False
+
+
+def repair_command(folder: Path) -> str:
+    """How to finish or repair the run in ``folder``: "run `<the command that made it>` again", or, when that is not
+    recorded (a scan started from Python), the same in words."""
+    manifest = Path(folder) / "run.json"
+    try:
+        command = json.loads(manifest.read_text()).get("command") if manifest.is_file() else None
+    except ValueError:
+        command = None
+    if command:
+        return f"run `{command}` again"
+    return f"run the scan that made it again, with the same arguments and --out {folder}"
+
+
+def read_parts(folder: Path):
+    parts = Path(folder) / "parts"
+
+    def read(path: Path):
+        try:
+            return pd.read_parquet(path) if path.suffix == ".parquet" else dict(np.load(path))
+        except Exception as exc:  # noqa: BLE001
+            raise CatchtagError(f"{path} is broken ({type(exc).__name__}). Fix: {repair_command(folder)}: it redoes "
+                                f"that batch") from None
+
+    done = [f.name[len("prompts-"):-len(".parquet")] for f in sorted(parts.glob("prompts-*.parquet"))
+            if ".tmp" not in f.name]
+    missing = [parts / f"heads-{t}.parquet" for t in done if not (parts / f"heads-{t}.parquet").exists()]
+    if missing:
+        raise CatchtagError(f"{missing[0]} is missing. Fix: {repair_command(folder)}: it redoes that batch")
+    if not done:
+        raise CatchtagError(f"{folder} has no finished batch. Fix: {repair_command(folder)}")
+    heads = pd.concat([read(parts / f"heads-{t}.parquet") for t in done], ignore_index=True)
+    prompts = pd.concat([read(parts / f"prompts-{t}.parquet") for t in done], ignore_index=True)
+    sweeps = [parts / f"sweep-{t}.parquet" for t in done if (parts / f"sweep-{t}.parquet").exists()]
+    sweep = pd.concat([read(f) for f in sweeps], ignore_index=True) if sweeps else None
+    acts = [read(parts / f"acts-{t}.npz") for t in done if (parts / f"acts-{t}.npz").exists()]
+    return heads, prompts, sweep, acts
+
+
+# ---- per-token arrays in files -----------------------------------------------------------------------------------
+def cache_to_arrays(cache: ActivationCache) -> dict[str, np.ndarray]:
+    """An ActivationCache as flat npz entries (see cache_from_batches for the names)."""
+    out: dict[str, np.ndarray] = dict(cache.arrays)
+    if cache.positions is not None:
+        out["positions"] = cache.positions
+    if cache.arrays or cache.resid_pre:
+        out["layers"] = np.asarray(cache.layers, dtype=np.int64)
+        out["heads"] = np.asarray(cache.heads, dtype=np.int64)
+    out["prompt_id"] = np.asarray(cache.prompt_ids, dtype=np.int64)
+    for layer, arr in cache.resid_pre.items():
+        out[f"resid_pre_{layer}"] = arr
+    for kind in ("pattern", "sink_attention"):
+        for (pid, layer, head), arr in getattr(cache, kind).items():
+            out[f"{kind}_{pid}_{layer}_{head}"] = arr
+    return out
+
+
+def cache_from_batches(parts: list[dict], heads: list[int] | None = None) -> ActivationCache:
+    """Per-batch npz entries -> one ActivationCache in prompt_id order (positions padded with -1 to a common
+    length). Entries: the per-head arrays by name (B, n_layers, n_heads, P, dim), positions (B, P), layers, heads,
+    prompt_id (B,), resid_pre_<layer> (B, P, d_model), pattern_<pid>_<layer>_<head>, sink_attention_<...>."""
+    cache = ActivationCache()
+    if not parts:
+        return cache
+    order = np.concatenate([p["prompt_id"] for p in parts])
+    sort = np.argsort(order, kind="stable")
+    cache.prompt_ids = [int(x) for x in order[sort]]
+
+    def stack(key, pad_axis):
+        arrays = [p[key] for p in parts]
+        width = max(a.shape[pad_axis] for a in arrays)
+        padded = []
+        for a in arrays:
+            pad = [(0, 0)] * a.ndim
+            pad[pad_axis] = (0, width - a.shape[pad_axis])
+            padded.append(np.pad(a, pad, constant_values=-1 if key == "positions" else 0))
+        return np.concatenate(padded, axis=0)[sort]
+
+    for key in parts[0]:
+        if key in ("prompt_id", "layers", "heads"):
+            continue
+        if key.startswith(("pattern_", "sink_attention_")):
+            continue
+        if key == "positions":
+            cache.positions = stack(key, 1)
+        elif key.startswith("resid_pre_"):
+            cache.resid_pre[int(key.rsplit("_", 1)[1])] = stack(key, 1)
+        else:
+            cache.arrays[key] = stack(key, 3)
+    for part in parts:
+        for key, arr in part.items():
+            for kind in ("pattern", "sink_attention"):
+                if key.startswith(kind + "_"):
+                    pid, layer, head = (int(x) for x in key[len(kind) + 1:].split("_"))
+                    getattr(cache, kind)[(pid, layer, head)] = arr
+    if "layers" in parts[0]:
+        cache.layers = [int(x) for x in parts[0]["layers"]]
+    if "heads" in parts[0]:
+        cache.heads = [int(x) for x in parts[0]["heads"]]
+    elif heads is not None:
+        cache.heads = list(heads)
+    return cache
+
+
+# ---- whole results -----------------------------------------------------------------------------------------------
+def save_result(result, folder: str | Path) -> Path:
+    """Write a ScanResult's tables (and per-token arrays, when it has them and the folder has no parts of its own)
+    into ``folder``, each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(result.heads, folder / "heads.parquet")
+    write_table(result.prompts, folder / "prompts.parquet")
+    if result.sweep is not None:
+        write_table(result.sweep, folder / "sweep.parquet")
+    if result.cache and not any((folder / "parts").glob("acts-*.npz")):
+        write_arrays(cache_to_arrays(result.cache), folder / "activations.npz")
+    summary = folder / "summary.json"
+    if not summary.is_file():  # a job writes the full summary; a bare save keeps the settings with the tables
+        write_json(summary, {"settings": result.settings, "result": result.summary()})
+    return folder
+
+
+def read_run(folder: str | Path) -> dict:
+    """Everything a run folder holds, as ScanResult's fields (heads, prompts, settings, sweep, cache):
+    ``ScanResult.load`` is ScanResult(**read_run(folder))."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CatchtagError(f"{folder} is not a folder. Fix: give a run folder written by `catchtag scan --out`")
+    heads_file = folder / "heads.parquet"
+    if not heads_file.is_file():
+        if (folder / "run.json").is_file():
+            raise CatchtagError(f"{folder} is not a finished catchtag run: it was started but has no heads.parquet. "
+                                f"Fix: {repair_command(folder)} to finish it")
+        raise CatchtagError(f"{folder} is not a finished catchtag run (no heads.parquet). Run `catchtag scan "
+                            f"--out {folder}` first")
+
+    def read(path: Path):
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001
+            fix = (f"{repair_command(folder)}: it rebuilds the tables from the saved batches"
+                   if (folder / "parts").is_dir() else "rescan into a new folder")
+            raise CatchtagError(f"{path} is broken ({type(exc).__name__}). Fix: {fix}") from None
+
+    settings = {}
+    summary_file = folder / "summary.json"
+    if summary_file.is_file():
+        try:
+            settings = json.loads(summary_file.read_text()).get("settings", {})
+        except ValueError:
+            raise CatchtagError(f"{summary_file} is broken. Fix: {repair_command(folder)}") from None
+    elif (folder / "run.json").is_file():
+        settings = {k: v for k, v in json.loads((folder / "run.json").read_text()).items()
+                    if k in ("model", "data", "eps", "min_rows", "sweep_eps")}
+    sweep = read(folder / "sweep.parquet") if (folder / "sweep.parquet").is_file() else None
+    cache = ActivationCache()
+    if (folder / "activations.npz").is_file():
+        cache = cache_from_batches([dict(np.load(folder / "activations.npz"))])
+    elif any((folder / "parts").glob("acts-*.npz")):
+        cache = cache_from_batches(read_parts(folder)[3])
+    return {"heads": read(heads_file), "prompts": read(folder / "prompts.parquet"), "settings": settings,
+            "sweep": sweep, "cache": cache}
+
+
+# ---- per-token pictures of one prompt (views/) --------------------------------------------------------------------
+def write_record(obj, folder: Path, name: str) -> None:
+    """A dataclass of arrays, tables and plain values as NAME.npz (arrays), NAME.FIELD.parquet (tables) and NAME.json
+    (the rest), each atomically; the json goes last, so a record is there only when complete."""
+    import dataclasses
+
+    folder = Path(folder)
+    plain, arrays, tables = {}, {}, []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, np.ndarray):
+            arrays[f.name] = value
+        elif isinstance(value, pd.DataFrame):
+            write_table(value, folder / f"{name}.{f.name}.parquet")
+            tables.append(f.name)
+        else:
+            plain[f.name] = value
+    if arrays:
+        write_arrays(arrays, folder / f"{name}.npz")
+    write_json(folder / f"{name}.json", {"fields": plain, "arrays": sorted(arrays), "tables": tables})
+
+
+def read_record(cls, folder: Path, name: str):
+    """The dataclass ``cls`` written by write_record, or None when the folder has no such record."""
+    folder = Path(folder)
+    head = folder / f"{name}.json"
+    if not head.is_file():
+        return None
+    try:
+        import dataclasses
+
+        meta = json.loads(head.read_text())
+        values = dict(meta["fields"])
+        for f in dataclasses.fields(cls):  # JSON keeps no nan: write_json wrote it as null
+            if f.type in ("float", float) and f.name in values and values[f.name] is None:
+                values[f.name] = float("nan")
+        if meta["arrays"]:
+            with np.load(folder / f"{name}.npz") as z:
+                values.update({k: z[k] for k in meta["arrays"]})
+        for t in meta["tables"]:
+            values[t] = pd.read_parquet(folder / f"{name}.{t}.parquet")
+        return cls(**values)
+    except Exception as exc:  # noqa: BLE001
+        raise CatchtagError(f"{head.parent / name}.* is broken ({type(exc).__name__}). Fix: "
+                            f"{repair_command(folder.parent)}: it writes the per-token pictures again") from None
+
+
+def is_run(folder: str | Path) -> bool:
+    return (Path(folder) / "run.json").is_file() or (Path(folder) / "heads.parquet").is_file()
