@@ -30,7 +30,7 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
     one = ["--max-tokens", "64", *LOW, *dev]
     return [
         ("scan", ["scan", "-m", model, "--limit", "8", "--batch-size", "4", "--out", str(out / "scan"), *one,
-                  "--sweep", "0.05,0.3"], ["scan/heads.parquet", "scan/summary.json"]),
+                  "--sweep", "0.05,0.3"], ["scan/heads.parquet", "scan/summary.json", "scan/views/views.json"]),
         ("scan-2", ["scan", "-m", "tiny:qwen3", "--limit", "8", "--out", str(out / "scan2"), *one],
          ["scan2/heads.parquet"]),
         ("scan-window", ["scan", "-m", "tiny:mistral", "--limit", "6", "--out", str(out / "scan3"), *one],
@@ -45,8 +45,8 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
         ("view", ["view", "-m", model, "--out", str(out / "view.html"), *one], ["view.html"]),
         ("compare", ["compare", str(out / "scan"), str(out / "scan2"), "--out", str(out / "compare")], ["compare"]),
         ("taxonomy", ["taxonomy", str(out / "scan"), "--out", str(out / "taxonomy")], ["taxonomy"]),
-        ("report", ["report", str(out / "scan"), str(out / "scan2"), "--out", str(out / "report.html"), *dev],
-         ["report.html"]),
+        ("report", ["report", str(out / "scan"), str(out / "scan2"), "--out", str(out / "report.html")],
+         ["report.html"]),  # loads no model: draws the scans' views/
         ("probe", ["probe", "-m", model, "--task", "truth", "--limit", "48", "--batch-size", "16", "--cv", "3",
                    "--top", "4", "--out", str(out / "probe"), *LOW, *dev], ["probe"]),
         ("steer", ["steer", "--probes", str(out / "probe"), "--top", "2", "--n-prompts", "8", "--n-random", "2",

@@ -277,10 +277,12 @@ def test_every_request_kind_through_the_triton_backend(tiny_models, arch):
     # steering: the same vector added at the last position moves the logits the same way on both backends
     ids, mask = padded_batch([30, 22], ["right", "left"], T=30, seed=3)
     vec = torch.randn(model.config.hidden_size // model.config.num_attention_heads)
-    steer = ActivationRequest(layers=[], positions="last", steer={(1, 0): vec})
+    from catchtag.interventions.edits import HeadEdit, intervene
+
+    steer = {(1, 0): HeadEdit("add", vec)}
     logits = {}
     for backend in ("torch", "triton"):
-        with torch.no_grad(), capture(SinkSettings(eps=0.08, min_rows=4), steer, backend=backend):
+        with torch.no_grad(), intervene(steer, SinkSettings(eps=0.08, min_rows=4), backend=backend):
             logits[backend] = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -18,11 +18,9 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
     """Log-probabilities of the answer tokens at the last real token of each prompt.
 
     prompts: list of ``Prompt`` (tokenised). answer_ids: token ids to read (e.g. [id(' FALSE'), id(' TRUE')]).
-    steer: {(layer, head): head-space vector} added to that head's output at the last token (runs the
-    model inside an engine capture); None runs the model plainly. Returns (n_prompts, len(answer_ids)).
+    steer: {(layer, head): head-space vector} added to that head's output at the last token (an
+    intervention, catchtag.interventions); None runs the model plainly. Returns (n_prompts, len(answer_ids)).
     """
-    from catchtag.engine.attention import capture
-    from catchtag.engine.request import ActivationRequest, SinkSettings
     from catchtag.scan import _batch_tensors
 
     if not prompts:
@@ -30,16 +28,13 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
     device = next(model.parameters()).device
     ids_t = torch.as_tensor(list(answer_ids), dtype=torch.long)
     out = np.zeros((len(prompts), len(answer_ids)), dtype=np.float64)
-    request = None
+    edit = None
     if steer:
-        n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-        clean = {}
-        for (layer, head), vec in steer.items():
-            if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise CatchtagError(f"cannot steer head ({layer}, {head}): the model has {n_layers} layers x "
-                                    f"{n_heads} heads")
-            clean[(int(layer), int(head))] = torch.as_tensor(np.asarray(vec), dtype=torch.float32)
-        request = ActivationRequest(layers=[], positions="last", steer=clean)  # keep no activations
+        from catchtag.interventions.edits import HeadEdit, Intervention
+
+        edit = Intervention({lh: HeadEdit("add", torch.as_tensor(np.asarray(vec), dtype=torch.float32))
+                             for lh, vec in steer.items()})
+        edit.check(model.config.num_hidden_layers, model.config.num_attention_heads, verb="steer")
     starts = range(0, len(prompts), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -50,10 +45,12 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
         ids, mask = _batch_tensors(batch, tokenizer, device)
         last = last_real(mask.bool())  # last real token (either padding side)
         with torch.no_grad():
-            if request is None:
+            if edit is None:
                 logits = _last_logits(model, ids, mask, last)
             else:
-                with capture(SinkSettings(), request):
+                from catchtag.interventions.edits import intervene
+
+                with intervene(edit):
                     logits = _last_logits(model, ids, mask, last)
         logp = torch.log_softmax(logits.double(), dim=-1)
         out[start:start + len(batch)] = logp[:, ids_t.to(logp.device)].cpu().numpy()

@@ -55,8 +55,9 @@ class Capture:
     cap and moves every record to the CPU in one go."""
 
     def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-                 sink_cap: int | None = None, k_hint: int | None = None):
+                 sink_cap: int | None = None, k_hint: int | None = None, edit=None):
         self.settings = settings
+        self.edit = edit  # edit(layer, out (B,H,T,D), tag, stats) -> out: the hook interventions use
         self.k_hint = k_hint  # most candidates of any head in the last pass (finish's guess; None: the cap)
         self.request = request
         self.backend = backend
@@ -113,12 +114,13 @@ _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catcht
 
 @contextmanager
 def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-            sink_cap: int | None = None, k_hint: int | None = None):
+            sink_cap: int | None = None, k_hint: int | None = None, edit=None):
     """Within this block, forward passes of an enabled model record statistics into the yielded Capture.
 
     sink_cap: see Capture; with a cap, leaving the block raises SinkCapExceeded when a head had more candidate
-    sinks than the cap (``captured_forward`` runs the pass again with a larger one)."""
-    cap = Capture(settings, request, backend, sink_cap, k_hint)
+    sinks than the cap (``captured_forward`` runs the pass again with a larger one). edit: a callable
+    (layer, out, tag, stats) -> out that changes head outputs in the pass (catchtag.interventions)."""
+    cap = Capture(settings, request, backend, sink_cap, k_hint, edit)
     token = _ACTIVE.set(cap)
     try:
         yield cap
@@ -208,9 +210,8 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
         if not wants_sink_attention:
             stats.sink_attn = None  # O(T*K) per head, kept only when asked for
         record = LayerRecord(stats=stats, attention_maps=maps)  # on the device until Capture.finish
-        uses_positions = request is not None and (request.wants_layer(layer)
-                                                  or any(lay == layer for lay, _ in request.steer or {}))
-        pos = request_positions(request, stats.token_valid) if uses_positions else None
+        pos = request_positions(request, stats.token_valid) if request is not None and request.wants_layer(layer) \
+            else None
         if request is not None and request.wants_layer(layer):
             H = query.shape[1]
             heads = list(request.heads) if request.heads is not None else list(range(H))
@@ -226,12 +227,8 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
                 acts.update(result=result, result_tag=result_tag, result_nontag=result - result_tag)
             record.heads, record.positions = heads, pos
             record.activations = acts
-        if request is not None and request.steer:
-            for (lay, h), vec in request.steer.items():
-                if lay == layer:
-                    add = vec.to(out.device, out.dtype)[None, None, :].expand(out.shape[0], pos.shape[1], -1)
-                    idx = pos.clamp_min(0)[:, :, None].expand_as(add)
-                    out[:, h].scatter_add_(1, idx, add * (pos >= 0)[:, :, None])
+        if cap.edit is not None:  # an intervention (catchtag.interventions) changes chosen heads' outputs, in place;
+            out = cap.edit(layer, out, tag, stats)  # everything recorded above saw the output before it
         cap.layers[layer] = record
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -128,3 +128,66 @@ def _through_output_projection(module, h, H, vec):
     x[0, h * D:(h + 1) * D] = torch.as_tensor(vec, dtype=proj.weight.dtype)
     zero = torch.zeros_like(x)
     return (proj(x) - proj(zero)).double().cpu().numpy()[0]
+
+
+@torch.no_grad()
+def reference_edited_logits(model, input_ids, attention_mask, edits: dict, eps=0.2, min_rows=16):
+    """Logits of ``model`` in float64 with chosen heads' outputs changed by hand, for the interventions' tests.
+
+    edits: {(layer, head): (kind, unit vector or None)} with kind zero_tag, mean_tag, control_zero or control_mean
+    (docs/method.md): on each prompt, for the tokens at or after the head's first sink, remove the tag (zero),
+    replace it by its mean over those tokens (mean), or remove a component of the same per-token norm along the
+    unit vector (control). Sinks come from this pass's own eager attention maps, one head and prompt at a time."""
+    import copy
+
+    net = copy.deepcopy(model).double()
+    windows = layer_windows(net.config)
+    pad = attention_mask.bool().cpu().numpy()
+    order: dict[int, int] = {}
+
+    def attention(module, query, key, value, mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, mask, **kwargs)  # out (B,T,H,D)
+        layer = getattr(module, "layer_idx", None)
+        layer = order.setdefault(id(module), len(order)) if layer is None else int(layer)
+        n_rep = query.shape[1] // value.shape[1]
+        V = value.repeat_interleave(n_rep, dim=1)
+        out = out.clone()
+        # padding rows see no key: in float64 their scores overflow to -inf and the row is nan, which the next
+        # layer would multiply by a zero weight into every real token; they are padding, so zero them
+        out[torch.as_tensor(~pad, device=out.device)] = 0
+        for (l, h), (kind, unit) in edits.items():
+            if l != layer:
+                continue
+            for b in range(out.shape[0]):
+                valid = np.flatnonzero(pad[b])
+                i_idx, j_idx = np.meshgrid(valid, valid, indexing="ij")
+                sees = i_idx >= j_idx
+                if windows[layer] is not None:
+                    sees &= (i_idx - j_idx) < windows[layer]
+                counts = sees.sum(axis=0)
+                a = weights[b, h].cpu().numpy()[np.ix_(valid, valid)]
+                scores = np.where(counts >= min_rows, (a * sees).sum(axis=0) / np.maximum(counts, 1), -1.0)
+                sinks = [int(p) for p in np.flatnonzero(scores > eps)]
+                if not sinks:
+                    continue
+                v = V[b, h].cpu().numpy()[valid]
+                tag = a[:, sinks] @ v[sinks]  # (n, D): sum over sinks of A_is v_s
+                after = np.arange(len(valid)) >= sinks[0]
+                removed = tag * after[:, None]
+                if kind in ("mean_tag", "control_mean"):
+                    mean = removed[after].mean(axis=0)
+                    removed = (tag - mean) * after[:, None]
+                if kind.startswith("control"):
+                    u = np.asarray(unit, dtype=np.float64) / np.linalg.norm(unit)
+                    delta = np.linalg.norm(removed, axis=1, keepdims=True) * u[None, :]
+                else:
+                    delta = removed
+                out[b, valid, h] -= torch.as_tensor(delta, dtype=out.dtype)
+        return out, weights
+
+    name = REF_NAME + "_edit"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)
+    net.set_attn_implementation(name)
+    return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

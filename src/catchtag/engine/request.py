@@ -52,9 +52,8 @@ class ActivationRequest:
     a list of prompt positions. space: "residual" (result, result_tag, result_nontag: through the head's
     slice of W_O), "head" (z, z_tag, z_nontag: before W_O) or "both". attention_maps: (layer, head) pairs
     whose full T x T attention (pattern) is kept. hidden_states: indices into the model's hidden states
-    (resid_pre: 0 = embeddings, l = entering layer l) to keep at the requested positions. steer:
-    {(layer, head): vector in head space} added to that head's output at the requested positions (an
-    intervention; the statistics see the unsteered output). sink_attention: keep, for every layer and head,
+    (resid_pre: 0 = embeddings, l = entering layer l) to keep at the requested positions.
+    sink_attention: keep, for every layer and head,
     each token's attention to each of the head's sinks (A[:, sinks], O(T * K) per head), e.g. for the token
     viewer. What is kept lands in ScanResult.cache (catchtag.cache) under these names.
     """
@@ -65,7 +64,6 @@ class ActivationRequest:
     space: str = "residual"
     attention_maps: Sequence[tuple[int, int]] = ()
     hidden_states: Sequence[int] = ()
-    steer: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     sink_attention: bool = False
 
     def __post_init__(self):

@@ -1,0 +1,113 @@
+"""Interventions: change chosen heads' outputs inside one forward pass, through the engine's hook.
+
+The engine computes each layer's attention output o (head space, before W_O), its sinks and its tag, then calls
+the capture's ``edit``: an ``Intervention`` changes o there, before W_O, so everything downstream (later layers'
+attention included) sees the changed head while the model's own attention mask and every other head stay as they
+are. Tags are computed inside the intervened pass: when several heads are changed at once, a later head's tag comes
+from its own, already changed, input.
+
+Edits of head h on one prompt, for the tokens i at or after the head's first sink s0 on that prompt (the tokens
+whose tag can be nonzero; with no sink, nothing changes):
+  zero_tag         o_i <- o_i - tag_i
+  mean_tag         o_i <- o_i - tag_i + mean_{j >= s0} tag_j       (the mean over the same prompt's tokens)
+  control          o_i <- o_i - |r_i| u, with r_i the component the matching ablation removes (tag_i for zero,
+                   tag_i - mean for mean) and u a fixed random unit direction of head space: the same energy per
+                   token, in a direction that carries no tag
+  add              o_i <- o_i + vector at the last real token (steering)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from catchtag.engine.positions import last_real
+from catchtag.errors import CatchtagError
+
+KINDS = ("zero_tag", "mean_tag", "control_zero", "control_mean", "add")
+
+
+@dataclass
+class HeadEdit:
+    """One head's edit. kind: one of KINDS; vector: the head-space vector of ``add``, or the unit direction of a
+    control (dim,)."""
+
+    kind: str
+    vector: np.ndarray | torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise CatchtagError(f"unknown edit {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.kind.startswith("control") or self.kind == "add":
+            if self.vector is None:
+                raise CatchtagError(f"the {self.kind} edit needs a vector")
+
+
+class Intervention:
+    """{(layer, head): HeadEdit} applied in a forward pass (the engine calls it as the capture's ``edit``)."""
+
+    def __init__(self, edits: dict[tuple[int, int], HeadEdit]):
+        self.edits = {(int(l), int(h)): e for (l, h), e in edits.items()}
+        self.by_layer: dict[int, list[tuple[int, HeadEdit]]] = {}
+        for (l, h), e in self.edits.items():
+            self.by_layer.setdefault(l, []).append((h, e))
+
+    def check(self, n_layers: int, n_heads: int, verb: str = "intervene on") -> None:
+        for l, h in self.edits:
+            if not (0 <= l < n_layers and 0 <= h < n_heads):
+                raise CatchtagError(f"cannot {verb} head ({l}, {h}): the model has {n_layers} layers x "
+                                    f"{n_heads} heads (0-based)")
+
+    def __call__(self, layer, out, tag, stats):
+        edits = self.by_layer.get(layer)
+        if not edits:
+            return out
+        valid = stats.token_valid.to(out.device)  # (B,T)
+        T = out.shape[2]
+        pos = torch.arange(T, device=out.device)
+        for h, e in edits:
+            if e.kind == "add":
+                vec = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
+                last = last_real(valid)
+                out[torch.arange(out.shape[0], device=out.device), h, last] += vec
+                continue
+            ok = stats.sink_ok[:, h].to(out.device)
+            idx = stats.sink_idx[:, h].to(out.device)
+            s0 = torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else \
+                torch.full((out.shape[0],), T, device=out.device, dtype=torch.long)
+            after = valid & (pos[None, :] >= s0[:, None])  # (B,T): tokens whose tag can be nonzero
+            w = after[..., None].to(out.dtype)
+            t = tag[:, h].to(out.dtype) * w  # (B,T,D)
+            removed = t
+            if e.kind in ("mean_tag", "control_mean"):
+                n = w.sum(dim=1, keepdim=True).clamp_min(1)
+                mean = t.sum(dim=1, keepdim=True) / n
+                removed = (t - mean) * w
+            if e.kind.startswith("control"):
+                u = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
+                u = u / u.norm().clamp_min(1e-30)
+                out[:, h] -= removed.norm(dim=-1, keepdim=True) * u
+            else:
+                out[:, h] -= removed
+        return out
+
+
+def random_unit(dim: int, seed: int) -> np.ndarray:
+    """A random unit direction of head space (the control's), reproducible from ``seed``."""
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return v / np.linalg.norm(v)
+
+
+@contextmanager
+def intervene(edits: dict[tuple[int, int], HeadEdit] | Intervention, settings=None, backend: str = "auto"):
+    """Within this block, forward passes of an enabled model run with ``edits`` applied (sinks and tags at
+    ``settings``: eps, min_rows). Yields the engine Capture (its statistics are of the intervened pass)."""
+    from catchtag.engine.attention import capture
+    from catchtag.engine.request import SinkSettings
+
+    edit = edits if isinstance(edits, Intervention) else Intervention(edits)
+    with capture(settings or SinkSettings(), backend=backend, edit=edit) as cap:
+        yield cap
