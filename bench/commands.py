@@ -52,6 +52,9 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
         ("steer", ["steer", "--probes", str(out / "probe"), "--top", "2", "--n-prompts", "8", "--n-random", "2",
                    "--out", str(out / "steer"), *dev], ["steer"]),
         ("toy", ["toy", "construct", "--out", str(out / "toy")], ["toy"]),
+        ("ablate", ["ablate", "-m", model, "--limit", "8", "--max-tokens", "64", "--top", "3", "--controls", "2",
+                    "--out", str(out / "scan"), *LOW, *dev], ["scan/ablate/summary.json", "scan/ablate/release.png"]),
+        ("report-ablate", ["report", str(out / "scan"), "--out", str(out / "report2.html")], ["report2.html"]),
     ]
 
 

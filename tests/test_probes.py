@@ -13,7 +13,7 @@ from catchtag import CatchtagError, load_model
 from catchtag.analysis.probes import (HeadProbes, TagProbe, answer_token_ids, few_shot_prompts, get_task,
                                       select_heads, wide_table, wilson_interval)
 from catchtag.analysis.answers import answer_logprobs
-from catchtag.interventions.steering import random_directions, steering_curve, tag_direction
+from catchtag.interventions.steering import random_directions, steered_logprobs, steering_curve, tag_direction
 from catchtag.data.prompts import Prompt, load_prompts, read_texts, tokenize_prompts
 from catchtag.data.truth import country_capitals, statement, truth_demonstrations, truth_statements
 
@@ -165,7 +165,7 @@ ANSWERS = [ord("F"), ord("T")]  # byte tokenizer: token id = byte
 def test_zero_steering_changes_nothing(tiny):
     model, tok, prompts = tiny
     plain = answer_logprobs(model, tok, prompts, ANSWERS)
-    zero = answer_logprobs(model, tok, prompts, ANSWERS, steer={(1, 2): np.zeros(16, dtype=np.float32)})
+    zero = steered_logprobs(model, tok, prompts, ANSWERS, steer={(1, 2): np.zeros(16, dtype=np.float32)})
     np.testing.assert_allclose(zero, plain, atol=1e-5)
 
 
@@ -174,7 +174,7 @@ def test_steering_equals_adding_to_the_head_output_before_w_o(tiny):
     model, tok, prompts = tiny
     layer, head, dim = 1, 2, 16
     vec = np.random.default_rng(0).standard_normal(dim).astype(np.float32) * 3
-    steered = answer_logprobs(model, tok, prompts, ANSWERS, steer={(layer, head): vec}, batch_size=2)
+    steered = steered_logprobs(model, tok, prompts, ANSWERS, steer={(layer, head): vec}, batch_size=2)
     o_proj = model.model.layers[layer].self_attn.o_proj
     lengths = [len(p.input_ids) for p in prompts]
     state = {}
@@ -230,7 +230,7 @@ def test_tag_direction_and_random_controls():
         tag_direction(tags, np.array([1, 1, 1, 1]))
     with pytest.raises(CatchtagError, match="cannot steer"):
         model, tok = load_model("tiny:llama")
-        answer_logprobs(model, tok, [Prompt(0, [1, 2, 3])], ANSWERS, steer={(9, 0): np.zeros(16)})
+        steered_logprobs(model, tok, [Prompt(0, [1, 2, 3])], ANSWERS, steer={(9, 0): np.zeros(16)})
 
 
 # ---- the commands, end to end on a tiny model ----------------------------------------------------------

@@ -2,13 +2,64 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
+from catchtag.data.prompts import check_data
 from catchtag.errors import CatchtagError
+from catchtag.inputs import (check_at_least, check_between, check_device, check_dtype, check_file_out,
+                             check_folder_out, check_one_prompt, check_scan_numbers, check_sink_settings,
+                             parse_numbers)
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Click's error class (usage errors: a bad number, an unknown option, a missing argument): typer >= 0.2x
+    carries its own copy of click, older typers use click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
+class _OneLineErrors(TyperGroup):
+    """Every error ends as one line on stderr and exit 2: click's usage errors (which it prints as a usage block
+    and a framed message) and a CatchtagError that a command raises (its checks before the job) or lets through."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_errors(ctx):
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_errors(ctx=None):
+    try:
+        yield
+    except CatchtagError as err:
+        sub = getattr(ctx, "invoked_subcommand", None) if ctx is not None else None
+        _fail(str(err), where=f"{ctx.command_path} {sub}" if sub else None)
+    except _CLICK_ERRORS as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `catchtag` alone shows the help
+            raise
+        where = err.ctx.command_path if getattr(err, "ctx", None) is not None else None
+        _fail(f"{err.format_message().rstrip('.')}. Fix: see `{where or 'catchtag'} --help`",
+              code=getattr(err, "exit_code", 2) or 2)
+
 
 app = typer.Typer(
     name="catchtag",
@@ -16,6 +67,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_OneLineErrors,
 )
 
 
@@ -29,9 +81,46 @@ def _root() -> None:
     """catchtag: detect sinks, decompose heads into tag / non-tag, and show it."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2, where: str | None = None) -> None:
+    """Print ``error: MESSAGE`` as one line on stderr and exit with ``code``. A message that names no fix gets the
+    --help of the command (``where``, default: the one running) as its fix."""
+    message = " ".join(str(message).split())
+    if "Fix" not in message:
+        message = f"{message.rstrip('.')}. Fix: see `{where or _command_path()} --help`"
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _command_path() -> str:
+    """`catchtag scan` (as it was called) for the command that is running; `catchtag` outside one."""
+    for module in ("typer._click.globals", "click.globals"):  # typer >= 0.2x carries its own click
+        try:
+            ctx = __import__(module, fromlist=["get_current_context"]).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            return ctx.command_path
+    return "catchtag"
+
+
+def _run_job(job, *args, owns: Path | None = None, **kwargs) -> dict:
+    """Run a job; a CatchtagError (or a ValueError from a bad value) becomes one line and exit 2. A job that fails
+    leaves no --out (``owns``) it created behind, when that holds no file yet (a folder made before the failure);
+    one that holds files is kept, as a scan can resume from it."""
+    created = owns is not None and not Path(owns).exists()
+    try:
+        return job(*args, **kwargs)
+    except (CatchtagError, ValueError) as err:
+        if created:
+            _remove_if_empty(Path(owns))
+        if isinstance(err, CatchtagError):
+            _fail(str(err))
+        _fail(f"bad value: {err}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not folder.is_symlink() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @app.command()
@@ -76,16 +165,21 @@ def scan(
     """Detect sinks and decompose every head on DATA; write heads.parquet, summary.json and figures to OUT."""
     from catchtag.jobs import run_scan
 
-    try:
-        sweep_eps = tuple(float(x) for x in sweep.split(",")) if sweep else ()
-        summary = run_scan(model=model, data=data, out=out, eps=eps, min_rows=min_rows, max_tokens=max_tokens,
-                           chunk=chunk, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                           sweep_eps=sweep_eps, truncate=not no_truncate, overwrite=overwrite,
-                           figures=not no_figures, views=not no_views, device_map=device_map)
-    except CatchtagError as err:
-        _fail(str(err))
-    except ValueError as err:
-        _fail(f"bad value: {err}")
+    # what can be checked before the model is loaded is checked here, cheapest first (a CatchtagError raised here
+    # becomes one line: _OneLineErrors)
+    check_sink_settings(eps, min_rows)
+    sweep_eps = parse_numbers("--sweep", sweep, "0.05,0.1,0.3")
+    for value in sweep_eps:
+        check_between("--sweep", value, 0, 1, "0.05,0.1,0.3")
+    check_scan_numbers(max_tokens=max_tokens, chunk=chunk, limit=limit, batch_size=batch_size)
+    check_folder_out(out)
+    check_device(device)
+    check_dtype(dtype)
+    check_data(data)
+    summary = _run_job(run_scan, model=model, data=data, out=out, eps=eps, min_rows=min_rows, max_tokens=max_tokens,
+                       chunk=chunk, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+                       sweep_eps=sweep_eps, truncate=not no_truncate, overwrite=overwrite, figures=not no_figures,
+                       views=not no_views, device_map=device_map)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return
     s = summary["result"]
@@ -109,15 +203,6 @@ _PROMPT = typer.Option(0, "--prompt", help="which prompt of --data (0-based, as 
 _MAX_TOKENS = typer.Option(256, help="cut the prompt to this many tokens")
 
 
-def _run_job(job, *args, **kwargs) -> dict:
-    try:
-        return job(*args, **kwargs)
-    except CatchtagError as err:
-        _fail(str(err))
-    except ValueError as err:
-        _fail(f"bad value: {err}")
-
-
 @app.command()
 def pca(
     model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
@@ -136,9 +221,15 @@ def pca(
     Default head: the highest VE among heads with a sink beyond the first token."""
     from catchtag.jobs import run_pca
 
+    check_sink_settings(eps, min_rows)
+    check_between("--tag-level", tag_level, 0, 1, 0.1)
+    _check_layer_and_head(layer, head)
+    check_one_prompt(text, text_file, data, prompt, max_tokens)
+    check_folder_out(out)
+    check_device(device)
     s = _run_job(run_pca, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, layer=layer, head=head, deeper=deeper, eps=eps,
-                 min_rows=min_rows, tag_level=tag_level, device=device)
+                 min_rows=min_rows, tag_level=tag_level, device=device, owns=out)
     typer.echo(f"head L{s['layer']}.H{s['head']}: VE {s['ve']:.3f}, sinks {list(zip(s['sinks'], s['sink_tokens']))}")
     typer.echo(f"silhouette of tokens grouped by tagging sink: head {s['silhouette_head']}, "
                f"residual after layer {s['deeper']}: {s['silhouette_deeper']}")
@@ -154,7 +245,9 @@ def compare(
     """Models side by side: sinks per head (violin), VE per head (box), share of high-VE heads, per-layer means."""
     from catchtag.jobs import run_compare
 
-    s = _run_job(run_compare, runs, out, ve_level=ve_level)
+    check_between("--ve-level", ve_level, 0, 1, 0.3, low_in=True)
+    check_folder_out(out)
+    s = _run_job(run_compare, runs, out, ve_level=ve_level, owns=out)
     for r in s["runs"]:
         typer.echo(f"{r['run']:<24} sinks/head {r['mean_sinks_per_head']:.3f} · with a sink "
                    f"{100 * r['share_heads_with_sink']:.1f}% · mean VE {r['mean_ve']:.3f} (with a sink "
@@ -176,8 +269,16 @@ def sweep(
     """Threshold sweep, eps 0.03..0.4 (12 values, one forward pass): mean sinks per head vs mean VE per model."""
     from catchtag.jobs import run_sweep
 
+    if not runs and not model:
+        raise CatchtagError("give run folders (from `catchtag scan --sweep ...`) or --model to scan. Fix: e.g. "
+                            "`catchtag sweep RUN_FOLDER` or `catchtag sweep --model smollm2-135m`")
+    check_scan_numbers(max_tokens=max_tokens, limit=limit, batch_size=batch_size)
+    check_folder_out(out)
+    check_device(device)
+    if model:
+        check_data(data)
     s = _run_job(run_sweep, runs, out, model=model, data=data, max_tokens=max_tokens, limit=limit,
-                 batch_size=batch_size, device=device)
+                 batch_size=batch_size, device=device, owns=out)
     for r in s["table"]:
         typer.echo(f"{r['run']:<24} eps {r['eps']:<6g} sinks/head {r['mean_sinks_per_head']:.3f} "
                    f"mean VE {r['mean_ve']:.3f}")
@@ -193,7 +294,9 @@ def taxonomy(
     """Sink-token taxonomy: each sink token's count, heads and mean VE; kinds (punctuation, function words, ...)."""
     from catchtag.jobs import run_taxonomy
 
-    s = _run_job(run_taxonomy, runs, out, top=top)
+    check_at_least("--top", top, 1, 15)
+    check_folder_out(out)
+    s = _run_job(run_taxonomy, runs, out, top=top, owns=out)
     for name, r in s["runs"].items():
         shares = ", ".join(f"{k['kind']} {100 * k['share']:.1f}%" for k in r["kinds"])
         typer.echo(f"{name}: {shares}")
@@ -214,9 +317,15 @@ def geometry(
     """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
     from catchtag.jobs import run_geometry
 
+    check_sink_settings(eps, min_rows)
+    check_at_least("--n-positions", n_positions, 1, 64)
+    check_at_least("--max-pairs", max_pairs, 1, 20000)
+    check_one_prompt(text, text_file, data, prompt, max_tokens)
+    check_folder_out(out)
+    check_device(device)
     s = _run_job(run_geometry, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, n_positions=n_positions, max_pairs=max_pairs, eps=eps,
-                 min_rows=min_rows, device=device)
+                 min_rows=min_rows, device=device, owns=out)
     for kind in ("different layers", "same layer, different heads", "same head, different sinks", "tag_vs_token"):
         if kind in s:
             typer.echo(f"{kind:<30} mean {s[kind]['mean']:+.3f} · within ±0.05: "
@@ -235,7 +344,8 @@ def report(
     it draws what the run folders hold."""
     from catchtag.jobs import run_report
 
-    s = _run_job(run_report, runs, out, per_token=per_token)
+    check_file_out(out)
+    s = _run_job(run_report, runs, out, per_token=per_token, owns=out)
     typer.echo(f"wrote {s['out']} ({s['bytes'] / 1e6:.1f} MB)")
 
 
@@ -254,10 +364,20 @@ def view(
     """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
     from catchtag.jobs import run_view
 
+    check_sink_settings(eps, min_rows)
+    _check_layer_and_head(layer, head)
+    check_one_prompt(text, text_file, data, prompt, max_tokens)
+    check_file_out(out)
+    check_device(device)
     s = _run_job(run_view, model, out, text=text, text_file=str(text_file) if text_file else None, data=data,
                  prompt=prompt, max_tokens=max_tokens, eps=eps, min_rows=min_rows, layer=layer, head=head,
-                 device=device)
+                 device=device, owns=out)
     typer.echo(f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)")
+
+
+def _check_layer_and_head(layer: Optional[int], head: Optional[int]) -> None:
+    if (layer is None) != (head is None):
+        raise CatchtagError("give both --layer and --head, or neither. Fix: e.g. --layer 3 --head 0")
 
 
 # ---- probes and steering (docs/probes.md) ----------------------------------------------------------------
@@ -266,9 +386,13 @@ def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     if not text:
         return None
     try:
-        return [(int(a), int(b)) for a, b in (item.strip().split(".") for item in text.split(","))]
+        heads = [(int(a), int(b)) for a, b in (item.strip().split(".") for item in text.split(","))]
     except ValueError:
-        raise CatchtagError(f"--heads must look like LAYER.HEAD[,LAYER.HEAD...], e.g. 20.3,21.0; got {text!r}") from None
+        heads = []
+    if not heads or any(layer < 0 or head < 0 for layer, head in heads):
+        raise CatchtagError(f"--heads must look like LAYER.HEAD[,LAYER.HEAD...] (numbers from 0), got {text!r}. "
+                            f"Fix: e.g. --heads 20.3,21.0")
+    return heads
 
 
 @app.command()
@@ -293,12 +417,21 @@ def probe(
     """Probe every head's last-token full, tag-only and non-tag output for TASK's label; select heads."""
     from catchtag.jobs import run_probe
 
-    try:
-        s = run_probe(model=model, task=task, out=out, shots=shots, template=template, eps=eps, min_rows=min_rows,
-                      limit=limit, batch_size=batch_size, cv=cv, seed=seed, top=top, device=device, dtype=dtype,
-                      figures=not no_figures)
-    except CatchtagError as err:
-        _fail(str(err))
+    check_sink_settings(eps, min_rows)
+    check_at_least("--limit", limit, 1, 200)
+    check_at_least("--batch-size", batch_size, 1, 8)
+    check_at_least("--cv", cv, 2, 5)
+    if limit is not None and limit < 4 * cv:
+        raise CatchtagError(f"--limit {limit} leaves too few prompts for {cv}-fold CV (a train and a test split of "
+                            f"two labels). Fix: --limit {4 * cv} or more, or a smaller --cv")
+    check_at_least("--top", top, 1, 5)
+    check_at_least("--seed", seed, 0, 0)
+    check_folder_out(out)
+    check_device(device)
+    check_dtype(dtype)
+    s = _run_job(run_probe, model=model, task=task, out=out, shots=shots, template=template, eps=eps,
+                 min_rows=min_rows, limit=limit, batch_size=batch_size, cv=cv, seed=seed, top=top, device=device,
+                 dtype=dtype, figures=not no_figures, owns=out)
     m = s["model_accuracy"]
     typer.echo(f"\n{s['n_train']} train / {s['n_test']} test prompts ({s['mean_prompt_tokens']:.0f} tokens), "
                f"{s['n_probes']} probes ({s['seconds']['probes']:.0f} s)")
@@ -332,15 +465,21 @@ def steer(
     """Add a selected head's mean tag difference (label 1 minus label 0) at its output on test prompts."""
     from catchtag.jobs import run_steer
 
-    try:
-        scale_values = tuple(float(x) for x in scales.split(","))
-        report = run_steer(probes, heads=_parse_heads(heads), top=top, scales=scale_values, n_random=n_random,
-                           n_prompts=n_prompts or None, seed=seed, batch_size=batch_size, out=out, device=device, dtype=dtype,
-                           figures=not no_figures)
-    except CatchtagError as err:
-        _fail(str(err))
-    except ValueError as err:
-        _fail(f"bad value: {err}")
+    check_at_least("--top", top, 1, 1)
+    check_at_least("--n-random", n_random, 0, 2)
+    if n_prompts != 0:
+        check_at_least("--n-prompts", n_prompts, 2, 64, " (one per label; 0: all of the test split)")
+    check_at_least("--seed", seed, 0, 0)
+    check_at_least("--batch-size", batch_size, 1, 8)
+    scale_values = parse_numbers("--scales", scales, "-8,-4,0,4,8", required=True)
+    head_list = _parse_heads(heads)
+    if out is not None:
+        check_folder_out(out)
+    check_device(device)
+    check_dtype(dtype)
+    report = _run_job(run_steer, probes, heads=head_list, top=top, scales=scale_values, n_random=n_random,
+                      n_prompts=n_prompts or None, seed=seed, batch_size=batch_size, out=out, device=device,
+                      dtype=dtype, figures=not no_figures, owns=out if out is not None else probes / "steer")
     rows = report["rows"]
     for layer, head in report["heads"]:
         typer.echo(f"layer {layer} head {head} (|direction| {report['directions'][f'{layer}.{head}']['norm']:.3g}):")
@@ -349,6 +488,64 @@ def steer(
                 typer.echo(f"  {r['direction']:<6} scale {r['scale']:+5.1f}: log-odds shift {r['shift']:+.3f} "
                            f"± {r['shift_sem']:.3f}, accuracy {100 * r['accuracy']:.1f}%")
     typer.echo(f"wrote {report.get('out', '')}steering.parquet, steering.json ({report['seconds']:.0f} s)")
+
+
+@app.command()
+def ablate(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (a scan's, or a new one): writes OUT/ablate/"),
+    heads: Optional[str] = typer.Option(None, help="heads to ablate as LAYER.HEAD,...; default: --top"),
+    top: int = typer.Option(8, help="ablate the heads with the largest first-order loss change"),
+    group: Optional[str] = typer.Option(None, help="layer (every head with a sink in a layer at once) or all"),
+    mode: str = typer.Option("mean", help="mean (the tag replaced by its prompt mean) or zero (the tag removed)"),
+    controls: int = typer.Option(3, help="random-direction controls of the same energy per target"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt"),
+    limit: Optional[int] = typer.Option(32, help="use only the first K prompts"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    seed: int = typer.Option(0, help="seed of the controls' random directions"),
+    device: str = _DEVICE,
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    no_figures: bool = typer.Option(False, "--no-figures", help="skip the figures"),
+) -> None:
+    """Release, causally: remove heads' tags and measure the next-token loss over the tagged tokens (with controls),
+    a first-order estimate for every head, and which later heads change (OUT/ablate/)."""
+    from catchtag.jobs import run_ablate
+
+    check_sink_settings(eps, min_rows)
+    check_at_least("--top", top, 1, 8)
+    check_at_least("--controls", controls, 0, 3)
+    check_at_least("--limit", limit, 1, 32)
+    check_at_least("--batch-size", batch_size, 1, 8)
+    check_at_least("--max-tokens", max_tokens, 1, 256)
+    check_at_least("--seed", seed, 0, 0)
+    if mode not in ("mean", "zero"):
+        raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
+    if group not in (None, "layer", "all"):
+        raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
+    check_data(data)
+    head_list = _parse_heads(heads)
+    check_folder_out(out)
+    check_device(device)
+    check_dtype(dtype)
+    s = _run_job(run_ablate, model=model, data=data, out=out, heads=head_list, top=top, group=group, mode=mode,
+                 controls=controls, eps=eps, min_rows=min_rows, max_tokens=max_tokens, limit=limit,
+                 batch_size=batch_size, seed=seed, device=device, dtype=dtype, figures=not no_figures, owns=out)
+    typer.echo(f"\n{s['n_prompts']} prompts, {s['mode']}-ablation, {s['controls']} control(s) per target "
+               f"({s['seconds']['total']:.0f} s: attribution {s['seconds']['attribution']:.0f} s, ablations "
+               f"{s['seconds']['ablation']:.0f} s)")
+    for r in s["targets"]:
+        typer.echo(f"  {r['target']:<10} loss change {r['delta_nll']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] "
+                   f"nats; control {r['control_delta_nll']:+.4f}; first-order {r['attribution']:+.4f}; "
+                   f"VE {r['ve']:.3f}")
+    rank = s["attribution_vs_real_rank_correlation"]
+    if rank:
+        typer.echo(f"rank correlation of first-order and real changes over {rank['n_heads']} heads: "
+                   f"{rank['spearman']:.2f}")
+    typer.echo(f"wrote {out}/ablate/: attribution.parquet, ablation.parquet, release.parquet, summary.json"
+               + ("" if no_figures else ", ablation.png, release.png"))
 
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:

@@ -464,3 +464,186 @@ def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int =
     """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
     return show_tokens(model, tokenizer, text, eps=eps, min_rows=min_rows, max_tokens=max_tokens, name=name,
                        start=start).save(out)
+
+
+# ---- release, causally: catchtag ablate ------------------------------------------------------------------------
+def _ablate_targets(heads, top, group, attrib: pd.DataFrame, n_layers: int):
+    """[(name, [(layer, head), ...])]: what to ablate, from --heads, --group or the top heads by |attribution|."""
+    if heads:
+        return [(f"{l}.{h}", [(l, h)]) for l, h in heads]
+    with_sink = attrib[attrib["n_sinks"] > 0]
+    if group == "layer":
+        return [(f"layer {l}", sorted({(int(l), int(h)) for h in g["head"].unique()}))
+                for l, g in with_sink.groupby("layer")]
+    if group == "all":
+        return [("all", sorted({(int(r.layer), int(r.head)) for r in with_sink[["layer", "head"]]
+                                .drop_duplicates().itertuples()}))]
+    mean = with_sink.groupby(["layer", "head"])["estimate"].mean().abs().dropna().sort_values(ascending=False)
+    return [(f"{l}.{h}", [(int(l), int(h))]) for l, h in list(mean.index[:top])]
+
+
+def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/ablate", *,
+               heads: Sequence[tuple[int, int]] | None = None, top: int = 8, group: str | None = None,
+               mode: str = "mean", controls: int = 3, eps: float = 0.2, min_rows: int = 16,
+               max_tokens: int | None = 256, limit: int | None = 32, batch_size: int = 8, seed: int = 0,
+               device: str = "auto", dtype: str = "auto", figures: bool = True, progress: bool = True) -> dict:
+    """What ``catchtag ablate`` does, into OUT/ablate/: a first-order attribution for every head (one forward and
+    one backward pass per batch), real ablations of the chosen heads or groups with random-direction controls
+    (loss change over the tagged tokens, 95% interval over prompts), the release map (which later heads change),
+    tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes."""
+    import torch
+
+    from catchtag.interventions import ablation as ab
+    from catchtag.runs import write_json as _write_json
+
+    if mode not in ("mean", "zero"):
+        raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
+    if group not in (None, "layer", "all"):
+        raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
+    for flag, value, low in (("--top", top, 1), ("--controls", controls, 0), ("--batch-size", batch_size, 1)):
+        if value < low:
+            raise CatchtagError(f"{flag} must be >= {low}, got {value}. Fix: e.g. {flag} {max(low, 3)}")
+    settings = SinkSettings(eps=eps, min_rows=min_rows)
+    started = time.perf_counter()
+    net, tokenizer = load_model(model, device=resolve_device(device), dtype=dtype)
+    n_layers, n_heads = net.config.num_hidden_layers, net.config.num_attention_heads
+    for l, h in heads or []:
+        if not (0 <= l < n_layers and 0 <= h < n_heads):
+            raise CatchtagError(f"--heads {l}.{h} is out of range: the model has {n_layers} layers x {n_heads} heads "
+                                f"(0-based). Fix: pick heads in range")
+    prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, limit=limit)
+    folder = Path(out) / "ablate"
+    manifest = {"model": model, "prompts_sha1": hashlib.sha1(json.dumps([p.input_ids for p in prompts])
+                                                             .encode()).hexdigest(),
+                "eps": eps, "min_rows": min_rows, "mode": mode, "seed": seed, "controls": controls,
+                "heads": [list(x) for x in heads] if heads else None, "top": top, "group": group,
+                "batch_size": batch_size}
+    if (folder / "run.json").is_file() and json.loads((folder / "run.json").read_text()) != manifest:
+        raise CatchtagError(f"{folder} holds an ablation with other settings. Fix: another --out, or move it away")
+    _write_json(folder / "run.json", manifest)
+    parts = folder / "parts"
+    device_ = next(net.parameters()).device
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    positions = ab.sample_positions(min(len(p.input_ids) for p in prompts))
+    D = getattr(net.config, "head_dim", None) or net.config.hidden_size // n_heads
+
+    def bar(total, desc):
+        if not progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+
+    # phase 1: the first-order attribution of every head (and each head's sinks and VE on these prompts)
+    t0 = time.perf_counter()
+    b1 = bar(len(batches), "attribution")
+    for k, batch in enumerate(batches):
+        path = parts / f"attribution-{k:05d}.parquet"
+        if not path.is_file():
+            from catchtag.engine.attention import capture
+            from catchtag.scan import _batch_tensors
+
+            ids, mask = _batch_tensors(batch, tokenizer, device_)
+            est, _ = ab.attribution(net, ids, mask, settings, mode)
+            with torch.no_grad(), capture(settings) as cap:
+                net(input_ids=ids, attention_mask=mask, use_cache=False)
+            rows = []
+            for b, p in enumerate(batch):
+                for l in range(n_layers):
+                    st = cap.layers[l].stats
+                    for h in range(n_heads):
+                        rows.append((p.prompt_id, l, h, float(est[b, l, h]), int(st.sink_ok[b, h].sum()),
+                                     float(st.ve[b, h]), float(st.ve_uncentred[b, h])))
+            write_table(pd.DataFrame(rows, columns=["prompt_id", "layer", "head", "estimate", "n_sinks", "ve",
+                                                    "ve_uncentred"]), path)
+        if b1 is not None:
+            b1.update(1)
+    if b1 is not None:
+        b1.close()
+    attrib = pd.concat([pd.read_parquet(parts / f"attribution-{k:05d}.parquet") for k in range(len(batches))],
+                       ignore_index=True)
+    attribution_seconds = time.perf_counter() - t0
+    targets = _ablate_targets(heads, top, group, attrib, n_layers)
+    if not targets or not any(t for _, t in targets):
+        raise CatchtagError(f"nothing to ablate: no head has a sink on these prompts at eps {eps}, min_rows "
+                            f"{min_rows}. Fix: a lower --eps or --min-rows, longer prompts, or --heads")
+
+    # phase 2: real ablations with controls, and the release map
+    t0 = time.perf_counter()
+    b2 = bar(len(batches), f"ablate {len(targets)} target(s) x (1 + {controls} controls)")
+    for k, batch in enumerate(batches):
+        path = parts / f"ablation-{k:05d}.parquet"
+        if not path.is_file():
+            from catchtag.scan import _batch_tensors
+
+            ids, mask = _batch_tensors(batch, tokenizer, device_)
+            base = ab.baseline(net, ids, mask, settings, positions)
+            rows, release = [], []
+            for name, group_heads in targets:
+                l0 = min(l for l, _ in group_heads)
+                s0 = base.first_sink[:, [l for l, _ in group_heads], [h for _, h in group_heads]].amin(dim=1)
+                for kind, draw in [("ablation", 0)] + [("control", d) for d in range(controls)]:
+                    edit = ab.edits_for(group_heads, mode, kind, D, draw, seed)
+                    nll, mean_row, z = ab.intervened(net, ids, mask, settings, positions, edit)
+                    delta = ab.loss_change(base.nll, nll, s0)
+                    for b, p in enumerate(batch):
+                        rows.append((p.prompt_id, name, kind, draw, float(delta[b])))
+                    if kind == "ablation":
+                        rel = ab.release_rows(base, mean_row, z, group_heads, n_layers)
+                        for b, p in enumerate(batch):
+                            for l in range(l0 + 1, n_layers):
+                                for h in range(n_heads):
+                                    release.append((p.prompt_id, name, l, h, float(rel["attention_tv"][b, l, h]),
+                                                    float(rel["output_change"][b, l, h])))
+            write_table(pd.DataFrame(release, columns=["prompt_id", "target", "layer", "head", "attention_tv",
+                                                       "output_change"]), parts / f"release-{k:05d}.parquet")
+            write_table(pd.DataFrame(rows, columns=["prompt_id", "target", "kind", "draw", "delta_nll"]), path)
+        if b2 is not None:
+            b2.update(1)
+    if b2 is not None:
+        b2.close()
+    ablation_seconds = time.perf_counter() - t0
+    table = pd.concat([pd.read_parquet(parts / f"ablation-{k:05d}.parquet") for k in range(len(batches))],
+                      ignore_index=True)
+    release = pd.concat([pd.read_parquet(parts / f"release-{k:05d}.parquet") for k in range(len(batches))],
+                        ignore_index=True)
+    write_table(attrib, folder / "attribution.parquet")
+    write_table(table, folder / "ablation.parquet")
+    release_map = release.groupby(["target", "layer", "head"], as_index=False)[["attention_tv", "output_change"]] \
+        .mean()
+    write_table(release_map, folder / "release.parquet")
+
+    per_head = attrib.groupby(["layer", "head"]).agg(estimate=("estimate", "mean"), ve=("ve", "mean"),
+                                                     ve_uncentred=("ve_uncentred", "mean"),
+                                                     mean_sinks=("n_sinks", "mean")).reset_index()
+    summary_rows = []
+    for name, group_heads in targets:
+        t = table[table["target"] == name]
+        real = t[t["kind"] == "ablation"].groupby("prompt_id")["delta_nll"].mean()
+        ctrl = t[t["kind"] == "control"].groupby("prompt_id")["delta_nll"].mean()  # averaged over draws
+        m, lo, hi = ab.interval(real.to_numpy())
+        cm, clo, chi = ab.interval(ctrl.to_numpy()) if len(ctrl) else (float("nan"),) * 3
+        est = per_head.set_index(["layer", "head"]).loc[group_heads]
+        summary_rows.append({"target": name, "heads": [list(x) for x in group_heads], "delta_nll": m,
+                             "ci": [lo, hi], "control_delta_nll": cm, "control_ci": [clo, chi],
+                             "attribution": float(est["estimate"].sum()), "ve": float(est["ve"].mean()),
+                             "ve_uncentred": float(est["ve_uncentred"].mean()),
+                             "mean_sinks": float(est["mean_sinks"].mean())})
+    singles = [r for r in summary_rows if len(r["heads"]) == 1]
+    rank = None
+    if len(singles) >= 3:
+        rho = pd.Series([r["attribution"] for r in singles]).corr(pd.Series([r["delta_nll"] for r in singles]),
+                                                                 method="spearman")
+        rank = {"spearman": float(rho), "n_heads": len(singles)}
+    summary = {"model": model, "data": data, "n_prompts": len(prompts), "mode": mode, "controls": controls,
+               "eps": eps, "min_rows": min_rows, "group": group, "targets": summary_rows,
+               "attribution_vs_real_rank_correlation": rank,
+               "seconds": {"attribution": attribution_seconds, "ablation": ablation_seconds,
+                           "total": time.perf_counter() - started}, "versions": versions()}
+    if figures:
+        from catchtag.report.analysis_figures import ablation_figure, release_figure
+
+        summary["figures"] = [str(ablation_figure(per_head, summary, folder / "ablation.png")),
+                              str(release_figure(release_map, summary, n_layers, n_heads, folder / "release.png"))]
+    write_json(folder / "summary.json", summary)
+    return summary

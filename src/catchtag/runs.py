@@ -9,6 +9,7 @@
     summary.json      settings, versions and the headline numbers
     figures/          the scan's pictures
     views/            per-token pictures of one prompt, for the report (catchtag scan writes them)
+    ablate/           interventions on tags (catchtag ablate): attribution, ablation and release tables
 
 Every file is written beside its final name and renamed into place, so an interrupted write never leaves a
 half file under a real name. A resumed scan drops a batch whose files do not read back (they are redone); a load
@@ -35,7 +36,7 @@ from catchtag.errors import CatchtagError
 
 # What a scan writes into its folder (--overwrite removes these and nothing else).
 RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "activations.npz",
-               "summary.json", "figures", "views")
+               "summary.json", "figures", "views", "ablate")
 # run.json keys that do not define the run: the same prompts (prompts_sha1) are the same run however the data file
 # is spelled and whatever command line asked for it, so these never block a resume.
 NOT_COMPARED = ("data", "command")

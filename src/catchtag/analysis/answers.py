@@ -13,13 +13,13 @@ from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
 
-def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, steer: dict | None = None,
+def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, edit=None,
                     batch_size: int = 8, progress: bool = False, desc: str = "answers") -> np.ndarray:
     """Log-probabilities of the answer tokens at the last real token of each prompt.
 
     prompts: list of ``Prompt`` (tokenised). answer_ids: token ids to read (e.g. [id(' FALSE'), id(' TRUE')]).
-    steer: {(layer, head): head-space vector} added to that head's output at the last token (an
-    intervention, catchtag.interventions); None runs the model plainly. Returns (n_prompts, len(answer_ids)).
+    edit: an intervention (catchtag.interventions, e.g. steering) applied in the pass; None runs the model
+    plainly. Returns (n_prompts, len(answer_ids)).
     """
     from catchtag.scan import _batch_tensors
 
@@ -28,13 +28,6 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
     device = next(model.parameters()).device
     ids_t = torch.as_tensor(list(answer_ids), dtype=torch.long)
     out = np.zeros((len(prompts), len(answer_ids)), dtype=np.float64)
-    edit = None
-    if steer:
-        from catchtag.interventions.edits import HeadEdit, Intervention
-
-        edit = Intervention({lh: HeadEdit("add", torch.as_tensor(np.asarray(vec), dtype=torch.float32))
-                             for lh, vec in steer.items()})
-        edit.check(model.config.num_hidden_layers, model.config.num_attention_heads, verb="steer")
     starts = range(0, len(prompts), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -48,9 +41,10 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, ste
             if edit is None:
                 logits = _last_logits(model, ids, mask, last)
             else:
-                from catchtag.interventions.edits import intervene
+                from catchtag.engine.attention import capture
+                from catchtag.engine.request import SinkSettings
 
-                with intervene(edit):
+                with capture(SinkSettings(), edit=edit):
                     logits = _last_logits(model, ids, mask, last)
         logp = torch.log_softmax(logits.double(), dim=-1)
         out[start:start + len(batch)] = logp[:, ids_t.to(logp.device)].cpu().numpy()

@@ -76,14 +76,15 @@ LABELLED: dict[str, tuple[str, Callable]] = {
 def labelled_set(name: str):
     """The labelled DataFrame (text, label, split, entity, answer) of builtin:NAME."""
     if name not in LABELLED:
-        raise CatchtagError(f"unknown labelled data {name!r}. Known: {', '.join('builtin:' + n for n in LABELLED)}")
+        raise CatchtagError(f"unknown labelled data {name!r}. Fix: use one of "
+                            f"{', '.join('builtin:' + n for n in LABELLED)}")
     return LABELLED[name][1]()
 
 
 def builtin_text(name: str) -> str:
     if name not in BUILTINS:
         known = ", ".join("builtin:" + n for n in [*BUILTINS, *LABELLED])
-        raise CatchtagError(f"unknown built-in data {name!r}. Known: {known}")
+        raise CatchtagError(f"unknown built-in data {name!r}. Fix: use one of {known}")
     return BUILTINS[name][1]()
 
 
@@ -106,12 +107,23 @@ def chunk_ids(ids: Sequence[int], size: int) -> list[list[int]]:
     return chunks
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CatchtagError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). Fix: save it as UTF-8, "
                             f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None
+
+
+def check_data(data: str) -> None:
+    """Check DATA before a model is loaded, with the message read_texts would give: a known builtin:NAME (not built
+    here: that can take a while), or a readable UTF-8 .txt/.jsonl file that holds prompts."""
+    if data.startswith("builtin:"):
+        name = data.split(":", 1)[1]
+        if name not in BUILTINS and name not in LABELLED:
+            builtin_text(name)
+        return
+    read_texts(data)
 
 
 def read_texts(data: str) -> tuple[list[str], bool]:
@@ -121,35 +133,39 @@ def read_texts(data: str) -> tuple[list[str], bool]:
     if data.startswith("builtin:"):
         return [builtin_text(data.split(":", 1)[1])], True
     path = Path(data).expanduser()
+    if path.is_dir():
+        raise CatchtagError(f"data {path} is a folder. Fix: give a .txt or .jsonl file, or builtin:NAME "
+                            f"({', '.join('builtin:' + n for n in [*BUILTINS, *LABELLED])})")
     if not path.is_file():
-        raise CatchtagError(f"data file {path} does not exist. DATA is a .txt or .jsonl file or builtin:NAME "
-                            f"({', '.join('builtin:' + n for n in BUILTINS)})")
+        raise CatchtagError(f"data file {path} does not exist. Fix: give a .txt or .jsonl file, or builtin:NAME "
+                            f"({', '.join('builtin:' + n for n in [*BUILTINS, *LABELLED])})")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(_read_utf8(path).splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CatchtagError(f"{path}:{n} is not valid JSON ({err.msg}). Each line must be an object "
-                                    f"with a 'text' field") from None
+                raise CatchtagError(f"{path}:{n} is not valid JSON ({err.msg}). Fix: make each line an object "
+                                    f'with a \'text\' field, e.g. {{"text": "..."}}') from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CatchtagError(f"{path}:{n} has no string 'text' field. Each line must look like "
+                raise CatchtagError(f"{path}:{n} has no string 'text' field. Fix: make each line look like "
                                     f'{{"text": "..."}}')
             if not record["text"].strip():
-                raise CatchtagError(f"{path}:{n}: the prompt is empty. Remove the line or give it text")
+                raise CatchtagError(f"{path}:{n}: the prompt is empty. Fix: remove the line or give it text")
             texts.append(record["text"])
         if not texts:
-            raise CatchtagError(f"{path} holds no prompts. Give it one JSON object with a 'text' field per line")
+            raise CatchtagError(f"{path} holds no prompts. Fix: give it one JSON object with a 'text' field per "
+                                f"line")
         return texts, False
     if path.suffix in (".txt", ".text", ".md", ""):
-        texts = [line for line in _read_utf8(path).splitlines() if line.strip()]
+        texts = [line for line in read_utf8(path).splitlines() if line.strip()]
         if not texts:
-            raise CatchtagError(f"{path} is empty. Give it one prompt per line (or a long text with --chunk)")
+            raise CatchtagError(f"{path} is empty. Fix: give it one prompt per line (or a long text with --chunk)")
         return texts, False
-    raise CatchtagError(f"unsupported data file format {path.suffix!r} ({path}). Use .txt (one prompt per line), "
-                        f".jsonl (a 'text' field per line) or builtin:NAME")
+    raise CatchtagError(f"unsupported data file format {path.suffix!r} ({path}). Fix: use .txt (one prompt per "
+                        f"line), .jsonl (a 'text' field per line) or builtin:NAME")
 
 
 def tokenize_prompts(texts: Sequence[str], tokenizer, *, max_tokens: int | None = None, chunk: int | None = None,

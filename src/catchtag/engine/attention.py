@@ -7,6 +7,7 @@ output plus the per-head catch/tag statistics of ``engine.stats`` and hands them
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ class Capture:
     cap and moves every record to the CPU in one go."""
 
     def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-                 sink_cap: int | None = None, k_hint: int | None = None, edit=None):
+                 sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False):
         self.settings = settings
+        self.differentiable = differentiable  # outputs from differentiable attention (attribution's gradients)
         self.edit = edit  # edit(layer, out (B,H,T,D), tag, stats) -> out: the hook interventions use
         self.k_hint = k_hint  # most candidates of any head in the last pass (finish's guess; None: the cap)
         self.request = request
@@ -114,13 +116,13 @@ _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catcht
 
 @contextmanager
 def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-            sink_cap: int | None = None, k_hint: int | None = None, edit=None):
+            sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False):
     """Within this block, forward passes of an enabled model record statistics into the yielded Capture.
 
     sink_cap: see Capture; with a cap, leaving the block raises SinkCapExceeded when a head had more candidate
     sinks than the cap (``captured_forward`` runs the pass again with a larger one). edit: a callable
     (layer, out, tag, stats) -> out that changes head outputs in the pass (catchtag.interventions)."""
-    cap = Capture(settings, request, backend, sink_cap, k_hint, edit)
+    cap = Capture(settings, request, backend, sink_cap, k_hint, edit, differentiable)
     token = _ACTIVE.set(cap)
     try:
         yield cap
@@ -203,9 +205,17 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     from catchtag.engine.backends import layer_statistics  # picks the fastest path for this device
 
     wants_sink_attention = request is not None and request.sink_attention
-    out, tag, stats, maps = layer_statistics(query, key, value, attention_mask, scaling, softcap, settings,
-                                             keep_maps=keep_maps, backend=cap.backend if cap else "torch",
-                                             sink_attention=wants_sink_attention, capture=cap)
+    grad_out = None
+    if cap is not None and cap.differentiable:
+        # a first-order attribution needs d(loss)/d(out) through every later layer: the output comes from PyTorch's
+        # differentiable attention, the statistics (sinks, tags) from the engine on detached inputs
+        grad_out = _differentiable_attention(module, query, key, value, attention_mask, dropout, scaling, softcap,
+                                             **kwargs)
+        query, key, value = query.detach(), key.detach(), value.detach()
+    with torch.no_grad() if grad_out is not None else contextlib.nullcontext():
+        out, tag, stats, maps = layer_statistics(query, key, value, attention_mask, scaling, softcap, settings,
+                                                 keep_maps=keep_maps, backend=cap.backend if cap else "torch",
+                                                 sink_attention=wants_sink_attention, capture=cap)
     if cap is not None:
         if not wants_sink_attention:
             stats.sink_attn = None  # O(T*K) per head, kept only when asked for
@@ -227,10 +237,25 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
                 acts.update(result=result, result_tag=result_tag, result_nontag=result - result_tag)
             record.heads, record.positions = heads, pos
             record.activations = acts
+        if grad_out is not None:
+            out = grad_out
         if cap.edit is not None:  # an intervention (catchtag.interventions) changes chosen heads' outputs, in place;
             out = cap.edit(layer, out, tag, stats)  # everything recorded above saw the output before it
         cap.layers[layer] = record
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _differentiable_attention(module, query, key, value, mask, dropout, scaling, softcap, **kwargs) -> torch.Tensor:
+    """The attention output (B,H,T,D) from transformers' own differentiable functions (SDPA; eager when the
+    logits are softcapped), for gradients."""
+    if softcap is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        import sys
+
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, _ = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
+    return out.transpose(1, 2)
 
 
 def _records_to_cpu(layers: dict[int, LayerRecord], extra: list[torch.Tensor] = ()):

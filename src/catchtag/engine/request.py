@@ -6,10 +6,9 @@ attention maps, hidden states) is kept only for what the request names, so memor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence, Union
 
-import torch
 
 from catchtag.errors import CatchtagError
 

@@ -37,6 +37,7 @@ class HeadEdit:
 
     kind: str
     vector: np.ndarray | torch.Tensor | None = None
+    scale: float = 1.0  # the fraction of the ablation applied (a finite-difference check of the attribution)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -89,9 +90,9 @@ class Intervention:
             if e.kind.startswith("control"):
                 u = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
                 u = u / u.norm().clamp_min(1e-30)
-                out[:, h] -= removed.norm(dim=-1, keepdim=True) * u
+                out[:, h] -= e.scale * removed.norm(dim=-1, keepdim=True) * u
             else:
-                out[:, h] -= removed
+                out[:, h] -= e.scale * removed
         return out
 
 

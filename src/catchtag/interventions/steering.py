@@ -16,9 +16,23 @@ import pandas as pd
 from catchtag.analysis.answers import answer_logprobs
 from catchtag.errors import CatchtagError
 
-__all__ = ["random_directions", "steering_curve", "tag_direction"]
+__all__ = ["random_directions", "steered_logprobs", "steering_curve", "tag_direction"]
 
 DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
+
+
+def steered_logprobs(model, tokenizer, prompts, answer_ids, *, steer: dict, batch_size: int = 8,
+                     progress: bool = False) -> np.ndarray:
+    """answer_logprobs with {(layer, head): head-space vector} added to those heads' outputs at the last token."""
+    import torch
+
+    from catchtag.interventions.edits import HeadEdit, Intervention
+
+    edit = Intervention({lh: HeadEdit("add", torch.as_tensor(np.asarray(vec), dtype=torch.float32))
+                         for lh, vec in steer.items()})
+    edit.check(model.config.num_hidden_layers, model.config.num_attention_heads, verb="steer")
+    return answer_logprobs(model, tokenizer, prompts, answer_ids, edit=edit, batch_size=batch_size,
+                           progress=progress)
 
 
 def tag_direction(head_tag: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -70,8 +84,8 @@ def steering_curve(model, tokenizer, prompts, labels, answer_ids, layer: int, he
             if scale == 0:
                 lp = base
             else:
-                lp = answer_logprobs(model, tokenizer, prompts, answer_ids, batch_size=batch_size,
-                                     steer={(layer, head): (scale * vec).astype(np.float32)})
+                lp = steered_logprobs(model, tokenizer, prompts, answer_ids, batch_size=batch_size,
+                                      steer={(layer, head): (scale * vec).astype(np.float32)})
                 if bar is not None:
                     bar.update(1)
             odds = lp[:, 1] - lp[:, 0]

@@ -352,3 +352,79 @@ def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prom
                  f"({n_prompts} test prompts; shift of the mean log-odds vs no steering)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+    """(a) First-order loss change of ablating each head's tag (layer x head) next to (b) its VE; (c) the real
+    loss change of each ablated target with its 95% interval, beside the control's (random direction, same energy)
+    and the first-order estimate."""
+    L = int(per_head["layer"].max()) + 1
+    fig, axes = new_figure(1, 3, figsize=(13, 0.18 * L + 2.6), layout="constrained",
+                           gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    est = per_head.pivot(index="layer", columns="head", values="estimate").reindex(range(L)).to_numpy()
+    ve = per_head.pivot(index="layer", columns="head", values="ve").reindex(range(L)).to_numpy()
+    finite = np.abs(est[np.isfinite(est)])
+    lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    im = axes[0].imshow(est, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
+    fig.colorbar(im, ax=axes[0], shrink=0.8, label="est. change of mean NLL (nats)")
+    axes[0].set_title(f"(a) first-order loss change, {summary['mode']}-ablating one head's tag", fontsize=9)
+    im = axes[1].imshow(ve, cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(ve))), aspect="auto",
+                        origin="lower")
+    fig.colorbar(im, ax=axes[1], shrink=0.8, label="mean VE (centred)")
+    axes[1].set_title("(b) variance explained by the tag", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        for r in summary["targets"]:
+            if len(r["heads"]) == 1:
+                l, h = r["heads"][0]
+                ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.2))
+    rows = summary["targets"]
+    y = np.arange(len(rows))
+    real = np.array([r["delta_nll"] for r in rows])
+    ci = np.array([r["ci"] for r in rows], dtype=float)
+    ctrl = np.array([r["control_delta_nll"] for r in rows])
+    cci = np.array([r["control_ci"] for r in rows], dtype=float)
+    axes[2].errorbar(real, y, xerr=[real - ci[:, 0], ci[:, 1] - real], fmt="o", color="C3", label="tag ablated")
+    axes[2].errorbar(ctrl, y + 0.25, xerr=[ctrl - cci[:, 0], cci[:, 1] - ctrl], fmt="s", color="0.5", ms=4,
+                     label="control (random direction, same energy)")
+    axes[2].plot([r["attribution"] for r in rows], y - 0.25, "x", color="C0", label="first-order estimate")
+    axes[2].axvline(0, color="k", lw=0.5)
+    axes[2].set_yticks(y)
+    axes[2].set_yticklabels([r["target"] for r in rows], fontsize=7)
+    axes[2].set_xlabel("change of mean next-token NLL over tagged tokens (nats), 95% interval over prompts")
+    axes[2].legend(fontsize=7)
+    rank = summary.get("attribution_vs_real_rank_correlation")
+    axes[2].set_title("(c) real interventions" + (f"; rank corr. with (a): {rank['spearman']:.2f}" if rank else ""),
+                      fontsize=9)
+    fig.suptitle(f"{summary['model']}: release, causally ({summary['n_prompts']} prompts, eps {summary['eps']})",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
+def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_heads: int, path: str | Path,
+                   most: int = 8) -> Path:
+    """The release map: for each ablated target (up to ``most``), how much each later head's output changes
+    (relative change at sampled tokens, layer x head; the target's own layer and those before it are blank)."""
+    targets = [r["target"] for r in summary["targets"]][:most]
+    cols = min(4, len(targets))
+    rows = -(-len(targets) // cols)
+    fig, axes = new_figure(rows, cols, figsize=(3.2 * cols + 1, 0.16 * n_layers * rows + 1.6 * rows),
+                           squeeze=False, layout="constrained")
+    vmax = float(release_map["output_change"].quantile(0.99)) if len(release_map) else 1.0
+    im = None
+    for ax, name in zip(axes.ravel(), targets):
+        sub = release_map[release_map["target"] == name]
+        grid = np.full((n_layers, n_heads), np.nan)
+        grid[sub["layer"].to_numpy(), sub["head"].to_numpy()] = sub["output_change"].to_numpy()
+        im = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(vmax, 1e-6), aspect="auto", origin="lower")
+        ax.set_title(f"ablate {name}", fontsize=8)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+    for ax in axes.ravel()[len(targets):]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes.ravel()), shrink=0.8, label="relative change of a later head's output")
+    fig.suptitle(f"{summary['model']}: which later heads change when a tag is {summary['mode']}-ablated",
+                 fontsize=9)
+    return save_figure(fig, path)

@@ -91,7 +91,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
              "<nav><a href='#settings'>settings</a><a href='#compare'>comparison</a><a href='#sweep'>threshold "
              "sweep</a><a href='#taxonomy'>sink tokens</a><a href='#heads'>per head</a>"
              + ("<a href='#pca'>release pictures</a><a href='#geometry'>tag geometry</a><a href='#viewer'>token "
-                "viewer</a>" if per_token else "")
+                "viewer</a>" if per_token else "") + "<a href='#release'>release, causally</a>"
              + "</nav>"]
     # settings
     settings = pd.DataFrame([_run_settings(n, folders[n], r) for n, r in results.items()])
@@ -143,12 +143,50 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
                   _figure(b, f"{html.escape(n)}: mean VE of each head over the prompts.")]
     if per_token:
         parts += _per_token_sections(results, folders, tmp)
+    parts += _ablation_sections(results, folders, tmp)
     css = (_HERE / "report.css").read_text()
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{css}</style></head><body>" + "\n".join(parts) + "</body></html>")
     from catchtag.runs import write_text
 
     return write_text(out, page)
+
+
+def _ablation_sections(results, folders, tmp: Path) -> list[str]:
+    """Release, causally: the tables `catchtag ablate` left in each run's ablate/ folder, drawn again here."""
+    from catchtag.report import analysis_figures as af
+
+    found = {n: Path(f) / "ablate" for n, f in folders.items() if f is not None and
+             (Path(f) / "ablate" / "summary.json").is_file()}
+    parts = ["<h2 id='release'>Release, causally</h2>"]
+    if not found:
+        return parts + ["<p class='note'>No run holds interventions. <code>catchtag ablate --model M --data D --out "
+                        "RUN</code> adds them to a run folder.</p>"]
+    for i, (n, folder) in enumerate(found.items()):
+        summary = json.loads((folder / "summary.json").read_text())
+        attrib = pd.read_parquet(folder / "attribution.parquet")
+        per_head = attrib.groupby(["layer", "head"]).agg(estimate=("estimate", "mean"), ve=("ve", "mean")) \
+            .reset_index()
+        release = pd.read_parquet(folder / "release.parquet")
+        L, H = int(attrib["layer"].max()) + 1, int(attrib["head"].max()) + 1
+        a = af.ablation_figure(per_head, summary, tmp / f"ablation_{i}.png")
+        b = af.release_figure(release, summary, L, H, tmp / f"release_{i}.png")
+        rank = summary.get("attribution_vs_real_rank_correlation")
+        table = pd.DataFrame([{"target": t["target"], "loss change (nats)": t["delta_nll"], "95% low": t["ci"][0],
+                               "95% high": t["ci"][1], "control": t["control_delta_nll"],
+                               "first-order": t["attribution"], "VE (centred)": t["ve"],
+                               "VE (uncentred)": t["ve_uncentred"]} for t in summary["targets"]])
+        parts += [f"<h3>{html.escape(n)}</h3>",
+                  _figure(a, f"{summary['mode'].capitalize()}-ablation of tags on {summary['n_prompts']} prompts: (a) "
+                             "the first-order change of the mean next-token loss over the tagged tokens for every "
+                             "head, (b) its VE, (c) the real change for the ablated targets with a 95% interval over "
+                             "prompts, beside a control that removes the same energy per token along a random "
+                             "direction" + (f"; rank correlation of first-order and real changes over "
+                                            f"{rank['n_heads']} heads: {rank['spearman']:.2f}" if rank else "") + "."),
+                  _table(table, floats=4),
+                  _figure(b, "The release map: for each ablated target, the relative change of every later head's "
+                             "output at sampled tokens.")]
+    return parts
 
 
 def _per_token_sections(results, folders, tmp: Path) -> list[str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from catchtag.errors import CatchtagError
+from catchtag.inputs import check_at_least, check_between, check_finite, check_folder_out, parse_numbers
 from catchtag.published import TOY as TOY_PUBLISHED
 
 toy_app = typer.Typer(
@@ -20,17 +22,34 @@ RECIPE_HELP = ("paper (plain Adam), hidden-sep-zero-q (ours, single), hidden-sep
                "hidden-sep-l1norm-wd, hidden-sep-l1norm, hidden-sep or qk-norm; docs/toy.md.")
 
 
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {s!r}")
-
-
-def _fail(msg: str) -> None:
+def _fail(msg: str, command: str) -> None:
+    """One line on stderr (with the command's --help as the fix when the message names none), exit 2."""
+    msg = " ".join(str(msg).split())
+    if "Fix" not in msg:
+        msg = f"{msg.rstrip('.')}. Fix: see `catchtag toy {command} --help`"
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def _check_variant(variant: str, allowed: tuple[str, ...]) -> None:
+    if variant not in allowed:
+        raise CatchtagError(f"unknown variant {variant!r}. Fix: --variant {', '.join(allowed[:-1])} or {allowed[-1]}")
+
+
+def _check_length(variants, length: int) -> None:
+    from catchtag.toy.task import min_length
+
+    for v in variants:
+        if length < min_length(v):
+            raise CatchtagError(f"--length {length} is too short for the {v} variant: it needs at least "
+                                f"{min_length(v)} tokens. Fix: e.g. --length 16")
+
+
+def _check_recipe(recipe: str) -> None:
+    from catchtag.toy.train import RECIPES
+
+    if recipe not in RECIPES:
+        raise CatchtagError(f"unknown recipe {recipe!r}. Fix: --recipe one of {', '.join(RECIPES)}")
 
 
 @toy_app.command()
@@ -51,16 +70,22 @@ def construct(
     from catchtag.toy.train import EVAL_SEED, mechanism_metrics, r2_score
 
     variants = ["single", "two-sink"] if variant == "both" else [variant]
-    try:
+    try:  # everything is checked before the output folder is made
+        _check_variant(variant, ("single", "two-sink", "both"))
+        _check_length(variants, length)
+        check_at_least("--eval-size", eval_size, 1, 4096)
+        check_finite("--show-tag", show_tag, 10)
+        tag_values = parse_numbers("--tags", tags, "1,2,3,4,6,8,10,15,20", required=True)
+        check_folder_out(out)
         for v in variants:
             check_task(v, length)
-    except ValueError as e:
-        _fail(str(e))
+    except (CatchtagError, ValueError) as e:
+        _fail(str(e), "construct")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in variants:
         batch = make_batch(eval_size, length, v, generator=torch.Generator().manual_seed(EVAL_SEED))
-        for t in _floats(tags):
+        for t in tag_values:
             m = construct_model(t, v)
             with torch.no_grad():
                 y = m(batch.values, batch.types)
@@ -114,14 +139,23 @@ def train(
     from catchtag.toy.train import eval_batch, load_trained, make_recipe, recipe_model_options, summarize, train_seeds
     from catchtag.toy.task import TaskConfig
 
-    if seeds < 1:
-        _fail(f"--seeds must be >= 1, got {seeds}")
-    try:
+    try:  # everything is checked before the output folder is made
+        _check_variant(variant, ("single", "two-sink"))
+        _check_recipe(recipe)
+        check_at_least("--seeds", seeds, 1, 10)
+        check_finite("--init-tag", init_tag, 10)
+        check_at_least("--heads", heads, 0, 2, " (0: 1 for single, 2 for two-sink)")
+        check_at_least("--steps", steps, 0, 2000, " (0: the recipe's)")
+        _check_length([variant], length)
+        check_between("--threshold", threshold, 0, 1, 0.99, high_in=True)
+        check_at_least("--workers", workers, 0, 0, " (0: all cores)")
+        check_at_least("--figures", figures, 0, 3)
+        check_folder_out(out)
         task = TaskConfig(variant, length)
         tc = make_recipe(recipe, steps=steps or None, threshold=threshold)
         mc = ToyConfig(variant, n_heads=heads or None, init_tag=init_tag, **recipe_model_options(recipe))
-    except ValueError as e:
-        _fail(str(e))
+    except (CatchtagError, ValueError) as e:
+        _fail(str(e), "train")
     t0 = time.time()
     label = f"{variant} heads={mc.n_heads} tag={init_tag:g} {recipe}"
     res = train_seeds(mc, tc, task, seeds, out, workers or None, label=label)
@@ -157,18 +191,23 @@ def table(
     from catchtag.toy.task import check_task
     from catchtag.toy.train import make_recipe, success_table
 
-    if seeds < 1:
-        _fail(f"--seeds must be >= 1, got {seeds}")
-    try:
+    try:  # everything is checked before the output folder is made
+        _check_recipe(recipe)
+        check_at_least("--seeds", seeds, 1, 10)
+        tags = parse_numbers("--init-tags", init_tags, "1,6,10", required=True)
+        check_at_least("--steps", steps, 0, 2000, " (0: the recipe's)")
+        _check_length(["single", "two-sink"] if two_sink else ["single"], length)
+        check_at_least("--workers", workers, 0, 0, " (0: all cores)")
+        check_folder_out(out)
         make_recipe(recipe)
         check_task("single", length)
         if two_sink:
             check_task("two-sink", length)
-    except ValueError as e:
-        _fail(str(e))
+    except (CatchtagError, ValueError) as e:
+        _fail(str(e), "table")
     t0 = time.time()
-    df = success_table(_floats(init_tags), seeds, recipe, length, (2, 1) if two_sink else (), out,
-                       workers or None, steps or None)
+    df = success_table(list(tags), seeds, recipe, length, (2, 1) if two_sink else (), out, workers or None,
+                       steps or None)
     df["published"] = [TOY_PUBLISHED.get((r.variant, r.heads, float(r.init_tag)), "") for r in df.itertuples()]
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / f"table_{recipe}.csv", index=False)

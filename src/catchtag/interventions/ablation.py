@@ -1,0 +1,231 @@
+"""Release, causally: what removing a head's tag does to the model's next-token loss and to the heads after it.
+
+For a head (l, h) on one prompt, the tokens in range are those at or after the head's first sink s0 (the only ones
+whose tag can be nonzero), and the loss is the mean next-token NLL over the predictions made at those tokens (a
+token at position i predicts token i + 1). Three measurements, all over the same batches:
+- ``attribution``: a first-order estimate for every head at once, from one forward and one backward pass per
+  batch: delta loss ~ sum_i grad_{o_i}(loss) . (o'_i - o_i), with o' the ablated output (edits.py), divided by
+  the number of predictions in range;
+- ``ablate``: the real change, one intervened forward pass per head (or group of heads), with random-direction
+  controls of the same per-token energy;
+- the release map: for each ablated head, how much every later head (l' > l) changes: its average attention row
+  (total variation between the baseline and the ablated pass's mean attention row; a lower bound on the mean TV of
+  its rows) and its output (relative change of o at sampled tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from catchtag.errors import CatchtagError
+from catchtag.interventions.edits import HeadEdit, Intervention, random_unit
+
+
+@dataclass
+class Baseline:
+    """One batch's unintervened pass: per-position NLL (B, T) at the predicting position (nan where none), the
+    first sink s0 (B, L, H) (T where the head has no sink), each head's mean attention row (B, L, H, T) and its
+    outputs at sampled positions (B, L, H, P, D)."""
+
+    nll: torch.Tensor
+    first_sink: torch.Tensor
+    mean_row: torch.Tensor
+    z: torch.Tensor
+
+
+def _batch(prompts, tokenizer, device):
+    from catchtag.scan import _batch_tensors
+
+    return _batch_tensors(prompts, tokenizer, device)
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) next-token NLL at each predicting position (the last real token and padding: nan)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    target = torch.roll(ids, -1, dims=1)
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    valid = mask.bool()
+    predicts = valid & torch.roll(valid, -1, dims=1)
+    predicts[:, -1] = False
+    return torch.where(predicts, nll, torch.full_like(nll, float("nan")))
+
+
+def _mean_rows(cap, n_layers: int) -> torch.Tensor:
+    """(B, L, H, T): each head's mean attention row (column score x rows seeing the column / real rows), from the
+    engine's column scores; columns seen by fewer than min_rows rows have no score and count as 0."""
+    rows = []
+    for layer in range(n_layers):
+        st = cap.layers[layer].stats
+        scores = torch.nan_to_num(st.col_scores.double(), nan=0.0)
+        rows.append(scores * st.row_counts.double()[:, None, :] / st.token_valid.double().sum(-1)[:, None, None])
+    return torch.stack(rows, dim=1)
+
+
+def _first_sinks(cap, n_layers: int, T: int) -> torch.Tensor:
+    out = []
+    for layer in range(n_layers):
+        st = cap.layers[layer].stats
+        idx, ok = st.sink_idx, st.sink_ok
+        out.append(torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else
+                   torch.full(ok.shape[:2], T, dtype=torch.long))
+    return torch.stack(out, dim=1)
+
+
+def _in_range(nll: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: predictions made at tokens i >= s0 (s0 (B,))."""
+    pos = torch.arange(nll.shape[1])
+    return ~torch.isnan(nll) & (pos[None, :] >= s0[:, None])
+
+
+def sample_positions(T: int, n: int = 32) -> list[int]:
+    return sorted({int(x) for x in np.linspace(0, T - 1, min(n, T))})
+
+
+def baseline(model, ids, mask, settings, positions) -> Baseline:
+    """The unintervened pass of one batch (the engine on, every statistic the measurements need)."""
+    from catchtag.engine.attention import capture
+    from catchtag.engine.request import ActivationRequest
+
+    n_layers = model.config.num_hidden_layers
+    request = ActivationRequest(positions=positions, space="head")
+    with torch.no_grad(), capture(settings, request) as cap:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
+    return Baseline(_nll(logits, ids, mask).cpu(), _first_sinks(cap, n_layers, ids.shape[1]),
+                    _mean_rows(cap, n_layers), z)
+
+
+def intervened(model, ids, mask, settings, positions, edit: Intervention):
+    """(nll (B,T), mean rows (B,L,H,T), z at positions (B,L,H,P,D)) of one batch with ``edit`` applied."""
+    from catchtag.engine.attention import capture
+    from catchtag.engine.request import ActivationRequest
+
+    n_layers = model.config.num_hidden_layers
+    request = ActivationRequest(positions=positions, space="head")
+    with torch.no_grad(), capture(settings, request, edit=edit) as cap:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
+    return _nll(logits, ids, mask).cpu(), _mean_rows(cap, n_layers), z
+
+
+def loss_change(base_nll, new_nll, s0) -> np.ndarray:
+    """(B,) change in mean NLL over the predictions at or after s0 (B,); nan where there are none."""
+    keep = _in_range(base_nll, s0)
+    n = keep.sum(dim=1)
+    d = torch.where(keep, new_nll - base_nll, torch.zeros_like(base_nll)).sum(dim=1)
+    return torch.where(n > 0, d / n.clamp_min(1), torch.full_like(d, float("nan"))).numpy()
+
+
+def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 0) -> Intervention:
+    """The Intervention that ablates ``heads`` (mode zero or mean) or applies its control (kind 'control', one
+    random direction per head and draw)."""
+    if mode not in ("zero", "mean"):
+        raise CatchtagError(f"--mode must be zero or mean, got {mode!r}")
+    edits = {}
+    for i, (layer, head) in enumerate(heads):
+        if kind == "ablation":
+            edits[(layer, head)] = HeadEdit(f"{mode}_tag")
+        else:
+            edits[(layer, head)] = HeadEdit(f"control_{mode}", random_unit(dim, seed + 1000 * draw + 7919 * i))
+    return Intervention(edits)
+
+
+def release_rows(base: Baseline, mean_row, z, heads, n_layers: int):
+    """For an ablation of ``heads`` (the earliest layer l0): per later head (l' > l0, h'), per prompt, the TV
+    between its baseline and ablated mean attention rows, and the relative change of its output at the sampled
+    positions. Returns a dict of (B, L, H) arrays (nan for layers <= l0)."""
+    l0 = min(l for l, _ in heads)
+    tv = 0.5 * (mean_row - base.mean_row).abs().sum(dim=-1)  # (B, L, H)
+    dz = (z - base.z).norm(dim=-1)  # (B, L, H, P)
+    nz = base.z.norm(dim=-1)
+    rel = dz.sum(-1) / nz.sum(-1).clamp_min(1e-30)
+    later = torch.arange(n_layers)[None, :, None] > l0
+    nan = torch.full_like(tv, float("nan"))
+    return {"attention_tv": torch.where(later, tv, nan).numpy(),
+            "output_change": torch.where(later, rel.double(), nan.double()).numpy()}
+
+
+class Attribution:
+    """The first-order estimate for every head in one batch: an engine hook that adds a zero tensor with a gradient
+    to each layer's (differentiable) output and keeps the tag, so that after ``loss.backward()``
+    ``estimate(mode)`` gives (B, L, H) estimated changes of the mean NLL in range."""
+
+    def __init__(self):
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.tags: dict[int, torch.Tensor] = {}
+        self.first: dict[int, torch.Tensor] = {}
+        self.valid: torch.Tensor | None = None
+
+    def __call__(self, layer, out, tag, stats):
+        delta = torch.zeros_like(out, requires_grad=True)
+        self.deltas[layer] = delta
+        self.tags[layer] = tag.detach().to(out.dtype)
+        T = out.shape[2]
+        idx, ok = stats.sink_idx.to(out.device), stats.sink_ok.to(out.device)
+        self.first[layer] = torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else \
+            torch.full(ok.shape[:2], T, dtype=torch.long, device=out.device)
+        self.valid = stats.token_valid.to(out.device)
+        return out + delta
+
+    def estimate(self, mode: str, nll: torch.Tensor) -> np.ndarray:
+        """(B, L, H): sum_i grad . (o' - o) over tokens i >= s0, over the number of predictions in range."""
+        layers = sorted(self.deltas)
+        est = []
+        pos = torch.arange(nll.shape[1])
+        predicts = ~torch.isnan(nll)
+        for layer in layers:
+            g = self.deltas[layer].grad  # (B, H, T, D)
+            if g is None:
+                raise CatchtagError("no gradient reached the attention outputs; is the model in training-free mode?")
+            s0 = self.first[layer]  # (B, H)
+            after = self.valid[:, None, :] & (torch.arange(g.shape[2], device=g.device)[None, None, :]
+                                              >= s0[..., None])
+            t = self.tags[layer] * after[..., None]
+            if mode == "mean":
+                n = after.sum(-1, keepdim=True).clamp_min(1)[..., None]
+                d_o = (t.sum(2, keepdim=True) / n - t) * after[..., None]
+            else:
+                d_o = -t
+            dot = (g.double() * d_o.double()).sum(dim=(-1, -2)).cpu()  # (B, H)
+            n_pred = (predicts[:, None, :] & (pos[None, None, :] >= s0.cpu()[..., None])).sum(-1)
+            est.append(torch.where(n_pred > 0, dot / n_pred.clamp_min(1), torch.full_like(dot, float("nan"))))
+        return torch.stack(est, dim=1).numpy()
+
+
+def attribution(model, ids, mask, settings, mode: str) -> tuple[np.ndarray, torch.Tensor]:
+    """(B, L, H) first-order loss changes of ablating each head's tag, and the batch's NLL (B, T): one forward
+    and one backward pass."""
+    from catchtag.engine.attention import capture
+
+    hook = Attribution()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # gradients for the outputs only: no weight gradients to compute or keep
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), capture(settings, edit=hook, differentiable=True):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            nll = _nll(logits, ids, mask)
+            torch.nansum(nll).backward()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    nll = nll.detach().cpu()
+    return hook.estimate(mode, nll), nll
+
+
+def interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% interval (normal, over prompts) of per-prompt values, nan ignored."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return m, m - half, m + half
+
+
+__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "interval", "intervened",
+           "loss_change", "release_rows", "sample_positions"]
