@@ -478,7 +478,11 @@ def _ablate_targets(heads, top, group, attrib: pd.DataFrame, n_layers: int):
     if group == "all":
         return [("all", sorted({(int(r.layer), int(r.head)) for r in with_sink[["layer", "head"]]
                                 .drop_duplicates().itertuples()}))]
-    mean = with_sink.groupby(["layer", "head"])["estimate"].mean().abs().dropna().sort_values(ascending=False)
+    # the expected change per prompt of the data: a prompt where the head has no tag contributes 0
+    est = attrib.assign(estimate=attrib["estimate"].fillna(0.0))
+    heads_with = set(map(tuple, with_sink[["layer", "head"]].drop_duplicates().to_numpy().tolist()))
+    mean = est.groupby(["layer", "head"])["estimate"].mean().abs().sort_values(ascending=False)
+    mean = mean[[lh in heads_with for lh in mean.index]]
     return [(f"{l}.{h}", [(int(l), int(h))]) for l, h in list(mean.index[:top])]
 
 
@@ -491,7 +495,6 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     one backward pass per batch), real ablations of the chosen heads or groups with random-direction controls
     (loss change over the tagged tokens, 95% interval over prompts), the release map (which later heads change),
     tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes."""
-    import torch
 
     from catchtag.interventions import ablation as ab
     from catchtag.runs import write_json as _write_json
@@ -527,12 +530,12 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     positions = ab.sample_positions(min(len(p.input_ids) for p in prompts))
     D = getattr(net.config, "head_dim", None) or net.config.hidden_size // n_heads
 
-    def bar(total, desc):
+    def bar(total, desc, unit="batch"):
         if not progress:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
     # phase 1: the first-order attribution of every head (and each head's sinks and VE on these prompts)
     t0 = time.perf_counter()
@@ -540,13 +543,10 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     for k, batch in enumerate(batches):
         path = parts / f"attribution-{k:05d}.parquet"
         if not path.is_file():
-            from catchtag.engine.attention import capture
             from catchtag.scan import _batch_tensors
 
             ids, mask = _batch_tensors(batch, tokenizer, device_)
-            est, _ = ab.attribution(net, ids, mask, settings, mode)
-            with torch.no_grad(), capture(settings) as cap:
-                net(input_ids=ids, attention_mask=mask, use_cache=False)
+            est, _, cap = ab.attribution(net, ids, mask, settings, mode)
             rows = []
             for b, p in enumerate(batch):
                 for l in range(n_layers):
@@ -570,7 +570,8 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
 
     # phase 2: real ablations with controls, and the release map
     t0 = time.perf_counter()
-    b2 = bar(len(batches), f"ablate {len(targets)} target(s) x (1 + {controls} controls)")
+    b2 = bar(len(batches) * len(targets), f"ablate {len(targets)} target(s) x (1 + {controls} controls) x "
+             f"{len(batches)} batch(es)", unit="target")
     for k, batch in enumerate(batches):
         path = parts / f"ablation-{k:05d}.parquet"
         if not path.is_file():
@@ -584,7 +585,7 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
                 s0 = base.first_sink[:, [l for l, _ in group_heads], [h for _, h in group_heads]].amin(dim=1)
                 for kind, draw in [("ablation", 0)] + [("control", d) for d in range(controls)]:
                     edit = ab.edits_for(group_heads, mode, kind, D, draw, seed)
-                    nll, mean_row, z = ab.intervened(net, ids, mask, settings, positions, edit)
+                    nll, mean_row, z = ab.intervened(net, ids, mask, settings, positions, edit, base)
                     delta = ab.loss_change(base.nll, nll, s0)
                     for b, p in enumerate(batch):
                         rows.append((p.prompt_id, name, kind, draw, float(delta[b])))
@@ -595,11 +596,13 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
                                 for h in range(n_heads):
                                     release.append((p.prompt_id, name, l, h, float(rel["attention_tv"][b, l, h]),
                                                     float(rel["output_change"][b, l, h])))
+                if b2 is not None:
+                    b2.update(1)
             write_table(pd.DataFrame(release, columns=["prompt_id", "target", "layer", "head", "attention_tv",
                                                        "output_change"]), parts / f"release-{k:05d}.parquet")
             write_table(pd.DataFrame(rows, columns=["prompt_id", "target", "kind", "draw", "delta_nll"]), path)
-        if b2 is not None:
-            b2.update(1)
+        elif b2 is not None:
+            b2.update(len(targets))
     if b2 is not None:
         b2.close()
     ablation_seconds = time.perf_counter() - t0
@@ -613,9 +616,11 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
         .mean()
     write_table(release_map, folder / "release.parquet")
 
-    per_head = attrib.groupby(["layer", "head"]).agg(estimate=("estimate", "mean"), ve=("ve", "mean"),
-                                                     ve_uncentred=("ve_uncentred", "mean"),
-                                                     mean_sinks=("n_sinks", "mean")).reset_index()
+    # estimate: the expected change per prompt of the data (0 where the head tags nothing); estimate_tagged: the
+    # mean over the prompts where it tags something, the basis of the real changes in the summary
+    per_head = attrib.assign(data_wide=attrib["estimate"].fillna(0.0)).groupby(["layer", "head"]).agg(
+        estimate=("data_wide", "mean"), estimate_tagged=("estimate", "mean"), ve=("ve", "mean"),
+        ve_uncentred=("ve_uncentred", "mean"), mean_sinks=("n_sinks", "mean")).reset_index()
     summary_rows = []
     for name, group_heads in targets:
         t = table[table["target"] == name]
@@ -624,9 +629,10 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
         m, lo, hi = ab.interval(real.to_numpy())
         cm, clo, chi = ab.interval(ctrl.to_numpy()) if len(ctrl) else (float("nan"),) * 3
         est = per_head.set_index(["layer", "head"]).loc[group_heads]
-        summary_rows.append({"target": name, "heads": [list(x) for x in group_heads], "delta_nll": m,
+        summary_rows.append({"target": name, "heads": [list(x) for x in group_heads],
+                             "n_prompts_tagged": int(real.notna().sum()), "delta_nll": m,
                              "ci": [lo, hi], "control_delta_nll": cm, "control_ci": [clo, chi],
-                             "attribution": float(est["estimate"].sum()), "ve": float(est["ve"].mean()),
+                             "attribution": float(est["estimate_tagged"].sum()), "ve": float(est["ve"].mean()),
                              "ve_uncentred": float(est["ve_uncentred"].mean()),
                              "mean_sinks": float(est["mean_sinks"].mean())})
     singles = [r for r in summary_rows if len(r["heads"]) == 1]

@@ -15,7 +15,8 @@ token at position i predicts token i + 1). Three measurements, all over the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +35,45 @@ class Baseline:
     first_sink: torch.Tensor
     mean_row: torch.Tensor
     z: torch.Tensor
+    layer_outputs: list = field(default_factory=list)  # what each decoder layer returned (replayed below an edit)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder layers (the ModuleList as long as the model is deep)."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise CatchtagError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+@contextmanager
+def _recording(model, outputs: list):
+    layers = decoder_layers(model)
+    outputs[:] = [None] * len(layers)
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+               for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replay_below(model, outputs: list, first: int):
+    """Decoder layers below ``first`` return what they returned in the baseline pass instead of computing: an edit
+    at layer ``first`` cannot change them, so an intervened pass costs only the layers from ``first`` on."""
+    layers = decoder_layers(model)
+    patched = []
+    for i in range(first):
+        layers[i].forward = (lambda *a, _out=outputs[i], **k: _out)
+        patched.append(layers[i])
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
 
 
 def _batch(prompts, tokenizer, device):
@@ -43,21 +83,23 @@ def _batch(prompts, tokenizer, device):
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) next-token NLL at each predicting position (the last real token and padding: nan)."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
+    """(B, T) next-token NLL at each predicting position (the last real token and padding: nan), float64 out of
+    PyTorch's fused float32 cross-entropy (a float64 log-softmax over a 49k vocabulary costs more than the pass)."""
+    B, T, V = logits.shape
     target = torch.roll(ids, -1, dims=1)
-    nll = -logp.gather(-1, target[..., None])[..., 0]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(B * T, V).float(), target.reshape(-1),
+                                            reduction="none").reshape(B, T).double()
     valid = mask.bool()
     predicts = valid & torch.roll(valid, -1, dims=1)
     predicts[:, -1] = False
     return torch.where(predicts, nll, torch.full_like(nll, float("nan")))
 
 
-def _mean_rows(cap, n_layers: int) -> torch.Tensor:
+def _mean_rows(cap, n_layers: int, start: int = 0) -> torch.Tensor:
     """(B, L, H, T): each head's mean attention row (column score x rows seeing the column / real rows), from the
     engine's column scores; columns seen by fewer than min_rows rows have no score and count as 0."""
     rows = []
-    for layer in range(n_layers):
+    for layer in range(start, n_layers):
         st = cap.layers[layer].stats
         scores = torch.nan_to_num(st.col_scores.double(), nan=0.0)
         rows.append(scores * st.row_counts.double()[:, None, :] / st.token_valid.double().sum(-1)[:, None, None])
@@ -91,24 +133,37 @@ def baseline(model, ids, mask, settings, positions) -> Baseline:
 
     n_layers = model.config.num_hidden_layers
     request = ActivationRequest(positions=positions, space="head")
-    with torch.no_grad(), capture(settings, request) as cap:
+    outputs: list = []
+    with torch.no_grad(), capture(settings, request) as cap, _recording(model, outputs):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
     return Baseline(_nll(logits, ids, mask).cpu(), _first_sinks(cap, n_layers, ids.shape[1]),
-                    _mean_rows(cap, n_layers), z)
+                    _mean_rows(cap, n_layers), z, outputs)
 
 
-def intervened(model, ids, mask, settings, positions, edit: Intervention):
-    """(nll (B,T), mean rows (B,L,H,T), z at positions (B,L,H,P,D)) of one batch with ``edit`` applied."""
+def intervened(model, ids, mask, settings, positions, edit: Intervention, base: Baseline | None = None):
+    """(nll (B,T), mean rows (B,L,H,T), z at positions (B,L,H,P,D)) of one batch with ``edit`` applied. With the
+    batch's ``base``line, the layers below the first edited one are replayed, not recomputed."""
     from catchtag.engine.attention import capture
     from catchtag.engine.request import ActivationRequest
 
     n_layers = model.config.num_hidden_layers
+    first = min(edit.by_layer) if base is not None and base.layer_outputs and edit.by_layer else 0
     request = ActivationRequest(positions=positions, space="head")
-    with torch.no_grad(), capture(settings, request, edit=edit) as cap:
+    with torch.no_grad(), capture(settings, request, edit=edit) as cap, \
+            replay_below(model, base.layer_outputs if first else [], first):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
-    return _nll(logits, ids, mask).cpu(), _mean_rows(cap, n_layers), z
+    if first and set(cap.layers) != set(range(first, n_layers)):  # attention modules numbered by call order
+        return intervened(model, ids, mask, settings, positions, edit)
+    if first:  # the replayed layers did not run: below the edit everything is the baseline's
+        z = torch.cat([base.z[:, :first], torch.stack([cap.layers[l].activations["z"]
+                                                       for l in range(first, n_layers)], dim=1)], dim=1)
+        rows = base.mean_row.clone()
+        rows[:, first:] = _mean_rows(cap, n_layers, start=first)
+    else:
+        z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
+        rows = _mean_rows(cap, n_layers)
+    return _nll(logits, ids, mask).cpu(), rows, z
 
 
 def loss_change(base_nll, new_nll, s0) -> np.ndarray:
@@ -195,9 +250,9 @@ class Attribution:
         return torch.stack(est, dim=1).numpy()
 
 
-def attribution(model, ids, mask, settings, mode: str) -> tuple[np.ndarray, torch.Tensor]:
-    """(B, L, H) first-order loss changes of ablating each head's tag, and the batch's NLL (B, T): one forward
-    and one backward pass."""
+def attribution(model, ids, mask, settings, mode: str):
+    """(B, L, H) first-order loss changes of ablating each head's tag, the batch's NLL (B, T) and the pass's engine
+    Capture (sinks, VE): one forward and one backward pass."""
     from catchtag.engine.attention import capture
 
     hook = Attribution()
@@ -205,7 +260,7 @@ def attribution(model, ids, mask, settings, mode: str) -> tuple[np.ndarray, torc
     for p in trainable:  # gradients for the outputs only: no weight gradients to compute or keep
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), capture(settings, edit=hook, differentiable=True):
+        with torch.enable_grad(), capture(settings, edit=hook, differentiable=True) as cap:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             nll = _nll(logits, ids, mask)
             torch.nansum(nll).backward()
@@ -213,7 +268,7 @@ def attribution(model, ids, mask, settings, mode: str) -> tuple[np.ndarray, torc
         for p in trainable:
             p.requires_grad_(True)
     nll = nll.detach().cpu()
-    return hook.estimate(mode, nll), nll
+    return hook.estimate(mode, nll), nll, cap
 
 
 def interval(values: np.ndarray) -> tuple[float, float, float]:

@@ -367,7 +367,8 @@ def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> 
     lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     im = axes[0].imshow(est, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
     fig.colorbar(im, ax=axes[0], shrink=0.8, label="est. change of mean NLL (nats)")
-    axes[0].set_title(f"(a) first-order loss change, {summary['mode']}-ablating one head's tag", fontsize=9)
+    axes[0].set_title(f"(a) first-order loss change per prompt, {summary['mode']}-ablating one head's tag",
+                      fontsize=9)
     im = axes[1].imshow(ve, cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(ve))), aspect="auto",
                         origin="lower")
     fig.colorbar(im, ax=axes[1], shrink=0.8, label="mean VE (centred)")

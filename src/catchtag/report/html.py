@@ -165,14 +165,15 @@ def _ablation_sections(results, folders, tmp: Path) -> list[str]:
     for i, (n, folder) in enumerate(found.items()):
         summary = json.loads((folder / "summary.json").read_text())
         attrib = pd.read_parquet(folder / "attribution.parquet")
-        per_head = attrib.groupby(["layer", "head"]).agg(estimate=("estimate", "mean"), ve=("ve", "mean")) \
-            .reset_index()
+        per_head = attrib.assign(estimate=attrib["estimate"].fillna(0.0)).groupby(["layer", "head"]) \
+            .agg(estimate=("estimate", "mean"), ve=("ve", "mean")).reset_index()
         release = pd.read_parquet(folder / "release.parquet")
         L, H = int(attrib["layer"].max()) + 1, int(attrib["head"].max()) + 1
         a = af.ablation_figure(per_head, summary, tmp / f"ablation_{i}.png")
         b = af.release_figure(release, summary, L, H, tmp / f"release_{i}.png")
         rank = summary.get("attribution_vs_real_rank_correlation")
-        table = pd.DataFrame([{"target": t["target"], "loss change (nats)": t["delta_nll"], "95% low": t["ci"][0],
+        table = pd.DataFrame([{"target": t["target"], "prompts tagged": t.get("n_prompts_tagged"),
+                               "loss change (nats)": t["delta_nll"], "95% low": t["ci"][0],
                                "95% high": t["ci"][1], "control": t["control_delta_nll"],
                                "first-order": t["attribution"], "VE (centred)": t["ve"],
                                "VE (uncentred)": t["ve_uncentred"]} for t in summary["targets"]])
