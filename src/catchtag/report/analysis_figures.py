@@ -367,7 +367,7 @@ def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> 
     lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     im = axes[0].imshow(est, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
     fig.colorbar(im, ax=axes[0], shrink=0.8, label="est. change of mean NLL (nats)")
-    axes[0].set_title(f"(a) first-order loss change per prompt, {summary['mode']}-ablating one head's tag",
+    axes[0].set_title(f"(a) first-order loss change per prompt\n({summary['mode']}-ablating one head's tag)",
                       fontsize=9)
     im = axes[1].imshow(ve, cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(ve))), aspect="auto",
                         origin="lower")
@@ -393,7 +393,7 @@ def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> 
     axes[2].axvline(0, color="k", lw=0.5)
     axes[2].set_yticks(y)
     axes[2].set_yticklabels([r["target"] for r in rows], fontsize=7)
-    axes[2].set_xlabel("change of mean next-token NLL over tagged tokens (nats), 95% interval over prompts")
+    axes[2].set_xlabel("loss change over tagged tokens (nats)\n95% interval over prompts")
     axes[2].legend(fontsize=7)
     rank = summary.get("attribution_vs_real_rank_correlation")
     axes[2].set_title("(c) real interventions" + (f"; rank corr. with (a): {rank['spearman']:.2f}" if rank else ""),
