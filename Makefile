@@ -27,7 +27,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/catchtag scan --model smollm2-135m --data builtin:prose --max-tokens 256 --limit 32 --out $(DEMO_OUT)
-	@echo "run folder: $(DEMO_OUT) (heads.parquet, summary.json, figures/)"
+	@echo "run folder: $(DEMO_OUT) (heads.parquet, summary.json, figures/, views/); catchtag report $(DEMO_OUT) draws it all"
 
 test: install-test
 	$(PY) -m pytest -q

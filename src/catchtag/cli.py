@@ -537,9 +537,11 @@ def ablate(
                f"({s['seconds']['total']:.0f} s: attribution {s['seconds']['attribution']:.0f} s, ablations "
                f"{s['seconds']['ablation']:.0f} s)")
     for r in s["targets"]:
-        typer.echo(f"  {r['target']:<10} loss change {r['delta_nll']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] "
-                   f"nats; control {r['control_delta_nll']:+.4f}; first-order {r['attribution']:+.4f}; "
-                   f"VE {r['ve']:.3f}")
+        lo, hi = r["ci"]
+        ci = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None and hi is not None and lo == lo else "(one prompt: no interval)"
+        typer.echo(f"  {r['target']:<10} loss change {r['delta_nll']:+.4f} {ci} nats over {r['n_prompts_tagged']} "
+                   f"prompt(s) with a tag; control {r['control_delta_nll']:+.4f}; first-order "
+                   f"{r['attribution']:+.4f}; VE {r['ve']:.3f} (uncentred {r['ve_uncentred']:.3f})")
     rank = s["attribution_vs_real_rank_correlation"]
     if rank:
         typer.echo(f"rank correlation of first-order and real changes over {rank['n_heads']} heads: "
