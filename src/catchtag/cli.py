@@ -538,7 +538,8 @@ def ablate(
                f"{s['seconds']['ablation']:.0f} s)")
     for r in s["targets"]:
         lo, hi = r["ci"]
-        ci = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None and hi is not None and lo == lo else "(one prompt: no interval)"
+        has_ci = lo is not None and hi is not None and lo == lo
+        ci = f"[{lo:+.4f}, {hi:+.4f}]" if has_ci else "(one prompt: no interval)"
         typer.echo(f"  {r['target']:<10} loss change {r['delta_nll']:+.4f} {ci} nats over {r['n_prompts_tagged']} "
                    f"prompt(s) with a tag; control {r['control_delta_nll']:+.4f}; first-order "
                    f"{r['attribution']:+.4f}; VE {r['ve']:.3f} (uncentred {r['ve_uncentred']:.3f})")
