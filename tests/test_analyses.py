@@ -99,6 +99,12 @@ def test_compare_matches_tables(runs):
     assert per_layer["depth"].min() == 0 and per_layer["depth"].max() == 1
     h = catchtag.ScanResult.load(runs[0]).heads
     assert per_layer["ve"].to_numpy() == pytest.approx(h.groupby("layer")["ve"].mean().to_numpy())
+    # both forms of VE, each named for what it is
+    assert per_layer["ve_uncentred"].to_numpy() == pytest.approx(h.groupby("layer")["ve_uncentred"].mean().to_numpy())
+    row = cmp.summary.iloc[0]
+    assert row["mean_ve_uncentred"] == pytest.approx(h["ve_uncentred"].mean())
+    assert row["mean_ve_uncentred_heads_with_sink"] == pytest.approx(h.loc[h["n_sinks"] > 0, "ve_uncentred"].mean())
+    assert row["mean_ve_uncentred"] != pytest.approx(row["mean_ve"])
 
 
 def test_sweep_one_pass_and_consistent(llama, tmp_path):

@@ -188,7 +188,8 @@ def scan(
                f"({summary['wall_seconds']:.1f} s" + (f", {ranks} processes)" if ranks > 1 else ")"))
     typer.echo(f"mean sinks per head {s['mean_sinks_per_head']:.3f} · heads with a sink "
                f"{100 * s['share_heads_with_sink']:.1f}% · mean VE {s['mean_ve']:.3f} "
-               f"(heads with a sink: {s['mean_ve_heads_with_sink']:.3f})")
+               f"(heads with a sink: centred {s['mean_ve_heads_with_sink']:.3f}, uncentred "
+               f"{s['mean_ve_uncentred_heads_with_sink']:.3f})")
     typer.echo("top sink tokens: " + ", ".join(f"{t!r} ({c})" for t, c in s["top_sink_tokens"][:5]))
     typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else ", figures/*.png")
                + ("" if no_views else ", views/ (the first prompt's per-token pictures)"))
@@ -251,7 +252,8 @@ def compare(
     for r in s["runs"]:
         typer.echo(f"{r['run']:<24} sinks/head {r['mean_sinks_per_head']:.3f} · with a sink "
                    f"{100 * r['share_heads_with_sink']:.1f}% · mean VE {r['mean_ve']:.3f} (with a sink "
-                   f"{r['mean_ve_heads_with_sink']:.3f}) · VE > {ve_level}: {100 * r[f'share_ve_above_{ve_level}']:.1f}%")
+                   f"{r['mean_ve_heads_with_sink']:.3f}; uncentred {r['mean_ve_uncentred_heads_with_sink']:.3f}) · "
+                   f"VE > {ve_level}: {100 * r[f'share_ve_above_{ve_level}']:.1f}%")
     typer.echo(f"wrote {s['figure']}")
 
 

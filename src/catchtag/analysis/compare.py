@@ -18,8 +18,9 @@ from catchtag.result import ScanResult
 
 @dataclass
 class Comparison:
-    """summary: one row per run; per_head: run, layer, head, mean sinks and VE over prompts;
-    per_layer: run, layer, relative depth, mean sinks and VE over prompts and heads."""
+    """summary: one row per run; per_head: run, layer, head, mean sinks and VE (centred ``ve`` and uncentred
+    ``ve_uncentred``, docs/method.md) over prompts; per_layer: run, layer, relative depth, mean sinks and both VEs
+    over prompts and heads."""
 
     summary: pd.DataFrame
     per_head: pd.DataFrame
@@ -52,10 +53,14 @@ def compare_runs(runs, ve_level: float = 0.3) -> Comparison:
         h = r.heads
         prompt_sets[name] = int(h["prompt_id"].nunique())
         with_sink = h[h["n_sinks"] > 0]
-        ph = h.groupby(["layer", "head"]).agg(sinks=("n_sinks", "mean"), ve=("ve", "mean")).reset_index()
+        if "ve_uncentred" not in h:  # runs scanned before the column existed: unknown, not the centred value
+            h = h.assign(ve_uncentred=float("nan"))
+        unc = "ve_uncentred"
+        ph = h.groupby(["layer", "head"]).agg(sinks=("n_sinks", "mean"), ve=("ve", "mean"),
+                                              ve_uncentred=(unc, "mean")).reset_index()
         ph.insert(0, "run", name)
         per_head.append(ph)
-        pl = h.groupby("layer").agg(sinks=("n_sinks", "mean"), ve=("ve", "mean"),
+        pl = h.groupby("layer").agg(sinks=("n_sinks", "mean"), ve=("ve", "mean"), ve_uncentred=(unc, "mean"),
                                     share_ve_above=("ve", lambda v: float((v > ve_level).mean()))).reset_index()
         pl.insert(0, "run", name)
         pl["depth"] = pl["layer"] / max(1, r.n_layers - 1)
@@ -73,6 +78,10 @@ def compare_runs(runs, ve_level: float = 0.3) -> Comparison:
             f"share_ve_above_{ve_level}": float((h["ve"] > ve_level).mean()),
             f"share_head_means_ve_above_{ve_level}": float((ph["ve"] > ve_level).mean()),
             "max_head_mean_ve": float(ph["ve"].max()),
+            # the uncentred share (energy, the mean direction included): the form to set beside published numbers
+            "mean_ve_uncentred": float(h[unc].mean()),
+            "mean_ve_uncentred_heads_with_sink": float(h.loc[h["n_sinks"] > 0, unc].mean())
+            if len(with_sink) else 0.0,
         })
     return Comparison(pd.DataFrame(summaries), pd.concat(per_head, ignore_index=True),
                       pd.concat(per_layer, ignore_index=True), ve_level)
