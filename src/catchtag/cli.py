@@ -553,6 +553,56 @@ def ablate(
                + ("" if no_figures else ", ablation.png, release.png"))
 
 
+@app.command()
+def release(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    heads: Optional[str] = typer.Option(None, "--heads", "--head", help="heads as LAYER.HEAD,...; default: --top"),
+    top: int = typer.Option(3, help="the heads with the highest mean VE among those with two or more sinks"),
+    level: float = typer.Option(0.1, help="a token joins the group of the sink it attends to most, from this much"),
+    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
+    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt"),
+    limit: Optional[int] = typer.Option(32, help="use only the first K prompts"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    folds: int = typer.Option(5, help="cross-validation folds over prompts"),
+    seed: int = typer.Option(0, help="seed of the control's shuffle"),
+    device: str = _DEVICE,
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
+) -> None:
+    """Release by decoding: read a head's sink grouping from the residual stream at every deeper layer, against a
+    control with other prompts' groups."""
+    from catchtag.jobs import run_release
+
+    check_sink_settings(eps, min_rows)
+    check_between("--level", level, 0, 1, 0.1)
+    check_at_least("--top", top, 1, 3)
+    check_at_least("--limit", limit, 1, 32)
+    check_at_least("--max-tokens", max_tokens, 1, 256)
+    check_at_least("--batch-size", batch_size, 1, 8)
+    check_at_least("--folds", folds, 2, 5)
+    check_at_least("--seed", seed, 0, 0)
+    if limit is not None and limit < folds:
+        raise CatchtagError(f"--limit {limit} is fewer prompts than --folds {folds}. Fix: --limit {folds} or more")
+    check_data(data)
+    head_list = _parse_heads(heads)
+    check_folder_out(out)
+    check_device(device)
+    check_dtype(dtype)
+    s = _run_job(run_release, model=model, data=data, out=out, heads=head_list, top=top, level=level, eps=eps,
+                 min_rows=min_rows, max_tokens=max_tokens, limit=limit, batch_size=batch_size, folds=folds, seed=seed,
+                 device=device, dtype=dtype, figures=not no_figures, owns=out)
+    for layer, head in s["heads"]:
+        mine = [r for r in s["rows"] if (r["source_layer"], r["head"]) == (layer, head)]
+        first, last = mine[0], mine[-1]
+        typer.echo(f"head {layer}.{head}: layer {first['layer']} accuracy {first['accuracy']:.3f} (control "
+                   f"{first['control_accuracy']:.3f}) ... layer {last['layer']} {last['accuracy']:.3f} (control "
+                   f"{last['control_accuracy']:.3f}); chance {first['chance']:.3f}")
+    typer.echo(f"wrote {out}/release_decoding.csv, summary.json" + ("" if no_figures else ", release_decoding.png"))
+
+
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
     typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 

@@ -653,3 +653,68 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
                               str(release_figure(release_map, summary, n_layers, n_heads, folder / "release.png"))]
     write_json(folder / "summary.json", summary)
     return summary
+
+
+# ---- release by decoding: catchtag release -----------------------------------------------------------------------
+def run_release(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/release", *,
+                heads: Sequence[tuple[int, int]] | None = None, top: int = 3, level: float = 0.1, eps: float = 0.2,
+                min_rows: int = 16, max_tokens: int | None = 256, limit: int | None = 32, batch_size: int = 8,
+                folds: int = 5, seed: int = 0, device: str = "auto", dtype: str = "auto",
+                figures: bool = True) -> dict:
+    """What ``catchtag release`` does: for each head (``heads``, or the ``top`` heads by mean VE among those with two
+    or more sinks on average), group tokens by the sink that tags them and decode the group from the residual
+    stream entering every deeper layer, against a control with the groups of other prompts (analysis/release.py);
+    writes release_decoding.csv, summary.json and a figure into OUT."""
+    from catchtag.analysis.release import decode_by_depth, sink_groups
+    from catchtag.engine.request import ActivationRequest
+
+    if not 0 < level < 1:
+        raise CatchtagError(f"--level must lie in (0, 1), got {level}. Fix: e.g. --level 0.1")
+    SinkSettings(eps=eps, min_rows=min_rows)
+    started = time.perf_counter()
+    net, tokenizer = load_model(model, device=resolve_device(device), dtype=dtype)
+    n_layers, n_heads = net.config.num_hidden_layers, net.config.num_attention_heads
+    for l, h in heads or []:
+        if not (0 <= l < n_layers - 1 and 0 <= h < n_heads):
+            raise CatchtagError(f"--heads {l}.{h} is out of range: the model has {n_layers} layers (a head below the "
+                                f"last one) x {n_heads} heads. Fix: pick heads in range")
+    prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, limit=limit)
+    if not heads:
+        base = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, batch_size=batch_size, progress=True)
+        h = base.heads[base.heads["layer"] < n_layers - 1]
+        ph = h.groupby(["layer", "head"]).agg(ve=("ve", "mean"), sinks=("n_sinks", "mean")).reset_index()
+        ph = ph[ph["sinks"] >= 2].sort_values("ve", ascending=False)
+        heads = [(int(r.layer), int(r.head)) for r in ph.head(top).itertuples()]
+        if not heads:
+            raise CatchtagError(f"no head has two or more sinks on average at eps {eps}, so no grouping to decode. "
+                                f"Fix: a lower --eps, or --heads")
+    first = min(l for l, _ in heads)
+    request = ActivationRequest(layers=[], positions="all", hidden_states=list(range(first + 1, n_layers + 1)),
+                                sink_attention=True)
+    result = scan(net, tokenizer, prompts, eps=eps, min_rows=min_rows, batch_size=batch_size, request=request,
+                  progress=True)
+    cache, table = result.cache, result.heads.set_index(["prompt_id", "layer", "head"])
+    n_tok = result.prompts.set_index("prompt_id")["n_tokens"]
+    tables = []
+    for layer, head in heads:
+        groups = [sink_groups(cache.get("sink_attention", layer=layer, head=head, prompt=pid),
+                              table.loc[(pid, layer, head), "sink_positions"], level) for pid in cache.prompt_ids]
+        features = {i: [cache["resid_pre", i][row, :int(n_tok[pid])] for row, pid in enumerate(cache.prompt_ids)]
+                    for i in range(layer + 1, n_layers + 1)}
+        t = decode_by_depth(groups, features, folds=folds, seed=seed)
+        t.insert(0, "head", head)
+        t.insert(0, "source_layer", layer)
+        tables.append(t)
+    decoding = pd.concat(tables, ignore_index=True)
+    out = Path(out)
+    write_csv(decoding, out / "release_decoding.csv", float_format="%.4f")
+    summary = {"model": model, "data": data, "n_prompts": len(prompts), "level": level, "eps": eps,
+               "min_rows": min_rows, "folds": folds, "heads": [list(x) for x in heads],
+               "rows": decoding.to_dict(orient="records"), "seconds": time.perf_counter() - started,
+               "versions": versions()}
+    if figures:
+        from catchtag.report.analysis_figures import release_decoding_figure
+
+        summary["figure"] = str(release_decoding_figure(decoding, summary, out / "release_decoding.png"))
+    write_json(out / "summary.json", summary)
+    return summary
