@@ -701,7 +701,7 @@ def run_release(model: str = "smollm2-135m", data: str = "builtin:prose", out: s
                               table.loc[(pid, layer, head), "sink_positions"], level) for pid in cache.prompt_ids]
         features = {i: [cache["resid_pre", i][row, :int(n_tok[pid])] for row, pid in enumerate(cache.prompt_ids)]
                     for i in range(layer + 1, n_layers + 1)}
-        t = decode_by_depth(groups, features, folds=folds, seed=seed)
+        t = decode_by_depth(groups, features, folds=folds, seed=seed, progress=f"decode head {layer}.{head}")
         t.insert(0, "head", head)
         t.insert(0, "source_layer", layer)
         tables.append(t)

@@ -42,11 +42,12 @@ def _derangement(n: int, seed: int) -> np.ndarray:
 
 
 def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarray]], folds: int = 5,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, progress: str | None = None) -> pd.DataFrame:
     """One row per layer: held-out accuracy of reading the groups from that layer's features (mean over prompts,
     95% interval), the same for the control, chance (the largest group's share) and counts.
 
-    groups: per prompt, (T_p,) group labels (-1: left out); features: layer -> per prompt (T_p, d) arrays."""
+    groups: per prompt, (T_p,) group labels (-1: left out); features: layer -> per prompt (T_p, d) arrays.
+    progress: a label for a progress bar over the layers (None: no bar)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
@@ -66,7 +67,12 @@ def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarra
         g[groups[p] < 0] = -1  # the same tokens in play as in the real labels
         control.append(g)
     rows = []
-    for layer in sorted(features):
+    layers = sorted(features)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc=progress, unit="layer", dynamic_ncols=True)
+    for layer in layers:
         row = {"layer": layer}
         for kind, labels in (("", groups), ("control_", control)):
             X = np.concatenate([f[g >= 0] for f, g in zip(features[layer], labels)])
