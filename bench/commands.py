@@ -55,6 +55,8 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
         ("ablate", ["ablate", "-m", model, "--limit", "8", "--max-tokens", "64", "--top", "3", "--controls", "2",
                     "--out", str(out / "scan"), *LOW, *dev], ["scan/ablate/summary.json", "scan/ablate/release.png"]),
         ("report-ablate", ["report", str(out / "scan"), "--out", str(out / "report2.html")], ["report2.html"]),
+        ("release", ["release", "-m", model, "--limit", "6", "--max-tokens", "64", "--heads", "0.1,1.2", "--folds",
+                     "3", "--out", str(out / "release"), *LOW, *dev], ["release/release_decoding.csv"]),
     ]
 
 
