@@ -137,15 +137,19 @@ def models() -> None:
 
 
 _DEVICE = typer.Option("auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
+_MODEL = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path")
+_EPS = typer.Option(0.2, help="sink threshold on the column score")
+_MIN_ROWS = typer.Option(16, help="a column needs this many rows that see it to be a sink")
+_DTYPE = typer.Option("auto", help="auto, float32, bfloat16, float16")
 
 
 @app.command()
 def scan(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    model: str = _MODEL,
     data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder (resumes if it holds the same run)"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt: longer prompts are cut to this many "
                                              "(announced, and counted in summary.json); builtin corpora are cut "
                                              "into prompts of this size; 0: no limit"),
@@ -196,7 +200,6 @@ def scan(
 
 
 # ---- analyses (docs/analyses.md) ------------------------------------------------------------------------------------
-_MODEL = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path")
 _TEXT = typer.Option(None, "--text", "-t", help="the prompt (default: prompt --prompt of --data)")
 _TEXT_FILE = typer.Option(None, "--text-file", help="read the prompt from this file")
 _DATA = typer.Option("builtin:prose", "--data", "-d", help="where the default prompt comes from")
@@ -211,8 +214,8 @@ def pca(
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer (default: best head, see --help)"),
     head: Optional[int] = typer.Option(None, "--head", help="head (give with --layer)"),
     deeper: Optional[int] = typer.Option(None, help="residual stream after this layer (default layer + 4)"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     tag_level: float = typer.Option(0.1, help="a token is tagged by its strongest sink if it pays it this much"),
     out: Path = typer.Option(Path("runs/pca"), "--out", "-o", help="folder for pca_L*H*.png and .json"),
     device: str = _DEVICE,
@@ -311,8 +314,8 @@ def geometry(
     prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
     n_positions: int = typer.Option(64, help="token positions sampled (memory: layers x heads x positions x hidden)"),
     max_pairs: int = typer.Option(20000, help="pairs of tags sampled per kind"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     out: Path = typer.Option(Path("runs/geometry"), "--out", "-o", help="folder for geometry.png and CSVs"),
     device: str = _DEVICE,
 ) -> None:
@@ -356,8 +359,8 @@ def view(
     model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
     prompt: int = _PROMPT,
     max_tokens: Optional[int] = typer.Option(256, help="cut the prompt to this many tokens"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer to open on (with --head)"),
     head: Optional[int] = typer.Option(None, "--head", help="head to open on"),
     out: Path = typer.Option(Path("view.html"), "--out", "-o", help="the HTML file to write"),
@@ -399,21 +402,21 @@ def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
 
 @app.command()
 def probe(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    model: str = _MODEL,
     task: str = typer.Option("truth", "--task", "-t", help="truth (builtin:truth) or sentiment (builtin:sentiment)"),
     out: Path = typer.Option(..., "--out", "-o", help="probe run folder (its scan resumes)"),
     shots: int = typer.Option(2, help="few-shot demonstrations before each statement"),
     template: Optional[str] = typer.Option(None, help="one example, with {text} and ending in {answer}, e.g. "
                                            "'{text} This statement is: {answer}'"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     limit: Optional[int] = typer.Option(None, help="use only about this many prompts (balanced per split and label)"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     cv: int = typer.Option(5, help="cross-validation folds (train split only) for the regularisation"),
     top: int = typer.Option(5, help="how many heads to select"),
     seed: int = typer.Option(0, help="CV fold seed"),
     device: str = _DEVICE,
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    dtype: str = _DTYPE,
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the heat map"),
 ) -> None:
     """Probe every head's last-token full, tag-only and non-tag output for TASK's label; select heads."""
@@ -461,7 +464,7 @@ def steer(
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default PROBES/steer)"),
     device: str = _DEVICE,
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    dtype: str = _DTYPE,
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
 ) -> None:
     """Add a selected head's mean tag difference (label 1 minus label 0) at its output on test prompts."""
@@ -494,7 +497,7 @@ def steer(
 
 @app.command()
 def ablate(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    model: str = _MODEL,
     data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder (a scan's, or a new one): writes OUT/ablate/"),
     heads: Optional[str] = typer.Option(None, help="heads to ablate as LAYER.HEAD,...; default: --top"),
@@ -502,14 +505,14 @@ def ablate(
     group: Optional[str] = typer.Option(None, help="layer (every head with a sink in a layer at once) or all"),
     mode: str = typer.Option("mean", help="mean (the tag replaced by its prompt mean) or zero (the tag removed)"),
     controls: int = typer.Option(3, help="random-direction controls of the same energy per target"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt"),
     limit: Optional[int] = typer.Option(32, help="use only the first K prompts"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     seed: int = typer.Option(0, help="seed of the controls' random directions"),
     device: str = _DEVICE,
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    dtype: str = _DTYPE,
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the figures"),
 ) -> None:
     """Release, causally: remove heads' tags and measure the next-token loss over the tagged tokens (with controls),
@@ -555,21 +558,21 @@ def ablate(
 
 @app.command()
 def release(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="model name (see `catchtag models`) or path"),
+    model: str = _MODEL,
     data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     heads: Optional[str] = typer.Option(None, "--heads", "--head", help="heads as LAYER.HEAD,...; default: --top"),
     top: int = typer.Option(3, help="the heads with the highest mean VE among those with two or more sinks"),
     level: float = typer.Option(0.1, help="a token joins the group of the sink it attends to most, from this much"),
-    eps: float = typer.Option(0.2, help="sink threshold on the column score"),
-    min_rows: int = typer.Option(16, help="a column needs this many rows that see it to be a sink"),
+    eps: float = _EPS,
+    min_rows: int = _MIN_ROWS,
     max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt"),
     limit: Optional[int] = typer.Option(32, help="use only the first K prompts"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
     folds: int = typer.Option(5, help="cross-validation folds over prompts"),
     seed: int = typer.Option(0, help="seed of the control's shuffle"),
     device: str = _DEVICE,
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    dtype: str = _DTYPE,
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the figure"),
 ) -> None:
     """Release by decoding: read a head's sink grouping from the residual stream at every deeper layer, against a

@@ -28,16 +28,20 @@ def _file_above(path: Path) -> Path | None:
     return None
 
 
+def _refuse_under_a_file(flag: str, out: Path, what: str) -> None:
+    above = _file_above(out)
+    if above is not None:
+        raise CatchtagError(f"{flag} {out}: {above} is a file, not a folder, so nothing can be written under it. "
+                            f"Fix: choose {what} outside {above}")
+
+
 def check_folder_out(out, flag: str = "--out") -> None:
     """An --out that must be a folder: refuse a file, or a path under a file, before any work is done."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CatchtagError(f"{flag} {out} is a file, not a folder. Fix: give a folder (a new one is created), "
                             f"e.g. {flag} {out.with_suffix('')}-out")
-    above = _file_above(out)
-    if above is not None:
-        raise CatchtagError(f"{flag} {out}: {above} is a file, not a folder, so nothing can be written under it. "
-                            f"Fix: choose a folder outside {above}")
+    _refuse_under_a_file(flag, out, "a folder")
 
 
 def check_file_out(out) -> None:
@@ -46,10 +50,7 @@ def check_file_out(out) -> None:
     if out.is_dir():
         raise CatchtagError(f"--out {out} is a folder; this command writes one HTML file. Fix: e.g. --out "
                             f"{out / 'page.html'}")
-    above = _file_above(out)
-    if above is not None:
-        raise CatchtagError(f"--out {out}: {above} is a file, not a folder, so nothing can be written under it. "
-                            f"Fix: choose a path outside {above}")
+    _refuse_under_a_file("--out", out, "a path")
 
 
 def check_at_least(flag: str, value, minimum, example, note: str = "") -> None:
