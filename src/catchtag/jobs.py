@@ -31,7 +31,7 @@ from catchtag.interventions.steering import DEFAULT_SCALES
 from catchtag.inputs import check_file_out, check_head, resolve_model, resolve_text  # noqa: F401 (re-exported)
 from catchtag.models import display_name, load_model, resolve_device
 from catchtag.published import PROBES as PUBLISHED_PROBES
-from catchtag.runs import versions, write_csv, write_json, write_table, write_text
+from catchtag.runs import prompts_sha1, versions, write_csv, write_json, write_table, write_text
 from catchtag.scan import scan
 
 if TYPE_CHECKING:
@@ -497,7 +497,7 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes."""
 
     from catchtag.interventions import ablation as ab
-    from catchtag.runs import write_json as _write_json
+    from catchtag.scan import _batch_tensors
 
     if mode not in ("mean", "zero"):
         raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
@@ -516,14 +516,13 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
                                 f"(0-based). Fix: pick heads in range")
     prompts = load_prompts(data, tokenizer, net, max_tokens=max_tokens, limit=limit)
     folder = Path(out) / "ablate"
-    manifest = {"model": model, "prompts_sha1": hashlib.sha1(json.dumps([p.input_ids for p in prompts])
-                                                             .encode()).hexdigest(),
+    manifest = {"model": model, "prompts_sha1": prompts_sha1(prompts),
                 "eps": eps, "min_rows": min_rows, "mode": mode, "seed": seed, "controls": controls,
                 "heads": [list(x) for x in heads] if heads else None, "top": top, "group": group,
                 "batch_size": batch_size}
     if (folder / "run.json").is_file() and json.loads((folder / "run.json").read_text()) != manifest:
         raise CatchtagError(f"{folder} holds an ablation with other settings. Fix: another --out, or move it away")
-    _write_json(folder / "run.json", manifest)
+    write_json(folder / "run.json", manifest)
     parts = folder / "parts"
     device_ = next(net.parameters()).device
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -543,8 +542,6 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     for k, batch in enumerate(batches):
         path = parts / f"attribution-{k:05d}.parquet"
         if not path.is_file():
-            from catchtag.scan import _batch_tensors
-
             ids, mask = _batch_tensors(batch, tokenizer, device_)
             est, _, cap = ab.attribution(net, ids, mask, settings, mode)
             rows = []
@@ -575,8 +572,6 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     for k, batch in enumerate(batches):
         path = parts / f"ablation-{k:05d}.parquet"
         if not path.is_file():
-            from catchtag.scan import _batch_tensors
-
             ids, mask = _batch_tensors(batch, tokenizer, device_)
             base = ab.baseline(net, ids, mask, settings, positions)
             rows, release = [], []

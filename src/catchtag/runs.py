@@ -126,9 +126,14 @@ def versions() -> dict:
 
 
 # ---- the fingerprint -------------------------------------------------------------------------------------------
+def prompts_sha1(prompts) -> str:
+    """The prompts' identity by content (their token ids): the same prompts however the data was named."""
+    return hashlib.sha1(json.dumps([p.input_ids for p in prompts]).encode()).hexdigest()
+
+
 def fingerprint(model_name, data_name, settings, prompts, dtype, request, command: str | None = None) -> dict:
     """What makes two scans the same run: by content (the prompts' token ids), not by how the inputs were named."""
-    digest = hashlib.sha1(json.dumps([p.input_ids for p in prompts]).encode()).hexdigest()
+    digest = prompts_sha1(prompts)
     return {"model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
             "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "dtype": str(dtype),
             "n_prompts": len(prompts), "prompts_sha1": digest,
@@ -171,10 +176,6 @@ class RunFolder:
         dist.barrier()
         if not dist.is_main:
             self._check(manifest, fingerprint)
-
-    @property
-    def command(self) -> str:
-        return repair_command(self.folder)
 
     def _discard(self) -> None:
         """--overwrite: remove what a scan wrote into this folder, and nothing else. A folder that is not a
@@ -493,6 +494,3 @@ def read_record(cls, folder: Path, name: str):
         raise CatchtagError(f"{head.parent / name}.* is broken ({type(exc).__name__}). Fix: "
                             f"{repair_command(folder.parent)}: it writes the per-token pictures again") from None
 
-
-def is_run(folder: str | Path) -> bool:
-    return (Path(folder) / "run.json").is_file() or (Path(folder) / "heads.parquet").is_file()

@@ -63,6 +63,15 @@ def _orth(vectors: np.ndarray, scores: np.ndarray, rtol: float) -> np.ndarray:
     return np.stack(basis, axis=1) if basis else np.zeros((vectors.shape[1], 0))
 
 
+def _visibility(valid: np.ndarray, window: int | None):
+    """Which real rows see which real columns (causal, within the window), and how many rows see each column."""
+    i_idx, j_idx = np.meshgrid(valid, valid, indexing="ij")
+    sees = i_idx >= j_idx
+    if window is not None:
+        sees &= (i_idx - j_idx) < window
+    return sees, sees.sum(axis=0)
+
+
 @torch.no_grad()
 def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, positions="last"):
     """Per (prompt, layer, head): column scores, sinks, VE, R^2, and residual-stream full/tag/non-tag
@@ -87,11 +96,7 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
         B, H, T, _ = A.shape
         for b in range(B):
             valid = np.flatnonzero(pad[b])
-            i_idx, j_idx = np.meshgrid(valid, valid, indexing="ij")
-            sees = i_idx >= j_idx
-            if windows[layer] is not None:
-                sees &= (i_idx - j_idx) < windows[layer]
-            counts = sees.sum(axis=0)
+            sees, counts = _visibility(valid, windows[layer])
             last = valid[-1]
             for h in range(H):
                 a = A[b, h][np.ix_(valid, valid)]
@@ -161,11 +166,7 @@ def reference_edited_logits(model, input_ids, attention_mask, edits: dict, eps=0
                 continue
             for b in range(out.shape[0]):
                 valid = np.flatnonzero(pad[b])
-                i_idx, j_idx = np.meshgrid(valid, valid, indexing="ij")
-                sees = i_idx >= j_idx
-                if windows[layer] is not None:
-                    sees &= (i_idx - j_idx) < windows[layer]
-                counts = sees.sum(axis=0)
+                sees, counts = _visibility(valid, windows[layer])
                 a = weights[b, h].cpu().numpy()[np.ix_(valid, valid)]
                 scores = np.where(counts >= min_rows, (a * sees).sum(axis=0) / np.maximum(counts, 1), -1.0)
                 sinks = [int(p) for p in np.flatnonzero(scores > eps)]

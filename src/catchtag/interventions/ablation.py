@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from catchtag.errors import CatchtagError
-from catchtag.interventions.edits import HeadEdit, Intervention, random_unit
+from catchtag.interventions.edits import HeadEdit, Intervention, first_sink, random_unit
 
 
 @dataclass
@@ -76,12 +76,6 @@ def replay_below(model, outputs: list, first: int):
             del layer.forward
 
 
-def _batch(prompts, tokenizer, device):
-    from catchtag.scan import _batch_tensors
-
-    return _batch_tensors(prompts, tokenizer, device)
-
-
 def _nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) next-token NLL at each predicting position (the last real token and padding: nan), float64 out of
     PyTorch's fused float32 cross-entropy (a float64 log-softmax over a 49k vocabulary costs more than the pass)."""
@@ -107,13 +101,7 @@ def _mean_rows(cap, n_layers: int, start: int = 0) -> torch.Tensor:
 
 
 def _first_sinks(cap, n_layers: int, T: int) -> torch.Tensor:
-    out = []
-    for layer in range(n_layers):
-        st = cap.layers[layer].stats
-        idx, ok = st.sink_idx, st.sink_ok
-        out.append(torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else
-                   torch.full(ok.shape[:2], T, dtype=torch.long))
-    return torch.stack(out, dim=1)
+    return torch.stack([first_sink(cap.layers[layer].stats, T) for layer in range(n_layers)], dim=1)
 
 
 def _in_range(nll: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
@@ -218,10 +206,7 @@ class Attribution:
         delta = torch.zeros_like(out, requires_grad=True)
         self.deltas[layer] = delta
         self.tags[layer] = tag.detach().to(out.dtype)
-        T = out.shape[2]
-        idx, ok = stats.sink_idx.to(out.device), stats.sink_ok.to(out.device)
-        self.first[layer] = torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else \
-            torch.full(ok.shape[:2], T, dtype=torch.long, device=out.device)
+        self.first[layer] = first_sink(stats, out.shape[2], out.device)
         self.valid = stats.token_valid.to(out.device)
         return out + delta
 

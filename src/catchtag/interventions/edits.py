@@ -47,6 +47,15 @@ class HeadEdit:
                 raise CatchtagError(f"the {self.kind} edit needs a vector")
 
 
+def first_sink(stats, T: int, device=None) -> torch.Tensor:
+    """(B, H) position of each head's first sink on each prompt (T where the head has none): the tokens at or after
+    it are the ones whose tag can be nonzero."""
+    idx, ok = stats.sink_idx.to(device), stats.sink_ok.to(device)
+    if idx.shape[-1] == 0:
+        return torch.full(ok.shape[:2], T, dtype=torch.long, device=idx.device)
+    return torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1)
+
+
 class Intervention:
     """{(layer, head): HeadEdit} applied in a forward pass (the engine calls it as the capture's ``edit``)."""
 
@@ -69,16 +78,16 @@ class Intervention:
         valid = stats.token_valid.to(out.device)  # (B,T)
         T = out.shape[2]
         pos = torch.arange(T, device=out.device)
+        first = None
         for h, e in edits:
             if e.kind == "add":
                 vec = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
                 last = last_real(valid)
                 out[torch.arange(out.shape[0], device=out.device), h, last] += vec
                 continue
-            ok = stats.sink_ok[:, h].to(out.device)
-            idx = stats.sink_idx[:, h].to(out.device)
-            s0 = torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1) if idx.shape[-1] else \
-                torch.full((out.shape[0],), T, device=out.device, dtype=torch.long)
+            if first is None:
+                first = first_sink(stats, T, out.device)
+            s0 = first[:, h]
             after = valid & (pos[None, :] >= s0[:, None])  # (B,T): tokens whose tag can be nonzero
             w = after[..., None].to(out.dtype)
             t = tag[:, h].to(out.dtype) * w  # (B,T,D)
