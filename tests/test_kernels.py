@@ -356,10 +356,23 @@ def test_nearly_constant_heads_keep_float32_accuracy():
     k[:, :, 0], k[:, :, T // 3] = 3 * u, 2 * u
     valid = _valid(B, T, [("left", T // 5), ("right", T // 7)])
     settings = SinkSettings(eps=0.05, min_rows=8, sweep_eps=(0.02, 0.2))
-    _, _, s1, _ = layer_statistics(q, k, v, _mask(valid), D ** -0.5, None, settings, backend="torch")
+    o1, _, s1, _ = layer_statistics(q, k, v, _mask(valid), D ** -0.5, None, settings, backend="torch")
     _, _, s2, _ = layer_statistics(q, k, v, _mask(valid), D ** -0.5, None, settings, backend="triton")
+    # Centred statistics of a nearly constant head are ratios of a small centred energy: float32 resolves them only
+    # to about eps32 x kappa, kappa = |o|^2 / |o_c|^2 (the tests measured |difference| ~ 2e-10 kappa on both paths,
+    # e.g. seed 4: 4e-6 at kappa 2e4; seed 911765290 planted a head at kappa 3e7 whose VE is rounding on both).
+    # So each head is compared within 2e-6 + 1e-9 kappa (at most 3e-6 while kappa < 1e3), and the planted sinks must
+    # dominate on the heads float32 resolves (kappa below 1e5).
+    rows = valid[:, None, :, None].float()
+    centred = (o1 - (o1 * rows).sum(2, keepdim=True) / rows.sum(2, keepdim=True)) * rows
+    kappa = ((o1 * rows).pow(2).sum((-1, -2)) / centred.pow(2).sum((-1, -2)).clamp_min(1e-30)).double()  # (B, H)
+    resolved = kappa < 1e5
+    assert float(resolved.float().mean()) >= 0.5, f"seed {seed}: too few heads to compare"
     assert torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks), f"seed {seed}"
-    assert float(s1.ve.min()) > 0.5, f"seed {seed}: the planted sinks should dominate"
-    for name in ("sweep_ve", "sweep_r2", "ve_uncentred"):
-        err = float((getattr(s2, name) - getattr(s1, name)).abs().max())
-        assert err < 2e-6, f"seed {seed}: {name} off by {err}"
+    assert float(s1.ve[resolved].min()) > 0.5, f"seed {seed}: the planted sinks should dominate"
+    for name in ("sweep_ve", "sweep_r2", "ve_uncentred", "sweep_ve_uncentred"):
+        diff = (getattr(s2, name) - getattr(s1, name)).abs().double()
+        diff = diff.amax(-1) if diff.dim() == 3 else diff  # (B, H)
+        tol = 2e-6 + (0 if "uncentred" in name else 1e-9) * kappa  # the uncentred share needs no centring
+        err = float((diff - tol).max())
+        assert err < 0, f"seed {seed}: {name} off by {float(diff.max())} (beyond the tolerance by {err})"
