@@ -281,6 +281,7 @@ def check():
             e = dict(out=rel(o2, o1), tag=rel(t2, t1),
                      scores=float((s2.col_scores - s1.col_scores)[fin].abs().max() / s1.col_scores[fin].abs().max()),
                      ve=float((s2.sweep_ve - s1.sweep_ve).abs().max()), r2=float((s2.sweep_r2 - s1.sweep_r2).abs().max()),
+                     ve_uncentred=float((s2.sweep_ve_uncentred - s1.sweep_ve_uncentred).abs().max()),
                      same_sinks=bool(torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks)
                                      and torch.equal(s1.sink_idx[s1.sink_ok], s2.sink_idx[s2.sink_ok])),
                      n_sinks=int(s1.sink_ok.sum()))

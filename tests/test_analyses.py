@@ -122,6 +122,9 @@ def test_sweep_one_pass_and_consistent(llama, tmp_path):
     at_main = table[table["eps"] == 0.2].iloc[0]
     assert at_main["mean_sinks_per_head"] == pytest.approx(r.heads["n_sinks"].mean())
     assert at_main["mean_ve"] == pytest.approx(r.heads["ve"].mean(), abs=1e-6)
+    # the uncentred form too, at every threshold (it equals the main scan's at the main eps)
+    assert at_main["mean_ve_uncentred"] == pytest.approx(r.heads["ve_uncentred"].mean(), abs=1e-6)
+    assert table["mean_ve_uncentred"].notna().all() and (table["mean_ve_uncentred"] != table["mean_ve"]).any()
     without = scan(net, tok, TEXTS, eps=0.2, min_rows=MIN_ROWS, progress=False)
     with pytest.raises(CatchtagError, match="--sweep"):
         sweep_table(without)

@@ -124,12 +124,15 @@ def test_sweep_nested_and_main_eps_consistent(tiny_models):
         assert (st.sweep_n_sinks[..., :-1] >= st.sweep_n_sinks[..., 1:]).all(), "fewer sinks at higher eps"
         main = eps.index(0.1)
         torch.testing.assert_close(st.sweep_ve[..., main], st.ve)
+        torch.testing.assert_close(st.sweep_ve_uncentred[..., main], st.ve_uncentred)
         assert torch.equal(st.sweep_n_sinks[..., main], st.sink_ok.sum(-1))
     for e in eps:  # each sweep column equals a separate scan at that eps
         single, _ = _run_engine(model, ids, mask, SinkSettings(eps=e, min_rows=4))
         for layer in cap.layers:
             torch.testing.assert_close(cap.layers[layer].stats.sweep_ve[..., eps.index(e)], single.layers[layer].stats.ve,
                                        atol=1e-5, rtol=0)
+            torch.testing.assert_close(cap.layers[layer].stats.sweep_ve_uncentred[..., eps.index(e)],
+                                       single.layers[layer].stats.ve_uncentred, atol=1e-5, rtol=0)
 
 
 def test_attention_maps_and_all_positions(tiny_models):
@@ -288,12 +291,19 @@ def test_a_control_removes_the_same_energy_as_its_ablation():
     ok = torch.ones(B, H, 2, dtype=torch.bool)
     z = torch.zeros(B, H)
     stats = HeadStats(torch.zeros(B, H, T), torch.zeros(B, T), valid, idx, ok, z, z, z, torch.zeros(B, H, 1),
-                      torch.zeros(B, H, 1), torch.zeros(B, H, 1))
+                      torch.zeros(B, H, 1), torch.zeros(B, H, 1), torch.zeros(B, H, 1))
     u = random_unit(D, 0)
+    per_prompt = np.stack([random_unit(D, [0, b]) for b in range(B)])  # one direction per prompt
     for ablation, control in (("zero_tag", "control_zero"), ("mean_tag", "control_mean")):
         a = Intervention({(0, 1): HeadEdit(ablation)})(0, out.clone(), tag, stats) - out
         c = Intervention({(0, 1): HeadEdit(control, u)})(0, out.clone(), tag, stats) - out
         torch.testing.assert_close(a.norm(dim=-1), c.norm(dim=-1))
+        cp = Intervention({(0, 1): HeadEdit(control, per_prompt)})(0, out.clone(), tag, stats) - out
+        torch.testing.assert_close(a.norm(dim=-1), cp.norm(dim=-1))
+        for b in range(B):  # each prompt's change lies along its own direction
+            moved = cp[b, 1][cp[b, 1].norm(dim=-1) > 0]
+            cos = (moved @ torch.as_tensor(per_prompt[b])) / moved.norm(dim=-1)
+            torch.testing.assert_close(cos.abs(), torch.ones_like(cos))
         assert a[:, [0, 2]].abs().max() == 0 and c[:, [0, 2]].abs().max() == 0  # other heads untouched
         assert a[0, 1, :2].abs().max() == 0 and a[1, 1, :4].abs().max() == 0  # before the first sink: untouched
         assert a[:, 1].abs().max() > 0

@@ -78,6 +78,9 @@ def test_viewer_in_browser(browser, view_page, llama, tmp_path):
         page.select_option("#head", str(head))
         assert shown() == sinks[(layer, head)]
     assert shown() != sinks[a]
+    # the head's VE in both forms, each named
+    row = r.heads[(r.heads["layer"] == b[0]) & (r.heads["head"] == b[1])].iloc[0]
+    assert f"VE centred {row['ve']:.3f}, uncentred {row['ve_uncentred']:.3f}" in page.inner_text("#info")
     # every token is coloured by the sink it attends to most: a token after the first sink has a colour
     first_sink = sinks[b][0]
     assert page.locator(f"span.t >> nth={first_sink + 1}").evaluate("e => e.style.backgroundColor") != ""
@@ -151,8 +154,8 @@ def test_report_in_browser(browser, runs, tmp_path, monkeypatch):
     page_text = out.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page_text), "no network resource"
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page_text)
-    # compare, sweep, taxonomy, 2 heatmaps per run, a pca picture per run, geometry
-    assert len(images) == 3 + 2 * len(runs) + len(runs) + 1
+    # compare, sweep, taxonomy, 3 heatmaps per run (sinks, VE centred, VE uncentred), a pca picture per run, geometry
+    assert len(images) == 3 + 3 * len(runs) + len(runs) + 1
     for section in ("Runs, settings and versions", "Models side by side", "Threshold sweep", "Which tokens are sinks",
                     "Release pictures", "Tag geometry", "Token viewer", "transformers"):
         assert section in page_text

@@ -254,7 +254,8 @@ def _rows_one_by_one(cap, prompts, token_strings, settings):
                                    float(st.ve[b, h]), float(st.r2[b, h]), float(st.ve_uncentred[b, h])))
                 for e_i, e in enumerate(settings.all_eps if settings.sweep_eps else ()):
                     sweep_rows.append((p.prompt_id, layer, h, e, int(st.sweep_n_sinks[b, h, e_i]),
-                                       float(st.sweep_ve[b, h, e_i]), float(st.sweep_r2[b, h, e_i])))
+                                       float(st.sweep_ve[b, h, e_i]), float(st.sweep_r2[b, h, e_i]),
+                                       float(st.sweep_ve_uncentred[b, h, e_i])))
     return heads_rows, sweep_rows
 
 

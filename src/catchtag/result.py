@@ -78,6 +78,7 @@ class ScanResult:
             "mean_ve": float(h["ve"].mean()),
             "mean_ve_heads_with_sink": float(with_sinks["ve"].mean()) if len(with_sinks) else 0.0,
             "mean_r2_heads_with_sink": float(with_sinks["r2"].mean()) if len(with_sinks) else 0.0,
+            "mean_ve_uncentred": float(h["ve_uncentred"].mean()) if "ve_uncentred" in h else 0.0,
             "mean_ve_uncentred_heads_with_sink": float(with_sinks["ve_uncentred"].mean())
             if len(with_sinks) and "ve_uncentred" in with_sinks else 0.0,
             "share_heads_ve_above_0.3": float((h["ve"] > 0.3).mean()),

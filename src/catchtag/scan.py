@@ -29,7 +29,7 @@ from catchtag.models import display_name
 from catchtag.result import HEAD_COLUMNS, ScanResult
 from catchtag.runs import RunFolder, cache_from_batches, fingerprint, save_result
 
-SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2"]
+SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2", "ve_uncentred"]
 
 
 def _as_prompts(texts, tokenizer, model, max_tokens, truncate) -> list[Prompt]:
@@ -111,6 +111,7 @@ def _records_to_tables(cap, prompts, token_strings, settings):
             sweep_cols["n_sinks"].append(st.sweep_n_sinks.numpy().ravel().astype(np.int64))
             sweep_cols["ve"].append(st.sweep_ve.double().numpy().ravel())
             sweep_cols["r2"].append(st.sweep_r2.double().numpy().ravel())
+            sweep_cols["ve_uncentred"].append(st.sweep_ve_uncentred.double().numpy().ravel())
     cat = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
     offsets = pa.array(np.concatenate([[0], np.cumsum(cat["n_sinks"])]).astype(np.int32))
     lists = {name: pa.ListArray.from_arrays(offsets, pa.array(cat[key], type=kind))

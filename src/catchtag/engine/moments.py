@@ -39,7 +39,7 @@ def finish_moments(items, settings, budget: int = 1 << 23, k_used: int | None = 
     an orthonormal basis whose first vectors span each prefix, and
       VE  = sum over the prefix's basis vectors q of |Y_c q|^2 / |o_c|^2 (Y_c q from Y_c^T Y_c and the basis)
       R^2 = 1 - (|o_c|^2 - 2 sum_S diag(A_c^T Y_c) + sum_{S x S} (A_c^T A_c) * (v_s v_s^T)) / |o_c|^2
-      VE uncentred: the same projection of the uncentred Y^T Y over |o|^2, at the main threshold.
+      VE uncentred: the same projection of the uncentred Y^T Y over the uncentred |o|^2.
     No pseudo-inverse and no eigendecomposition: nothing waits for the host, and the cost is K small steps.
     k_used: no head has more candidates than this (Capture.finish knows it): the rest are skipped."""
     if not items:
@@ -58,8 +58,9 @@ def finish_moments(items, settings, budget: int = 1 << 23, k_used: int | None = 
             got = _finish_stacked([m for _, m in part], eps, main_e, rtol, k_used)
             for i, (st, _) in enumerate(part):
                 n_sinks, ve, r2, ve_raw = (x[i] for x in got)
-                st.sweep_n_sinks, st.sweep_ve, st.sweep_r2 = n_sinks, ve, r2
-                st.ve, st.r2, st.ve_uncentred = ve[..., main_e].clone(), r2[..., main_e].clone(), ve_raw
+                st.sweep_n_sinks, st.sweep_ve, st.sweep_r2, st.sweep_ve_uncentred = n_sinks, ve, r2, ve_raw
+                st.ve, st.r2 = ve[..., main_e].clone(), r2[..., main_e].clone()
+                st.ve_uncentred = ve_raw[..., main_e].clone()
 
 
 @functools.lru_cache(maxsize=16)
@@ -70,7 +71,7 @@ def _thresholds(all_eps: tuple, device: torch.device) -> torch.Tensor:
 
 
 def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
-    """(n_sinks, ve, r2) (N,B,H,E) and ve_uncentred (N,B,H) for N layers' moments of one shape."""
+    """(n_sinks, ve, r2, ve_uncentred) (N,B,H,E) for N layers' moments of one shape."""
     stack = lambda name: torch.stack([getattr(m, name) for m in ms])  # noqa: E731
     K, Dv = ms[0].values.shape[-2:]
     KP = ms[0].products.shape[-1] // 2
@@ -125,8 +126,8 @@ def _finish_stacked(ms, eps, main_e, rtol, k_used=None):
     zero = torch.zeros_like(proj)
     ve = torch.where(has, proj / safe, zero).float()
     r2 = torch.where(has, 1 - resid / safe, zero).float()
-    proj_raw = at_prefix(projected(raw_yy))[..., main_e]
-    ve_raw = torch.where(has[..., main_e], proj_raw / raw_oo.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
+    proj_raw = at_prefix(projected(raw_yy))
+    ve_raw = torch.where(has, proj_raw / raw_oo[..., None].clamp_min(1e-30), zero).float()
     return n_e, ve, r2, ve_raw
 
 

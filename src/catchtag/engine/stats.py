@@ -32,7 +32,7 @@ class HeadStats:
     column. token_valid (B,T). sink_idx / sink_ok (B,H,K): sink columns at the main eps (padded with ok=False).
     ve / r2 (B,H): variance explained by the tag (projection and R^2 forms). ve_uncentred (B,H): the
     projection form without centring the outputs (the shared mean direction counts). sweep_n_sinks, sweep_ve,
-    sweep_r2 (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K): A[:, sink_idx]
+    sweep_r2, sweep_ve_uncentred (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K): A[:, sink_idx]
     at the main eps (O(T*K), already computed for the tag; backends may leave it None).
     """
 
@@ -47,6 +47,7 @@ class HeadStats:
     sweep_n_sinks: torch.Tensor
     sweep_ve: torch.Tensor
     sweep_r2: torch.Tensor
+    sweep_ve_uncentred: torch.Tensor
     sink_attn: torch.Tensor | None = None  # (B,H,T,K) attention of each row to each sink column (0 where not ok)
 
 
@@ -144,7 +145,8 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         empty_idx = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
         stats = HeadStats(col_scores, row_counts, token_valid, empty_idx, empty_idx.bool(), zeros, zeros.clone(),
                           zeros.clone(), torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
-                          torch.zeros(B, H, E, device=dev), torch.zeros(B, H, T, 0, device=dev))
+                          torch.zeros(B, H, E, device=dev), torch.zeros(B, H, E, device=dev),
+                          torch.zeros(B, H, T, 0, device=dev))
         return torch.zeros_like(out), stats
 
     # The K highest-scoring columns per head hold every sink at the lowest eps (sink sets are nested).
@@ -178,6 +180,7 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     n_sinks = torch.zeros(B, H, E, dtype=torch.long, device=dev)
     ve = torch.zeros(B, H, E, device=dev)
     r2 = torch.zeros(B, H, E, device=dev)
+    ve_raw = torch.zeros(B, H, E, device=dev)
     main_tag = None
     for e_i, e in enumerate(all_eps):
         ok = top_scores > e  # (B,H,K)
@@ -192,13 +195,13 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         n_sinks[..., e_i] = ok.sum(dim=-1)
         ve[..., e_i] = torch.where(has, proj / safe, torch.zeros_like(proj)).float()
         r2[..., e_i] = torch.where(has, 1 - nontag_c.pow(2).sum(dim=(-1, -2)).double() / safe, torch.zeros_like(proj)).float()
+        proj_raw = torch.matmul(x_raw * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
+        ve_raw[..., e_i] = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
         if e_i == main_e:
             main_tag = tag
-            proj_raw = torch.matmul(x_raw * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
-            ve_raw = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
     main_ok = top_scores > float(settings.eps)
     stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
-                      ve_raw, n_sinks, ve, r2, a_s * main_ok[:, :, None, :])
+                      ve_raw[..., main_e].clone(), n_sinks, ve, r2, ve_raw, a_s * main_ok[:, :, None, :])
     return main_tag, stats
 
 

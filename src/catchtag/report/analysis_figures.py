@@ -162,24 +162,28 @@ def compare_figure(cmp, path) -> Path:
 
 
 def sweep_figure(table, path, published: dict | None = None) -> Path:
-    """Mean sinks per head vs mean VE as eps varies, one curve per run; eps written at the points."""
+    """Mean sinks per head vs mean VE (all heads) as eps varies, one pair of curves per run: the uncentred share
+    (solid; the form of the published curve beside it) and the centred one (dashed); eps written at the points."""
     from catchtag.published import SWEEP_8B
 
     published = SWEEP_8B if published is None else published
     fig, (ax, ax2) = new_figure(1, 2, figsize=(12, 4.5))
     for i, (run, g) in enumerate(table.groupby("run", sort=False)):
         c = RUN_COLORS[i % len(RUN_COLORS)]
-        ax.plot(g["mean_sinks_per_head"], g["mean_ve"], "o-", color=c, label=f"{run}: all heads", ms=4)
-        ax.plot(g["mean_sinks_per_head"], g["mean_ve_heads_with_sink"], "^:", color=c, alpha=0.6, ms=3,
-                label=f"{run}: heads with a sink")
+        uncentred = "mean_ve_uncentred" in g and g["mean_ve_uncentred"].notna().all()
+        if uncentred:
+            ax.plot(g["mean_sinks_per_head"], g["mean_ve_uncentred"], "o-", color=c, ms=4,
+                    label=f"{run}: VE uncentred")
+        ax.plot(g["mean_sinks_per_head"], g["mean_ve"], "s--", color=c, alpha=0.7, ms=3, label=f"{run}: VE centred")
         for _, row in g.iterrows():
-            ax.annotate(f"{row['eps']:g}", (row["mean_sinks_per_head"], row["mean_ve"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points", color=c)
+            ax.annotate(f"{row['eps']:g}", (row["mean_sinks_per_head"],
+                                            row["mean_ve_uncentred"] if uncentred else row["mean_ve"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points", color=c)
         ax2.plot(g["eps"], g["mean_sinks_per_head"], "o-", color=c, label=f"{run}", ms=4)
     if published:
         xs = [v[0] for v in published.values()]
         ys = [v[1] for v in published.values()]
-        ax.plot(xs, ys, "kx--", label="published, 8B model (all heads)", ms=7)
+        ax.plot(xs, ys, "kx:", label="published, 8B model (all heads)", ms=7)
         for e, (x, y) in published.items():
             ax.annotate(f"{e:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
         ax2.plot(list(published), xs, "kx--", label="published, 8B model", ms=7)
@@ -187,7 +191,7 @@ def sweep_figure(table, path, published: dict | None = None) -> Path:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("mean sinks per head (log scale)")
-    ax.set_ylabel("mean VE by tags")
+    ax.set_ylabel("mean VE by tags, all heads")
     ax.set_title("(a) sinks vs variance explained, points labelled by eps", fontsize=9)
     ax.legend(fontsize=7)
     ax2.set_yscale("log")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,10 +30,20 @@ def _figure(path: Path, caption: str) -> str:
     return f"<figure>{_img(path, caption)}<figcaption>{caption}</figcaption></figure>"
 
 
+def _header(column) -> str:
+    """A table column's name as the page shows it: VE always named for its form (``ve``: centred)."""
+    c = str(column)
+    if "ve_uncentred" in c:
+        c = c.replace("ve_uncentred", "VE uncentred")
+    elif re.search(r"(^|_)ve(_|$)", c):
+        c = re.sub(r"(^|_)ve(_|$)", r"\1VE centred\2", c)
+    return c.replace("_", " ")
+
+
 def _table(df: pd.DataFrame, floats: int = 3, max_rows: int = 40) -> str:
     df = df.head(max_rows)
-    head = "".join(f"<th class='l'>{html.escape(str(c))}</th>" if df[c].dtype == object else
-                   f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    head = "".join(f"<th class='l'>{html.escape(_header(c))}</th>" if df[c].dtype == object else
+                   f"<th>{html.escape(_header(c))}</th>" for c in df.columns)
     rows = []
     for _, r in df.iterrows():
         cells = []
@@ -86,8 +97,10 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<p class='note'>Catch, tag, release (Zhang, Khan, Papyan, NeurIPS 2025): sinks are columns whose mean "
              "attention from the rows that can see them exceeds eps; a head's tag is the part of its output that "
-             "comes from its sinks; VE is the share of the head's (centred) output variance in the span of the sink "
-             "value vectors.</p>",
+             "comes from its sinks. VE is the share of the head's output in the span of the sink value vectors, in "
+             "two forms: <b>centred</b>, the share of its variation across tokens (outputs centred by their mean "
+             "over the prompt), and <b>uncentred</b>, the share of its energy (the form to set next to published "
+             "numbers). Pictures show the centred form unless they say otherwise.</p>",
              "<nav><a href='#settings'>settings</a><a href='#compare'>comparison</a><a href='#sweep'>threshold "
              "sweep</a><a href='#taxonomy'>sink tokens</a><a href='#heads'>per head</a>"
              + ("<a href='#pca'>release pictures</a><a href='#geometry'>tag geometry</a><a href='#viewer'>token "
@@ -116,8 +129,9 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
         fig = af.sweep_figure(table, tmp / "sweep.png")
         pub = ", ".join(f"eps {e:g}: {s:g} sinks, VE {v:g}" for e, (s, v) in SWEEP_8B.items())
         parts += [_figure(fig, "(a) Mean sinks per head against mean VE as the threshold eps varies (labels): "
-                               "lower eps finds more sinks, whose span explains more variance. Solid: all heads; "
-                               f"dotted: heads with a sink. Crosses: published values for an 8B model ({pub}). "
+                               "lower eps finds more sinks, whose span explains more variance. Solid: VE "
+                               "uncentred; dashed: VE centred (both over all heads; the table also gives heads with "
+                               f"a sink). Crosses: published values for an 8B model ({pub}). "
                                "(b) sinks per head against eps. All thresholds come from one forward pass."),
                   _table(table)]
     else:
@@ -137,10 +151,14 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     parts.append("<h2 id='heads'>Per layer and head</h2>")
     for i, (n, r) in enumerate(results.items()):
         a = heatmap(r, "n_sinks", "mean sinks", tmp / f"sinks_{i}.png", cmap="magma")
-        b = heatmap(r, "ve", "mean VE", tmp / f"ve_{i}.png", vmax=1)
+        b = heatmap(r, "ve", "mean VE centred", tmp / f"ve_{i}.png", vmax=1)
         parts += [f"<h3>{html.escape(n)}</h3>",
                   _figure(a, f"{html.escape(n)}: mean number of sinks of each head over the prompts."),
-                  _figure(b, f"{html.escape(n)}: mean VE of each head over the prompts.")]
+                  _figure(b, f"{html.escape(n)}: mean VE (centred) of each head over the prompts.")]
+        if "ve_uncentred" in r.heads:
+            c = heatmap(r, "ve_uncentred", "mean VE uncentred", tmp / f"ve_uncentred_{i}.png", vmax=1)
+            parts.append(_figure(c, f"{html.escape(n)}: mean VE (uncentred: the share of the output's energy, the "
+                                    "shared mean direction included) of each head over the prompts."))
     if per_token:
         parts += _per_token_sections(results, folders, tmp)
     parts += _ablation_sections(results, folders, tmp)

@@ -32,14 +32,18 @@
   for (let h = 0; h < H; h++) opt(headSel, h, "head " + h);
   // current view: sinks (positions), per sink a Float32Array(T) of attention, counts of heads
   let view = null;
+  // both forms of the variance explained, each named (runs saved before the uncentred form have none: null)
+  function veText(ve, vu) {
+    return `VE centred ${ve.toFixed(3)}` + (vu === null || vu === undefined || isNaN(vu) ? "" : `, uncentred ${vu.toFixed(3)}`);
+  }
   function compute(layer, head) {
     const ls = layer === "all" ? [...Array(L).keys()] : [+layer];
     const hs = head === "all" ? [...Array(H).keys()] : [+head];
     const acc = new Map(), nheads = new Map();
-    let n = 0, veSum = 0;
+    let n = 0, veSum = 0, vuSum = 0;
     for (const l of ls) for (const h of hs) {
       const info = D.heads[l][h], K = info.s.length, a = attn(l, h);
-      n++; veSum += info.ve;
+      n++; veSum += info.ve; vuSum += info.vu === null ? NaN : info.vu;
       for (let k = 0; k < K; k++) {
         const p = info.s[k];
         if (!acc.has(p)) { acc.set(p, new Float32Array(T)); nheads.set(p, 0); }
@@ -50,7 +54,7 @@
     }
     for (const w of acc.values()) for (let i = 0; i < T; i++) w[i] /= n;
     const sinks = [...acc.keys()].sort((x, y) => nheads.get(y) - nheads.get(x) || x - y);
-    return { sinks, acc, nheads, n, ve: veSum / n, single: n === 1 ? D.heads[ls[0]][hs[0]] : null, ls, hs };
+    return { sinks, acc, nheads, n, ve: veSum / n, vu: vuSum / n, single: n === 1 ? D.heads[ls[0]][hs[0]] : null, ls, hs };
   }
   function render() {
     view = compute(layerSel.value, headSel.value);
@@ -78,7 +82,7 @@
     if (view.sinks.length > 24) legend.appendChild(document.createTextNode(` … ${view.sinks.length - 24} more`));
     const what = view.n === 1 ? `layer ${view.ls[0]}, head ${view.hs[0]}` : `${view.n} heads (mean attention over them)`;
     document.getElementById("info").textContent = `${what}: ${view.sinks.length} sink(s), ` +
-      (view.single ? `VE ${view.single.ve.toFixed(3)}, column scores ${view.single.sc.map((x) => x.toFixed(2)).join(", ") || "-"}` : `mean VE ${view.ve.toFixed(3)}`) +
+      (view.single ? `${veText(view.single.ve, view.single.vu)}, column scores ${view.single.sc.map((x) => x.toFixed(2)).join(", ") || "-"}` : `mean ${veText(view.ve, view.vu)}`) +
       `. Token colour: the sink it attends to most, stronger = more attention.`;
     document.querySelectorAll("#grid td").forEach((td) => {
       const l = +td.dataset.l, h = +td.dataset.h;
@@ -96,7 +100,7 @@
       const td = r.insertCell(), info = D.heads[l][h], v = info.ve;
       td.dataset.l = l; td.dataset.h = h;
       td.style.background = `rgb(${Math.round(255 - 200 * v)},${Math.round(255 - 120 * v)},${Math.round(255 - 40 * v)})`;
-      td.title = `L${l}.H${h}: ${info.s.length} sink(s) ${info.s.join(",")}, VE ${v.toFixed(3)}`;
+      td.title = `L${l}.H${h}: ${info.s.length} sink(s) ${info.s.join(",")}, ${veText(v, info.vu)}`;
     }
   }
   grid.addEventListener("click", (e) => {

@@ -38,6 +38,7 @@ def view_data(result, model: str = "", prompt_id: int | None = None, start: tupl
         heads[row.layer][row.head] = {"s": [int(x) for x in row.sink_positions],
                                       "sc": [round(float(x), 4) for x in row.sink_scores],
                                       "ve": round(float(row.ve), 4),
+                                      "vu": _rounded(getattr(row, "ve_uncentred", None)),
                                       "a": base64.b64encode(q.tobytes(order="C")).decode("ascii")}
     if start is None:  # the highest-VE head with a sink beyond the first token, else the highest-VE head
         from catchtag.analysis.pca import choose_head
@@ -49,6 +50,11 @@ def view_data(result, model: str = "", prompt_id: int | None = None, start: tupl
     return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
             "min_rows": result.settings.get("min_rows"), "n_layers": L, "n_heads": H, "tokens": tokens,
             "heads": heads, "start": [int(start[0]), int(start[1])]}
+
+
+def _rounded(x) -> float | None:
+    """4 decimals, or None (JSON null) where a value is missing: JSON has no NaN."""
+    return None if x is None or x != x else round(float(x), 4)
 
 
 def render_view(data: dict, title: str | None = None) -> str:
@@ -71,7 +77,7 @@ def render_view(data: dict, title: str | None = None) -> str:
 </div>
 <div id="info"></div><div id="legend"></div></header>
 <main><div id="tokens"></div>
-<aside><h2>VE per layer (rows) and head (columns); click to pick</h2><table id="grid"></table></aside></main>
+<aside><h2>VE (centred) per layer (rows) and head (columns); click to pick</h2><table id="grid"></table></aside></main>
 <div id="tip"></div>
 <script id="catchtag-data" type="application/json">{payload}</script>
 <script>{js}</script>

@@ -58,6 +58,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
                           sink_ok=empty.bool(), ve=zeros, r2=zeros.clone(), ve_uncentred=zeros.clone(),
                           sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev),
                           sweep_ve=torch.zeros(B, H, E, device=dev), sweep_r2=torch.zeros(B, H, E, device=dev),
+                          sweep_ve_uncentred=torch.zeros(B, H, E, device=dev),
                           sink_attn=torch.zeros(B, H, T, 0, device=dev) if sink_attention else None)
         return torch.zeros_like(out), stats, None
 
@@ -85,7 +86,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     stats = HeadStats(col_scores=col_scores, row_counts=row_counts, token_valid=token_valid, sink_idx=idx,
                       sink_ok=main_ok, ve=nothing, r2=nothing, ve_uncentred=nothing,
                       sweep_n_sinks=torch.zeros(B, H, E, dtype=torch.long, device=dev), sweep_ve=nothing,
-                      sweep_r2=nothing,
+                      sweep_r2=nothing, sweep_ve_uncentred=nothing,
                       sink_attn=ya[:, :, :T, 1, :K] * main_ok[:, :, None, :] if sink_attention else None)
     if defer:
         return tag, stats, moments
