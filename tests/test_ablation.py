@@ -96,10 +96,84 @@ def test_ablate_command_end_to_end(tmp_path):
     assert r.exit_code == 2 and "nothing to ablate" in r.stderr and "Fix" in r.stderr
 
 
+@pytest.mark.parametrize("softcap,bias", [(None, False), (3.0, True)])
+def test_chunked_nll_and_its_gradient_match_pytorch_cross_entropy(monkeypatch, softcap, bias):
+    """head_nll (chunks of rows into one reused buffer, the gradient by hand) equals PyTorch's cross-entropy of the
+    whole logits and its autograd gradient, softcap and bias included, over several chunks."""
+    from catchtag.interventions import ablation as ab
+
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    B, T, d, V = 3, 11, 8, 37
+    head = torch.nn.Linear(d, V, bias=bias).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=g, dtype=torch.float64))
+    hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64).float()
+    head = head.float()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    monkeypatch.setattr(ab, "NLL_CHUNK_BYTES", 4 * V * 4)  # 4 rows a chunk: the 33 rows take 9 chunks
+    nll, grad = ab.head_nll(head, hidden, ids, mask, softcap, grad=True)
+    h = hidden.clone().requires_grad_(True)
+    logits = head(h)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = ab._nll(logits, ids, mask)
+    torch.nansum(ref).backward()
+    torch.testing.assert_close(nll, ref.detach(), equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, h.grad, atol=1e-5, rtol=1e-4)
+    # no prediction (the last position; padding and the token before it), no gradient
+    assert torch.isnan(nll).sum() == 1 + (4 + 1) + (1 + 4) and grad[2, 6:].abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_forward_nll_equals_the_models_own_logits(tiny_models, arch):
+    """forward_nll gives the NLL of the model's own logits: plainly, with a final softcap, and (by running again
+    the plain way) when something after the LM head changes the logits in a way it does not know."""
+    import copy
+
+    from catchtag.interventions import ablation as ab
+
+    model, _ = tiny_models(arch)
+    model = copy.deepcopy(model)
+    ids, mask = padded_batch([30, 24], ["right", "left"], T=30, seed=random.randrange(1 << 30))
+    calls = []
+    counter = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def passes(f):  # forward_nll's result and how many forward passes it took (1: the chunked path)
+        calls.clear()
+        return f(), len(calls)
+
+    with torch.no_grad():
+        plain = ab._plain_forward_nll(model, ids, mask, grad=False)
+        got, n = passes(lambda: ab.forward_nll(model, ids, mask))
+        torch.testing.assert_close(got, plain, equal_nan=True, atol=1e-5, rtol=1e-5)
+        assert n == 1
+        if arch == "gemma3":
+            model.config.final_logit_softcapping = 2.0
+            capped = ab._plain_forward_nll(model, ids, mask, grad=False)
+            assert (capped - plain).nan_to_num().abs().max() > 1e-3
+            got, n = passes(lambda: ab.forward_nll(model, ids, mask))
+            torch.testing.assert_close(got, capped, equal_nan=True, atol=1e-5, rtol=1e-5)
+            assert n == 1
+        handle = model.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out.logits * 1.7) or out)
+        try:
+            scaled = ab._plain_forward_nll(model, ids, mask, grad=False)
+            assert (scaled - plain).nan_to_num().abs().max() > 1e-3
+            got, n = passes(lambda: ab.forward_nll(model, ids, mask))
+            torch.testing.assert_close(got, scaled, equal_nan=True, atol=1e-5, rtol=1e-5)
+            assert n == 2  # the check saw the difference and ran the plain way
+        finally:
+            handle.remove()
+            counter.remove()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gpt_neox"])
 def test_replaying_the_layers_below_an_edit_changes_nothing(tiny_models, arch):
     """An intervened pass that replays the baseline's layer outputs below the first edited layer gives the same
-    loss, attention rows and outputs as one that recomputes every layer."""
+    loss, attention rows and outputs as one that recomputes every layer; so does a control's pass, which runs the
+    engine at the edited layers only."""
     from catchtag.interventions import ablation as ab
     from catchtag.interventions.edits import HeadEdit, Intervention
 
@@ -114,6 +188,10 @@ def test_replaying_the_layers_below_an_edit_changes_nothing(tiny_models, arch):
         fast = ab.intervened(model, ids, mask, settings, positions, edit, base)
         for a, b in zip(full, fast):
             torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-5)
+        # a control's pass: the engine only at the edited layers, the model's own attention elsewhere
+        light = ab.intervened(model, ids, mask, settings, positions, edit, base, release=False)
+        torch.testing.assert_close(light[0], full[0], equal_nan=True, atol=1e-5, rtol=1e-5)
+        assert light[1] is None and light[2] is None
         assert (full[0] - base.nll).nan_to_num().abs().max() > 0, "the edit changed nothing"
 
 

@@ -191,9 +191,9 @@ def scan(
     typer.echo(f"\n{s['n_prompts']} prompts x {s['n_layers']} layers x {s['n_heads']} heads "
                f"({summary['wall_seconds']:.1f} s" + (f", {ranks} processes)" if ranks > 1 else ")"))
     typer.echo(f"mean sinks per head {s['mean_sinks_per_head']:.3f} · heads with a sink "
-               f"{100 * s['share_heads_with_sink']:.1f}% · mean VE {s['mean_ve']:.3f} "
-               f"(heads with a sink: centred {s['mean_ve_heads_with_sink']:.3f}, uncentred "
-               f"{s['mean_ve_uncentred_heads_with_sink']:.3f})")
+               f"{100 * s['share_heads_with_sink']:.1f}% · mean VE centred {s['mean_ve']:.3f}, uncentred "
+               f"{s['mean_ve_uncentred']:.3f} (heads with a sink: centred {s['mean_ve_heads_with_sink']:.3f}, "
+               f"uncentred {s['mean_ve_uncentred_heads_with_sink']:.3f})")
     typer.echo("top sink tokens: " + ", ".join(f"{t!r} ({c})" for t, c in s["top_sink_tokens"][:5]))
     typer.echo(f"wrote {out}/heads.parquet, summary.json" + ("" if no_figures else ", figures/*.png")
                + ("" if no_views else ", views/ (the first prompt's per-token pictures)"))
@@ -254,8 +254,9 @@ def compare(
     s = _run_job(run_compare, runs, out, ve_level=ve_level, owns=out)
     for r in s["runs"]:
         typer.echo(f"{r['run']:<24} sinks/head {r['mean_sinks_per_head']:.3f} · with a sink "
-                   f"{100 * r['share_heads_with_sink']:.1f}% · mean VE {r['mean_ve']:.3f} (with a sink "
-                   f"{r['mean_ve_heads_with_sink']:.3f}; uncentred {r['mean_ve_uncentred_heads_with_sink']:.3f}) · "
+                   f"{100 * r['share_heads_with_sink']:.1f}% · mean VE centred {r['mean_ve']:.3f}, uncentred "
+                   f"{r['mean_ve_uncentred']:.3f} (with a sink: centred {r['mean_ve_heads_with_sink']:.3f}, "
+                   f"uncentred {r['mean_ve_uncentred_heads_with_sink']:.3f}) · "
                    f"VE > {ve_level}: {100 * r[f'share_ve_above_{ve_level}']:.1f}%")
     typer.echo(f"wrote {s['figure']}")
 
@@ -286,7 +287,7 @@ def sweep(
                  batch_size=batch_size, device=device, owns=out)
     for r in s["table"]:
         typer.echo(f"{r['run']:<24} eps {r['eps']:<6g} sinks/head {r['mean_sinks_per_head']:.3f} "
-                   f"mean VE {r['mean_ve']:.3f}")
+                   f"mean VE centred {r['mean_ve']:.3f}, uncentred {r['mean_ve_uncentred']:.3f}")
     typer.echo(f"wrote {s['figure']}")
 
 
@@ -504,7 +505,8 @@ def ablate(
     top: int = typer.Option(8, help="ablate the heads with the largest first-order loss change"),
     group: Optional[str] = typer.Option(None, help="layer (every head with a sink in a layer at once) or all"),
     mode: str = typer.Option("mean", help="mean (the tag replaced by its prompt mean) or zero (the tag removed)"),
-    controls: int = typer.Option(3, help="random-direction controls of the same energy per target"),
+    controls: int = typer.Option(2, help="random-direction controls of the same energy per target and prompt (each "
+                                 "prompt draws its own directions)"),
     eps: float = _EPS,
     min_rows: int = _MIN_ROWS,
     max_tokens: Optional[int] = typer.Option(256, help="tokens per prompt"),

@@ -488,7 +488,7 @@ def _ablate_targets(heads, top, group, attrib: pd.DataFrame, n_layers: int):
 
 def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/ablate", *,
                heads: Sequence[tuple[int, int]] | None = None, top: int = 8, group: str | None = None,
-               mode: str = "mean", controls: int = 3, eps: float = 0.2, min_rows: int = 16,
+               mode: str = "mean", controls: int = 2, eps: float = 0.2, min_rows: int = 16,
                max_tokens: int | None = 256, limit: int | None = 32, batch_size: int = 8, seed: int = 0,
                device: str = "auto", dtype: str = "auto", figures: bool = True, progress: bool = True) -> dict:
     """What ``catchtag ablate`` does, into OUT/ablate/: a first-order attribution for every head (one forward and
@@ -518,6 +518,7 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     folder = Path(out) / "ablate"
     manifest = {"model": model, "prompts_sha1": prompts_sha1(prompts),
                 "eps": eps, "min_rows": min_rows, "mode": mode, "seed": seed, "controls": controls,
+                "control_directions": "per prompt",
                 "heads": [list(x) for x in heads] if heads else None, "top": top, "group": group,
                 "batch_size": batch_size}
     if (folder / "run.json").is_file() and json.loads((folder / "run.json").read_text()) != manifest:
@@ -579,8 +580,9 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
                 l0 = min(l for l, _ in group_heads)
                 s0 = base.first_sink[:, [l for l, _ in group_heads], [h for _, h in group_heads]].amin(dim=1)
                 for kind, draw in [("ablation", 0)] + [("control", d) for d in range(controls)]:
-                    edit = ab.edits_for(group_heads, mode, kind, D, draw, seed)
-                    nll, mean_row, z = ab.intervened(net, ids, mask, settings, positions, edit, base)
+                    edit = ab.edits_for(group_heads, mode, kind, D, draw, seed, [p.prompt_id for p in batch])
+                    nll, mean_row, z = ab.intervened(net, ids, mask, settings, positions, edit, base,
+                                                     release=kind == "ablation")
                     delta = ab.loss_change(base.nll, nll, s0)
                     for b, p in enumerate(batch):
                         rows.append((p.prompt_id, name, kind, draw, float(delta[b])))

@@ -84,6 +84,10 @@ RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                  max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6,
                                  tie_word_embeddings=False, use_sliding_window=False)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=1e5, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
 }
 
 

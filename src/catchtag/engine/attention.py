@@ -56,8 +56,12 @@ class Capture:
     cap and moves every record to the CPU in one go."""
 
     def __init__(self, settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-                 sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False):
+                 sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False,
+                 stats_layers=None):
         self.settings = settings
+        # the layers whose statistics the pass needs (None: all); the others run the model's plain attention
+        self.stats_layers = None if stats_layers is None else frozenset(int(x) for x in stats_layers)
+        self.called: list[int] = []  # the layer index of every attention call, in order
         self.differentiable = differentiable  # outputs from differentiable attention (attribution's gradients)
         self.edit = edit  # edit(layer, out (B,H,T,D), tag, stats) -> out: the hook interventions use
         self.k_hint = k_hint  # most candidates of any head in the last pass (finish's guess; None: the cap)
@@ -116,13 +120,16 @@ _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("catcht
 
 @contextmanager
 def capture(settings: SinkSettings, request: ActivationRequest | None = None, backend: str = "auto",
-            sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False):
+            sink_cap: int | None = None, k_hint: int | None = None, edit=None, differentiable: bool = False,
+            stats_layers=None):
     """Within this block, forward passes of an enabled model record statistics into the yielded Capture.
 
     sink_cap: see Capture; with a cap, leaving the block raises SinkCapExceeded when a head had more candidate
     sinks than the cap (``captured_forward`` runs the pass again with a larger one). edit: a callable
-    (layer, out, tag, stats) -> out that changes head outputs in the pass (catchtag.interventions)."""
-    cap = Capture(settings, request, backend, sink_cap, k_hint, edit, differentiable)
+    (layer, out, tag, stats) -> out that changes head outputs in the pass (catchtag.interventions).
+    stats_layers: the layers that need statistics (None: all); the others run the model's own attention, at its
+    speed, and record nothing (an intervention's control needs the edited layers only)."""
+    cap = Capture(settings, request, backend, sink_cap, k_hint, edit, differentiable, stats_layers)
     token = _ACTIVE.set(cap)
     try:
         yield cap
@@ -200,6 +207,11 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     settings = cap.settings if cap is not None else SinkSettings()
     request = cap.request if cap is not None else None
     layer = cap.layer_index(module) if cap is not None else -1
+    if cap is not None:
+        cap.called.append(layer)
+        if cap.stats_layers is not None and layer not in cap.stats_layers:
+            out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
+            return out.transpose(1, 2).contiguous(), None
     keep_maps = [h for (lay, h) in (request.attention_maps if request else ()) if lay == layer]
 
     from catchtag.engine.backends import layer_statistics  # picks the fastest path for this device
@@ -209,7 +221,7 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if cap is not None and cap.differentiable:
         # a first-order attribution needs d(loss)/d(out) through every later layer: the output comes from PyTorch's
         # differentiable attention, the statistics (sinks, tags) from the engine on detached inputs
-        grad_out = _differentiable_attention(module, query, key, value, attention_mask, dropout, scaling, softcap,
+        grad_out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, softcap,
                                              **kwargs)
         query, key, value = query.detach(), key.detach(), value.detach()
     with torch.no_grad() if grad_out is not None else contextlib.nullcontext():
@@ -245,9 +257,9 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _differentiable_attention(module, query, key, value, mask, dropout, scaling, softcap, **kwargs) -> torch.Tensor:
-    """The attention output (B,H,T,D) from transformers' own differentiable functions (SDPA; eager when the
-    logits are softcapped), for gradients."""
+def _plain_attention(module, query, key, value, mask, dropout, scaling, softcap, **kwargs) -> torch.Tensor:
+    """The attention output (B,H,T,D) from transformers' own functions (SDPA; eager when the logits are
+    softcapped, which SDPA cannot do): differentiable, and as fast as the model without catchtag."""
     if softcap is None:
         out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     else:

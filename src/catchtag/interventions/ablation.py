@@ -15,6 +15,7 @@ token at position i predicts token i + 1). Three measurements, all over the same
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -61,32 +62,145 @@ def _recording(model, outputs: list):
 
 
 @contextmanager
+def patched_forward(module, forward):
+    """``module`` runs ``forward`` instead of its own within this block. A forward set on the instance before (the
+    device hook accelerate adds under a device map) comes back afterwards."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
+
+
+@contextmanager
 def replay_below(model, outputs: list, first: int):
     """Decoder layers below ``first`` return what they returned in the baseline pass instead of computing: an edit
     at layer ``first`` cannot change them, so an intervened pass costs only the layers from ``first`` on."""
     layers = decoder_layers(model)
-    patched = []
-    for i in range(first):
-        layers[i].forward = (lambda *a, _out=outputs[i], **k: _out)
-        patched.append(layers[i])
-    try:
+    with contextlib.ExitStack() as stack:
+        for i in range(first):
+            stack.enter_context(patched_forward(layers[i], lambda *a, _out=outputs[i], **k: _out))
         yield
-    finally:
-        for layer in patched:
-            del layer.forward
+
+
+NLL_CHUNK_BYTES = 256 << 20  # logits computed at once: one buffer, reused, instead of the whole (B, T, vocab)
+
+
+def _predicts(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is real (they make a prediction that counts)."""
+    valid = mask.bool()
+    predicts = valid & torch.roll(valid, -1, dims=1)
+    predicts[:, -1] = False
+    return predicts
+
+
+def _final_softcap(config) -> float | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def head_nll(head: torch.nn.Linear, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+             softcap: float | None = None, grad: bool = False):
+    """Next-token NLL from the LM head's input ``hidden`` (B, T, d), in chunks of rows into one reused float32
+    buffer: a float32 cross-entropy without the (B, T, vocab) logits and their gradient (400 MB each for 8 x 256
+    tokens of a 49k vocabulary; allocating them anew every pass cost more than the log-softmax on the CPU).
+    softcap: the model's final logit softcapping. Returns (nll (B, T) float64, nan where no prediction; with
+    ``grad``, d(sum of the NLL over the predictions)/d(hidden), else None)."""
+    W = head.weight.detach()
+    bias = head.bias.detach() if head.bias is not None else None
+    B, T, d = hidden.shape
+    x = hidden.detach().reshape(B * T, d)
+    target = torch.roll(ids, -1, dims=1).reshape(-1).to(x.device)
+    predicts = _predicts(mask).reshape(-1).to(x.device)
+    N, V = B * T, W.shape[0]
+    rows = max(1, min(N, NLL_CHUNK_BYTES // (4 * V)))
+    buf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
+    dcap = torch.empty_like(buf) if grad and softcap else None
+    nll = torch.empty(N, device=x.device, dtype=torch.float32)
+    g = torch.empty_like(x) if grad else None
+    fast = x.dtype == torch.float32 and W.dtype == torch.float32
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        z, tgt = buf[:e - s], target[s:e]
+        if fast:
+            torch.matmul(x[s:e], W.t(), out=z)
+        else:
+            z.copy_(x[s:e] @ W.t())
+        if bias is not None:
+            z.add_(bias.float())
+        if softcap:
+            z.div_(softcap).tanh_()
+            if dcap is not None:  # d(softcap * tanh(u / softcap))/du = 1 - tanh^2
+                torch.mul(z, z, out=dcap[:e - s]).neg_().add_(1.0)
+            z.mul_(softcap)
+        picked = z.gather(1, tgt[:, None])[:, 0]
+        top = z.amax(dim=1)
+        z.sub_(top[:, None]).exp_()
+        total = z.sum(dim=1)
+        nll[s:e] = top + total.log() - picked
+        if grad:  # d nll / d logits = softmax - one-hot, at the predictions only
+            z.div_(total[:, None])
+            z.scatter_add_(1, tgt[:, None], torch.full((e - s, 1), -1.0, device=z.device))
+            if dcap is not None:
+                z.mul_(dcap[:e - s])
+            z.mul_(predicts[s:e, None])
+            if fast:
+                torch.matmul(z, W, out=g[s:e])
+            else:
+                g[s:e] = (z.to(W.dtype) @ W).to(g.dtype)
+    out = torch.where(predicts, nll.double(), torch.full_like(nll, float("nan"), dtype=torch.float64))
+    return out.reshape(B, T).cpu(), (g.reshape(B, T, d) if grad else None)
+
+
+def forward_nll(model, ids, mask, grad: bool = False) -> torch.Tensor:
+    """(B, T) next-token NLL (float64, nan where no prediction) of one forward pass of ``model``; with ``grad``,
+    the gradient of their sum flows back into the pass's graph. The LM head runs on the last position only inside
+    the model and in chunks here (head_nll); the model's own logits there check that nothing after the head was
+    missed (a softcap is handled; anything else makes the pass run again the plain way)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return _plain_forward_nll(model, ids, mask, grad)
+    kept: list = []
+    own = head.forward
+    with patched_forward(head, lambda x, *a, **k: (kept.append(x), own(x[:, -1:], *a, **k))[1]):
+        last = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    hidden, softcap = kept[-1], _final_softcap(model.config)
+    with torch.no_grad():
+        mine = own(hidden[:, -1:].detach()).float()
+        if softcap:
+            mine = torch.tanh(mine / softcap) * softcap
+        theirs = last.detach().float()
+        tol = (1e-4 if theirs.dtype == hidden.dtype else 2e-2) * float(theirs.abs().amax()) + 1e-6
+        same = mine.shape == theirs.shape and float((mine - theirs).abs().amax()) <= tol
+    if not same:
+        return _plain_forward_nll(model, ids, mask, grad)
+    nll, g = head_nll(head, hidden, ids, mask, softcap, grad)
+    if grad:
+        hidden.backward(g)
+    return nll
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) next-token NLL at each predicting position (the last real token and padding: nan), float64 out of
-    PyTorch's fused float32 cross-entropy (a float64 log-softmax over a 49k vocabulary costs more than the pass)."""
+    """(B, T) next-token NLL at each predicting position (nan elsewhere) from whole logits, float64 out of PyTorch's
+    fused float32 cross-entropy."""
     B, T, V = logits.shape
     target = torch.roll(ids, -1, dims=1)
     nll = torch.nn.functional.cross_entropy(logits.reshape(B * T, V).float(), target.reshape(-1),
                                             reduction="none").reshape(B, T).double()
-    valid = mask.bool()
-    predicts = valid & torch.roll(valid, -1, dims=1)
-    predicts[:, -1] = False
-    return torch.where(predicts, nll, torch.full_like(nll, float("nan")))
+    return torch.where(_predicts(mask), nll, torch.full_like(nll, float("nan")))
+
+
+def _plain_forward_nll(model, ids, mask, grad: bool) -> torch.Tensor:
+    """forward_nll through the model's whole logits (for heads or post-processing head_nll does not know)."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    nll = _nll(logits, ids, mask)
+    if grad:
+        torch.nansum(nll).backward()
+    return nll.detach().cpu()
 
 
 def _mean_rows(cap, n_layers: int, start: int = 0) -> torch.Tensor:
@@ -123,26 +237,31 @@ def baseline(model, ids, mask, settings, positions) -> Baseline:
     request = ActivationRequest(positions=positions, space="head")
     outputs: list = []
     with torch.no_grad(), capture(settings, request) as cap, _recording(model, outputs):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        nll = forward_nll(model, ids, mask)
     z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
-    return Baseline(_nll(logits, ids, mask).cpu(), _first_sinks(cap, n_layers, ids.shape[1]),
+    return Baseline(nll, _first_sinks(cap, n_layers, ids.shape[1]),
                     _mean_rows(cap, n_layers), z, outputs)
 
 
-def intervened(model, ids, mask, settings, positions, edit: Intervention, base: Baseline | None = None):
+def intervened(model, ids, mask, settings, positions, edit: Intervention, base: Baseline | None = None,
+               release: bool = True):
     """(nll (B,T), mean rows (B,L,H,T), z at positions (B,L,H,P,D)) of one batch with ``edit`` applied. With the
-    batch's ``base``line, the layers below the first edited one are replayed, not recomputed."""
+    batch's ``base``line, the layers below the first edited one are replayed, not recomputed. release=False (a
+    control): only the loss; the layers without an edit run the model's own attention, and rows and z are None."""
     from catchtag.engine.attention import capture
     from catchtag.engine.request import ActivationRequest
 
     n_layers = model.config.num_hidden_layers
     first = min(edit.by_layer) if base is not None and base.layer_outputs and edit.by_layer else 0
-    request = ActivationRequest(positions=positions, space="head")
-    with torch.no_grad(), capture(settings, request, edit=edit) as cap, \
+    request = ActivationRequest(positions=positions, space="head") if release else None
+    with torch.no_grad(), capture(settings, request, edit=edit,
+                                  stats_layers=None if release else set(edit.by_layer)) as cap, \
             replay_below(model, base.layer_outputs if first else [], first):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    if first and set(cap.layers) != set(range(first, n_layers)):  # attention modules numbered by call order
-        return intervened(model, ids, mask, settings, positions, edit)
+        nll = forward_nll(model, ids, mask)
+    if first and set(cap.called) != set(range(first, n_layers)):  # attention modules numbered by call order
+        return intervened(model, ids, mask, settings, positions, edit, release=release)
+    if not release:
+        return nll, None, None
     if first:  # the replayed layers did not run: below the edit everything is the baseline's
         z = torch.cat([base.z[:, :first], torch.stack([cap.layers[l].activations["z"]
                                                        for l in range(first, n_layers)], dim=1)], dim=1)
@@ -151,7 +270,7 @@ def intervened(model, ids, mask, settings, positions, edit: Intervention, base: 
     else:
         z = torch.stack([cap.layers[l].activations["z"] for l in range(n_layers)], dim=1)
         rows = _mean_rows(cap, n_layers)
-    return _nll(logits, ids, mask).cpu(), rows, z
+    return nll, rows, z
 
 
 def loss_change(base_nll, new_nll, s0) -> np.ndarray:
@@ -162,17 +281,25 @@ def loss_change(base_nll, new_nll, s0) -> np.ndarray:
     return torch.where(n > 0, d / n.clamp_min(1), torch.full_like(d, float("nan"))).numpy()
 
 
-def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 0) -> Intervention:
-    """The Intervention that ablates ``heads`` (mode zero or mean) or applies its control (kind 'control', one
-    random direction per head and draw)."""
+def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 0,
+              prompt_ids=None) -> Intervention:
+    """The Intervention that ablates ``heads`` (mode zero or mean) or applies its control (kind 'control'): a random
+    direction for each head, draw and prompt (``prompt_ids`` of the batch; None: one for the whole batch), drawn
+    from (seed, draw, layer, head, prompt id) so that a resumed run, or another batch size, draws the same ones.
+    Over the prompts the mean control change is then an average over as many directions as prompts x draws, and
+    its interval over prompts includes the spread between directions."""
     if mode not in ("zero", "mean"):
         raise CatchtagError(f"--mode must be zero or mean, got {mode!r}")
     edits = {}
-    for i, (layer, head) in enumerate(heads):
+    for layer, head in heads:
         if kind == "ablation":
             edits[(layer, head)] = HeadEdit(f"{mode}_tag")
         else:
-            edits[(layer, head)] = HeadEdit(f"control_{mode}", random_unit(dim, seed + 1000 * draw + 7919 * i))
+            if prompt_ids is None:
+                u = random_unit(dim, [seed, draw, layer, head])
+            else:
+                u = np.stack([random_unit(dim, [seed, draw, layer, head, int(p)]) for p in prompt_ids])
+            edits[(layer, head)] = HeadEdit(f"control_{mode}", u)
     return Intervention(edits)
 
 
@@ -246,13 +373,10 @@ def attribution(model, ids, mask, settings, mode: str):
         p.requires_grad_(False)
     try:
         with torch.enable_grad(), capture(settings, edit=hook, differentiable=True) as cap:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            nll = _nll(logits, ids, mask)
-            torch.nansum(nll).backward()
+            nll = forward_nll(model, ids, mask, grad=True)
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    nll = nll.detach().cpu()
     return hook.estimate(mode, nll), nll, cap
 
 
@@ -267,5 +391,5 @@ def interval(values: np.ndarray) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "interval", "intervened",
-           "loss_change", "release_rows", "sample_positions"]
+__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll", "interval",
+           "intervened", "loss_change", "patched_forward", "release_rows", "sample_positions"]

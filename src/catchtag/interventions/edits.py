@@ -11,8 +11,8 @@ whose tag can be nonzero; with no sink, nothing changes):
   zero_tag         o_i <- o_i - tag_i
   mean_tag         o_i <- o_i - tag_i + mean_{j >= s0} tag_j       (the mean over the same prompt's tokens)
   control          o_i <- o_i - |r_i| u, with r_i the component the matching ablation removes (tag_i for zero,
-                   tag_i - mean for mean) and u a fixed random unit direction of head space: the same energy per
-                   token, in a direction that carries no tag
+                   tag_i - mean for mean) and u a random unit direction of head space (one for the whole batch, or
+                   one per prompt): the same energy per token, in a direction that carries no tag
   add              o_i <- o_i + vector at the last real token (steering)
 """
 
@@ -32,8 +32,8 @@ KINDS = ("zero_tag", "mean_tag", "control_zero", "control_mean", "add")
 
 @dataclass
 class HeadEdit:
-    """One head's edit. kind: one of KINDS; vector: the head-space vector of ``add``, or the unit direction of a
-    control (dim,)."""
+    """One head's edit. kind: one of KINDS; vector: the head-space vector of ``add`` (dim,), or the unit direction
+    of a control: (dim,) for every prompt, or (B, dim) one per prompt of the batch."""
 
     kind: str
     vector: np.ndarray | torch.Tensor | None = None
@@ -98,15 +98,17 @@ class Intervention:
                 removed = (t - mean) * w
             if e.kind.startswith("control"):
                 u = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
-                u = u / u.norm().clamp_min(1e-30)
+                u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                u = u[:, None, :] if u.dim() == 2 else u  # one direction per prompt: (B, 1, D)
                 out[:, h] -= e.scale * removed.norm(dim=-1, keepdim=True) * u
             else:
                 out[:, h] -= e.scale * removed
         return out
 
 
-def random_unit(dim: int, seed: int) -> np.ndarray:
-    """A random unit direction of head space (the control's), reproducible from ``seed``."""
+def random_unit(dim: int, seed) -> np.ndarray:
+    """A random unit direction of head space (the control's), reproducible from ``seed`` (an int, or a list of ints:
+    numpy's SeedSequence keeps each combination's stream independent)."""
     v = np.random.default_rng(seed).standard_normal(dim)
     return v / np.linalg.norm(v)
 
