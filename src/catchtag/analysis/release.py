@@ -42,16 +42,14 @@ def _derangement(n: int, seed: int) -> np.ndarray:
 
 
 def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarray]], folds: int = 5,
-                    seed: int = 0, progress: str | None = None) -> pd.DataFrame:
+                    seed: int = 0, progress: str | None = None, n_jobs: int = -1) -> pd.DataFrame:
     """One row per layer: held-out accuracy of reading the groups from that layer's features (mean over prompts,
     95% interval), the same for the control, chance (the largest group's share) and counts.
 
     groups: per prompt, (T_p,) group labels (-1: left out); features: layer -> per prompt (T_p, d) arrays.
-    progress: a label for a progress bar over the layers (None: no bar)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    progress: a label for a progress bar over the layers (None: no bar). n_jobs: layers decoded at once (joblib;
+    -1: one per core); the probes are small, so cores help more than a multithreaded BLAS inside one fit."""
+    from joblib import Parallel, delayed
 
     n = len(groups)
     if n < folds:
@@ -66,36 +64,44 @@ def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarra
         g[:m] = other[:m]
         g[groups[p] < 0] = -1  # the same tokens in play as in the real labels
         control.append(g)
-    rows = []
+    if len(np.unique(np.concatenate([g[g >= 0] for g in groups]))) < 2:
+        raise CatchtagError("the tokens fall into fewer than two sink groups, so there is nothing to decode. "
+                            "Fix: a head with two or more sinks on most prompts, or a lower --level")
     layers = sorted(features)
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_decode_layer)(layer, features[layer], groups, control, folds) for layer in layers)
     if progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc=progress, unit="layer", dynamic_ncols=True)
-    for layer in layers:
-        row = {"layer": layer}
-        for kind, labels in (("", groups), ("control_", control)):
-            X = np.concatenate([f[g >= 0] for f, g in zip(features[layer], labels)])
-            y = np.concatenate([g[g >= 0] for g in labels])
-            prompt = np.concatenate([np.full(int((g >= 0).sum()), p) for p, g in enumerate(labels)])
-            classes = np.unique(y)
-            if len(classes) < 2:
-                raise CatchtagError("the tokens fall into fewer than two sink groups, so there is nothing to decode. "
-                                    "Fix: a head with two or more sinks on most prompts, or a lower --level")
-            correct = np.zeros(len(y), dtype=bool)
-            for train, test in GroupKFold(n_splits=folds).split(X, y, prompt):
-                if len(np.unique(y[train])) < 2:
-                    correct[test] = y[test] == y[train][0]
-                    continue
-                probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=300))
-                probe.fit(X[train], y[train])
-                correct[test] = probe.predict(X[test]) == y[test]
-            per_prompt = pd.Series(correct).groupby(prompt).mean().to_numpy()
-            m = float(per_prompt.mean())
-            half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
-            row.update({f"{kind}accuracy": m, f"{kind}ci_low": m - half, f"{kind}ci_high": m + half})
-            if not kind:
-                row.update({"chance": float(np.bincount(y).max() / len(y)), "n_tokens": int(len(y)),
-                            "n_groups": int(len(classes)), "n_prompts": int(len(per_prompt))})
-        rows.append(row)
-    return pd.DataFrame(rows)
+        jobs = tqdm(jobs, total=len(layers), desc=progress, unit="layer", dynamic_ncols=True)
+    return pd.DataFrame(list(jobs))
+
+
+def _decode_layer(layer: int, features: list[np.ndarray], groups, control, folds: int) -> dict:
+    """decode_by_depth's row for one layer (a function of its own, so that joblib can run layers side by side)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    row = {"layer": layer}
+    for kind, labels in (("", groups), ("control_", control)):
+        X = np.concatenate([f[g >= 0] for f, g in zip(features, labels)])
+        y = np.concatenate([g[g >= 0] for g in labels])
+        prompt = np.concatenate([np.full(int((g >= 0).sum()), p) for p, g in enumerate(labels)])
+        correct = np.zeros(len(y), dtype=bool)
+        for train, test in GroupKFold(n_splits=folds).split(X, y, prompt):
+            if len(np.unique(y[train])) < 2:
+                correct[test] = y[test] == y[train][0]
+                continue
+            probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=300))
+            probe.fit(X[train], y[train])
+            correct[test] = probe.predict(X[test]) == y[test]
+        per_prompt = pd.Series(correct).groupby(prompt).mean().to_numpy()
+        m = float(per_prompt.mean())
+        half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+        row.update({f"{kind}accuracy": m, f"{kind}ci_low": m - half, f"{kind}ci_high": m + half})
+        if not kind:
+            row.update({"chance": float(np.bincount(y).max() / len(y)), "n_tokens": int(len(y)),
+                        "n_groups": int(len(np.unique(y))), "n_prompts": int(len(per_prompt))})
+    return row
