@@ -215,6 +215,10 @@ def test_decoding_finds_a_planted_grouping_and_the_control_does_not():
     assert t.loc[1, "accuracy"] > 0.9 and t.loc[1, "ci_low"] > t.loc[1, "control_ci_high"]
     assert abs(t.loc[2, "accuracy"] - t.loc[2, "chance"]) < 0.2
     assert t.loc[1, "control_accuracy"] < 0.85
+    # each label set has its own chance: the control's tokens are those in play at the same position in both prompts
+    assert (t["control_n_tokens"] <= t["n_tokens"]).all() and (t["control_n_tokens"] < t["n_tokens"]).any()
+    assert abs(t.loc[2, "control_accuracy"] - t.loc[2, "control_chance"]) < 0.2
+    assert t["control_chance"].between(0.5, 1).all()  # two groups: the larger holds at least half
     # groups from attention to the sinks: the sink attended most, in position order, from the level up
     a = np.array([[0.9, 0.0], [0.6, 0.3], [0.2, 0.7], [0.05, 0.04], [0.3, 0.5]])
     assert sink_groups(a, [3, 0], level=0.1).tolist() == [-1, 1, 0, -1, 0]

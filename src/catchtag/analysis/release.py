@@ -5,8 +5,11 @@ attention is at least ``level``; groups are numbered by the sink's order on the 
 sinks themselves and tokens below the level are left out. A linear probe (multinomial logistic regression on
 standardised features) reads the group from the residual stream entering each deeper layer, trained and tested on
 different prompts (grouped k-fold). The control keeps every token's position but takes its group from another
-prompt (a fixed derangement of the prompts), so it has the same positions and group sizes and no tie to the
-tokens' own sinks. Accuracy is the mean over prompts of the held-out accuracy, with a 95% interval over prompts.
+prompt (a fixed derangement of the prompts): the tokens in play in both prompts at the same position, no tie to the
+tokens' own sinks. Its labels are a function of position like the real ones, and a residual stream carries position,
+so the control can read above its own chance; each label set's chance (its largest group's share) is reported, and
+accuracies are compared each to its own chance. Accuracy is the mean over prompts of the held-out accuracy, with a
+95% interval over prompts.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _derangement(n: int, seed: int) -> np.ndarray:
 def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarray]], folds: int = 5,
                     seed: int = 0, progress: str | None = None, n_jobs: int = -1) -> pd.DataFrame:
     """One row per layer: held-out accuracy of reading the groups from that layer's features (mean over prompts,
-    95% interval), the same for the control, chance (the largest group's share) and counts.
+    95% interval), the same for the control, each label set's chance (its largest group's share) and counts.
 
     groups: per prompt, (T_p,) group labels (-1: left out); features: layer -> per prompt (T_p, d) arrays.
     progress: a label for a progress bar over the layers (None: no bar). n_jobs: layers decoded at once (joblib;
@@ -101,7 +104,7 @@ def _decode_layer(layer: int, features: list[np.ndarray], groups, control, folds
         m = float(per_prompt.mean())
         half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
         row.update({f"{kind}accuracy": m, f"{kind}ci_low": m - half, f"{kind}ci_high": m + half})
+        row.update({f"{kind}chance": float(np.bincount(y).max() / len(y)), f"{kind}n_tokens": int(len(y))})
         if not kind:
-            row.update({"chance": float(np.bincount(y).max() / len(y)), "n_tokens": int(len(y)),
-                        "n_groups": int(len(np.unique(y))), "n_prompts": int(len(per_prompt))})
+            row.update({"n_groups": int(len(np.unique(y))), "n_prompts": int(len(per_prompt))})
     return row

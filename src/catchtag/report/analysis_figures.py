@@ -437,7 +437,8 @@ def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_he
 
 def release_decoding_figure(decoding: pd.DataFrame, summary: dict, path: str | Path) -> Path:
     """Held-out accuracy of decoding each head's sink groups from the residual stream entering each deeper layer
-    (solid, 95% interval over prompts) against the control with other prompts' groups (dashed), and chance."""
+    (solid, 95% interval over prompts) against the control with other prompts' groups (dashed), each with its own
+    chance (dotted: the control's labels are another set, with another largest group)."""
     heads = decoding[["source_layer", "head"]].drop_duplicates().to_numpy().tolist()
     fig, axes = new_figure(1, len(heads), figsize=(4.2 * len(heads), 3.4), squeeze=False, sharey=True,
                            layout="constrained")
@@ -447,7 +448,8 @@ def release_decoding_figure(decoding: pd.DataFrame, summary: dict, path: str | P
         ax.plot(d["layer"], d["accuracy"], "o-", color="C3", ms=3, label="tagging sink's group")
         ax.fill_between(d["layer"], d["control_ci_low"], d["control_ci_high"], color="0.5", alpha=0.2)
         ax.plot(d["layer"], d["control_accuracy"], "s--", color="0.4", ms=3, label="control: other prompts' groups")
-        ax.plot(d["layer"], d["chance"], ":", color="k", lw=1, label="largest group's share")
+        ax.plot(d["layer"], d["chance"], ":", color="C3", lw=1.2, label="its chance (largest group's share)")
+        ax.plot(d["layer"], d["control_chance"], ":", color="0.3", lw=1.2, label="the control's chance")
         ax.set_title(f"head {layer}.{head} ({int(d['n_groups'].max())} groups)", fontsize=9)
         ax.set_xlabel("residual stream entering layer")
     axes[0][0].set_ylabel("held-out accuracy")
