@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--json", default="", help="write the per-command results here")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="catchtag-commands-"))
+    if out.exists() and any(out.iterdir()):  # a scan would resume there and run nothing, so nothing would be checked
+        print(f"--out {out} is not empty: the commands would resume earlier runs. Fix: a new folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     src = str(Path(__file__).resolve().parents[1] / "src")

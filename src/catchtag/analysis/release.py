@@ -9,7 +9,7 @@ prompt (a fixed derangement of the prompts): the tokens in play in both prompts 
 tokens' own sinks. Its labels are a function of position like the real ones, and a residual stream carries position,
 so the control can read above its own chance; each label set's chance (its largest group's share) is reported, and
 accuracies are compared each to its own chance. Accuracy is the mean over prompts of the held-out accuracy, with a
-95% interval over prompts.
+95% interval over prompts (mean ± 1.96 standard errors, cut to [0, 1]).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _decode_layer(layer: int, features: list[np.ndarray], groups, control, folds
         per_prompt = pd.Series(correct).groupby(prompt).mean().to_numpy()
         m = float(per_prompt.mean())
         half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
-        row.update({f"{kind}accuracy": m, f"{kind}ci_low": m - half, f"{kind}ci_high": m + half})
+        row.update({f"{kind}accuracy": m, f"{kind}ci_low": max(m - half, 0.0), f"{kind}ci_high": min(m + half, 1.0)})
         row.update({f"{kind}chance": float(np.bincount(y).max() / len(y)), f"{kind}n_tokens": int(len(y))})
         if not kind:
             row.update({"n_groups": int(len(np.unique(y))), "n_prompts": int(len(per_prompt))})
