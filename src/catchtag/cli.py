@@ -604,7 +604,8 @@ def release(
         first, last = mine[0], mine[-1]
         typer.echo(f"head {layer}.{head}: layer {first['layer']} accuracy {first['accuracy']:.3f} (control "
                    f"{first['control_accuracy']:.3f}) ... layer {last['layer']} {last['accuracy']:.3f} (control "
-                   f"{last['control_accuracy']:.3f}); chance {first['chance']:.3f} (control {first['control_chance']:.3f})")
+                   f"{last['control_accuracy']:.3f}); chance {first['chance']:.3f} (control "
+                   f"{first['control_chance']:.3f})")
     typer.echo(f"wrote {out}/release_decoding.csv, summary.json" + ("" if no_figures else ", release_decoding.png"))
 
 

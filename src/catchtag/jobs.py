@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
+from catchtag.analysis.common import mean_interval
 from catchtag.analysis.probes import (CACHE_NAME, KINDS, HeadProbes, ProbeTask, answer_token_ids, demonstrations,
                                       few_shot_prompts, get_task, select_heads, selected_heads_markdown, task_frame,
                                       wide_table, wilson_interval)
@@ -623,8 +624,8 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
         t = table[table["target"] == name]
         real = t[t["kind"] == "ablation"].groupby("prompt_id")["delta_nll"].mean()
         ctrl = t[t["kind"] == "control"].groupby("prompt_id")["delta_nll"].mean()  # averaged over draws
-        m, lo, hi = ab.interval(real.to_numpy())
-        cm, clo, chi = ab.interval(ctrl.to_numpy()) if len(ctrl) else (float("nan"),) * 3
+        m, lo, hi = mean_interval(real.to_numpy())
+        cm, clo, chi = mean_interval(ctrl.to_numpy())
         est = per_head.set_index(["layer", "head"]).loc[group_heads]
         summary_rows.append({"target": name, "heads": [list(x) for x in group_heads],
                              "n_prompts_tagged": int(real.notna().sum()), "delta_nll": m,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from catchtag.analysis.common import mean_interval
 from catchtag.errors import CatchtagError
 
 
@@ -101,9 +102,8 @@ def _decode_layer(layer: int, features: list[np.ndarray], groups, control, folds
             probe.fit(X[train], y[train])
             correct[test] = probe.predict(X[test]) == y[test]
         per_prompt = pd.Series(correct).groupby(prompt).mean().to_numpy()
-        m = float(per_prompt.mean())
-        half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
-        row.update({f"{kind}accuracy": m, f"{kind}ci_low": max(m - half, 0.0), f"{kind}ci_high": min(m + half, 1.0)})
+        m, low, high = mean_interval(per_prompt)  # grouped folds: at least two prompts
+        row.update({f"{kind}accuracy": m, f"{kind}ci_low": max(low, 0.0), f"{kind}ci_high": min(high, 1.0)})
         row.update({f"{kind}chance": float(np.bincount(y).max() / len(y)), f"{kind}n_tokens": int(len(y))})
         if not kind:
             row.update({"n_groups": int(len(np.unique(y))), "n_prompts": int(len(per_prompt))})

@@ -221,8 +221,7 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if cap is not None and cap.differentiable:
         # a first-order attribution needs d(loss)/d(out) through every later layer: the output comes from PyTorch's
         # differentiable attention, the statistics (sinks, tags) from the engine on detached inputs
-        grad_out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, softcap,
-                                             **kwargs)
+        grad_out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
         query, key, value = query.detach(), key.detach(), value.detach()
     with torch.no_grad() if grad_out is not None else contextlib.nullcontext():
         out, tag, stats, maps = layer_statistics(query, key, value, attention_mask, scaling, softcap, settings,

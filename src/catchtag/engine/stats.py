@@ -32,8 +32,8 @@ class HeadStats:
     column. token_valid (B,T). sink_idx / sink_ok (B,H,K): sink columns at the main eps (padded with ok=False).
     ve / r2 (B,H): variance explained by the tag (projection and R^2 forms). ve_uncentred (B,H): the
     projection form without centring the outputs (the shared mean direction counts). sweep_n_sinks, sweep_ve,
-    sweep_r2, sweep_ve_uncentred (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K): A[:, sink_idx]
-    at the main eps (O(T*K), already computed for the tag; backends may leave it None).
+    sweep_r2, sweep_ve_uncentred (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K):
+    A[:, sink_idx] at the main eps (O(T*K), already computed for the tag; backends may leave it None).
     """
 
     col_scores: torch.Tensor

@@ -381,16 +381,5 @@ def attribution(model, ids, mask, settings, mode: str):
     return hook.estimate(mode, nll), nll, cap
 
 
-def interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% interval (normal, over prompts) of per-prompt values, nan ignored."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(v.mean())
-    half = 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return m, m - half, m + half
-
-
-__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll", "interval",
+__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll",
            "intervened", "loss_change", "patched_forward", "release_rows", "sample_positions"]
