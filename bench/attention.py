@@ -80,13 +80,13 @@ def plant_sinks(model, strength: float | None = None, fractions=(0.0, 0.25, 0.5)
     return handles
 
 
-def build_model(layers: int | None = None):
-    """random:qwen2.5-7b (catchtag.models.RANDOM_SHAPES), optionally with fewer layers."""
+def build_model(layers: int | None = None, shape: str = "qwen2.5-7b"):
+    """random:<shape> (catchtag.models.RANDOM_SHAPES: qwen2.5-7b, gemma2-9b), optionally with fewer layers."""
     from transformers import AutoModelForCausalLM
 
     from catchtag.models import random_config
 
-    cfg = random_config("qwen2.5-7b")
+    cfg = random_config(shape)
     if layers:
         cfg.num_hidden_layers = layers
     torch.manual_seed(0)
@@ -110,11 +110,36 @@ def forward(model, mode, ids, settings):
     return None
 
 
+def _register_bench_modes():
+    """Two attention functions for the benchmark only: "catchtag-sinks" is catchtag's with a learned sink logit per
+    head passed as a model with learned sinks passes it (gpt-oss: ``s_aux``), to time what learned sinks cost on the
+    same shape; "sdpa-no-softcap" is SDPA without the softcap (Gemma-2's own code refuses SDPA because SDPA cannot
+    apply it): the speed of the plain fused kernel at the same shape, the baseline of the softcap rows."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from catchtag.engine.attention import catchtag_attention, catchtag_mask
+
+    def with_sinks(module, query, key, value, mask, **kwargs):
+        if not hasattr(module, "_bench_sinks"):
+            module._bench_sinks = torch.zeros(query.shape[1], device=query.device, dtype=query.dtype)
+        return catchtag_attention(module, query, key, value, mask, s_aux=module._bench_sinks, **kwargs)
+
+    def sdpa_no_softcap(module, query, key, value, mask, softcap=None, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    AttentionInterface.register("catchtag-sinks", with_sinks)
+    AttentionMaskInterface.register("catchtag-sinks", catchtag_mask)
+    AttentionInterface.register("sdpa-no-softcap", sdpa_no_softcap)
+    AttentionMaskInterface.register("sdpa-no-softcap", sdpa_mask)
+
+
 def measure(model, mode, B, T, reps, warmup=1):
     from catchtag.engine.attention import enable
     from catchtag.engine.request import SinkSettings
 
-    if mode.startswith("catchtag"):
+    if mode in ("catchtag", "catchtag-sweep"):
         enable(model)
     else:
         model.set_attn_implementation(mode)
@@ -148,7 +173,7 @@ def table(rows):
     """One markdown table; sinks/head of the sdpa and eager rows is the analysis' count on the same input."""
     lines = ["| B x T | mode | tokens/s | peak GiB | throughput / SDPA | memory / SDPA | sinks/head |",
              "|---|---|---|---|---|---|---|"]
-    base = {(r["B"], r["T"]): r for r in rows if r["mode"] == "sdpa"}
+    base = {(r["B"], r["T"]): r for r in rows if r["mode"] in ("sdpa", "sdpa-no-softcap")}
     counted = {(r["B"], r["T"]): r["sinks_per_head"] for r in rows if r.get("sinks_per_head") is not None}
     for r in rows:
         s = base.get((r["B"], r["T"]))
@@ -248,12 +273,14 @@ def check():
     worst = {}
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs it only under TRITON_INTERPRET=1
     g = torch.Generator(device=dev).manual_seed(int(time.time()))
-    shapes = ((2, 8, 2, 300, 64, None, True), (1, 28, 4, 4096, 128, None, False),
-              (3, 4, 4, 257, 128, 50, True), (2, 6, 3, 1000, 96, None, True), (1, 28, 4, 4096, 128, 1000, False))
+    shapes = ((2, 8, 2, 300, 64, None, True, None), (1, 28, 4, 4096, 128, None, False, None),
+              (3, 4, 4, 257, 128, 50, True, None), (2, 6, 3, 1000, 96, None, True, None),
+              (1, 28, 4, 4096, 128, 1000, False, None), (2, 16, 8, 1000, 256, 300, True, 5.0),
+              (1, 16, 8, 4096, 256, None, False, 50.0))
     if dev == "cpu":
-        shapes = ((2, 4, 2, 40, 16, None, True), (1, 4, 2, 64, 16, 20, False))
+        shapes = ((2, 4, 2, 40, 16, None, True, None), (1, 4, 2, 64, 16, 20, False, 5.0))
     for dtype in (torch.float32, torch.bfloat16):
-        for (B, H, KV, T, D, window, pad) in shapes:
+        for (B, H, KV, T, D, window, pad, softcap) in shapes:
             q = torch.randn(B, H, T, D, device=dev, generator=g)
             k = torch.randn(B, KV, T, D, device=dev, generator=g)
             v = torch.randn(B, KV, T, D, device=dev, generator=g)
@@ -272,8 +299,8 @@ def check():
                 m &= (i[:, None] - i[None, :]) < window
             mask = m[:, None] if (pad or window) else None
             st = SinkSettings(eps=0.05, min_rows=8, sweep_eps=(0.02, 0.2))
-            o1, t1, s1, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, st, backend="torch")
-            o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, st, backend="triton")
+            o1, t1, s1, _ = layer_statistics(q, k, v, mask, D ** -0.5, softcap, st, backend="torch")
+            o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, softcap, st, backend="triton")
             rv = valid[:, None, :, None]
             rel = lambda a, b: float(((a.float() - b.float()) * rv).norm() / ((b.float() * rv).norm() + 1e-30))  # noqa
             fin = ~torch.isnan(s1.col_scores)
@@ -285,7 +312,7 @@ def check():
                      same_sinks=bool(torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks)
                                      and torch.equal(s1.sink_idx[s1.sink_ok], s2.sink_idx[s2.sink_ok])),
                      n_sinks=int(s1.sink_ok.sum()))
-            key = f"{str(dtype)[6:]} B{B} H{H}/{KV} T{T} D{D} w{window} pad{pad}"
+            key = f"{str(dtype)[6:]} B{B} H{H}/{KV} T{T} D{D} w{window} pad{pad} softcap{softcap}"
             worst[key] = e
             print(key, json.dumps({a: (round(b, 7) if isinstance(b, float) else b) for a, b in e.items()}), flush=True)
     colsum.FIXED_BLOCK = None
@@ -314,7 +341,7 @@ def colsum_alone(T, block=None, profile_sink=False):
     """Time pass 1 alone against the flash forward at one layer's shape (1 x T, 28/4 heads of 128)."""
     import triton
 
-    from catchtag.engine.backends import attention_and_lse
+    from catchtag.engine.stats import attention_and_lse
     from catchtag.engine.kernels.colsum import column_sums
 
     q = torch.randn(1, 28, T, 128, device="cuda", dtype=torch.bfloat16)
@@ -354,7 +381,8 @@ def colsum_alone(T, block=None, profile_sink=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES))
-    ap.add_argument("--modes", default="sdpa,eager,catchtag,catchtag-sweep")
+    ap.add_argument("--modes", default="sdpa,eager,catchtag,catchtag-sweep",
+                    help="also catchtag-sinks (a learned sink logit per head), sdpa-no-softcap (gemma2-9b's baseline)")
     ap.add_argument("--sinks", default="planted,none", help="planted (hooks, see plant_sinks) and/or none")
     ap.add_argument("--scan", type=int, default=0, help="also an end-to-end scan of this many prompts of the "
                                                             "first size, against the bare SDPA forward")
@@ -363,6 +391,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
     ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--shape", default="qwen2.5-7b", help="random:<shape> of catchtag.models: qwen2.5-7b, gemma2-9b")
     ap.add_argument("--profile", default="", help="B x T sizes to profile, e.g. 4x1024,1x16384")
     ap.add_argument("--json", default="")
     ap.add_argument("--colsum", type=int, default=0, help="time pass 1 alone at 1 x this T (also for ncu)")
@@ -379,11 +408,12 @@ def main():
         profile([tuple(map(int, x.split("x"))) for x in a.profile.split(",")])
     if not a.sizes and not a.scan:
         return
-    model = build_model()
+    _register_bench_modes()
+    model = build_model(shape=a.shape)
     sizes = [tuple(map(int, x.split("x"))) for x in a.sizes.split(",")] if a.sizes else []
     if a.max_t:
         sizes.append((1, a.max_t))
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tables": {}}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "tables": {}}
     for sinks in a.sinks.split(","):
         handles = plant_sinks(model) if sinks == "planted" else []
         rows = []

@@ -35,6 +35,9 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
          ["scan2/heads.parquet"]),
         ("scan-window", ["scan", "-m", "tiny:mistral", "--limit", "6", "--out", str(out / "scan3"), *one],
          ["scan3/heads.parquet"]),
+        # the families beyond the classic decoder (docs/models.md): learned sinks, softcap, gated, hybrid
+        *[(f"scan-{arch}", ["scan", "-m", f"tiny:{arch}", "--limit", "4", "--out", str(out / f"scan-{arch}"), *one],
+           [f"scan-{arch}/heads.parquet"]) for arch in ("gpt_oss", "gemma2", "qwen3_next", "jamba")],
         ("scan-auto", ["scan", "-m", model, "--limit", "4", "--max-tokens", "48", *LOW, "--out", str(out / "scan4")],
          ["scan4/summary.json"]),
         ("sweep", ["sweep", "-m", model, "-m", "tiny:qwen3", "--limit", "4", "--max-tokens", "64",

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device-tool call that checks the engine on a CUDA machine and times it; everything lands in $OUT.
-#   bash bench/gpu_session.sh [quick|full]
-# quick: the triton/torch check, every command on CUDA (bench/commands.py), the interventions' checks and timing
-# (bench/interventions.py), the planted-sinks table at 4x1024 and 1x4096 with the end-to-end scan row; full: the
-# same with both tables (planted, none) at every size. SPEED_MODEL: the model bench/interventions.py times.
+#   bash bench/gpu_session.sh [quick|full|checks|families]
+# checks: the coverage matrix's families on CUDA (bench/coverage_cuda.py), the triton/torch check (softcap included),
+# every command on CUDA (bench/commands.py), the interventions' checks and timing (bench/interventions.py);
+# families: learned sinks' cost on the 7B shape and the Gemma-2-9B softcap table at 4x1024 and 1x4096;
+# quick: the checks, then the planted-sinks table at 4x1024 and 1x4096 with the end-to-end scan row; full: the same
+# with both tables (planted, none) at every size. SPEED_MODEL: the model bench/interventions.py times.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -15,11 +17,21 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
+if [ "$MODE" = families ]; then
+  python3 bench/attention.py --sinks planted --sizes 4x1024,1x4096 --modes sdpa,catchtag,catchtag-sinks \
+    --json "$OUT/learned_sinks.json" 2>&1 | grep -v '^{' | tee "$OUT/learned_sinks.log" || status=1
+  python3 bench/attention.py --shape gemma2-9b --sinks planted --sizes 4x1024,1x4096 \
+    --modes sdpa-no-softcap,eager,catchtag --json "$OUT/gemma2.json" 2>&1 | grep -v '^{' | tee "$OUT/gemma2.log" || status=1
+  exit $status
+fi
+python3 bench/coverage_cuda.py --json "$OUT/coverage_cuda.json" 2>&1 | tee "$OUT/coverage_cuda.log" || status=1
 python3 bench/attention.py --check --sizes "" 2>&1 | tee "$OUT/check.log" || status=1
 python3 bench/commands.py --device cuda --out /tmp/cmds --json "$OUT/commands.json" 2>&1 | tee "$OUT/commands.log" || status=1
 python3 bench/interventions.py --device cuda --speed "${SPEED_MODEL:-random:smollm2-135m}" \
   --json "$OUT/interventions.json" 2>&1 | tee "$OUT/interventions.log" || status=1
-if [ "$MODE" = quick ]; then
+if [ "$MODE" = checks ]; then
+  exit $status
+elif [ "$MODE" = quick ]; then
   python3 bench/attention.py --sinks planted --sizes 4x1024,1x4096 --scan 64 --json "$OUT/bench.json" 2>&1 \
     | grep -v '^{' | tee "$OUT/bench.log" || status=1
 else

@@ -194,13 +194,16 @@ def test_bad_settings_are_refused():
 
 
 def test_model_without_attention_interface_is_refused(tiny_models):
+    """A model whose attention runs in its own code (BLOOM's ALiBi) is refused in one line, by load_model too."""
+    from catchtag.coverage import _build
     from catchtag.engine.attention import enable
     from catchtag.models import load_model
 
-    model, _ = load_model("tiny:llama")
-    model._supports_attention_backend = False
+    model, _ = _build("bloom", seed=0)
     with pytest.raises(CatchtagError, match="AttentionInterface"):
         enable(model)
+    with pytest.raises(CatchtagError, match="AttentionInterface"):
+        load_model("tiny:bloom")
 
 
 def test_one_span_rule_in_all_three_places():

@@ -138,6 +138,29 @@ def test_triton_backend_matches_torch_path(dtype, H, KV, window, pads, mask_none
     assert _compare_stats(s1, s2, tol, settings, seed) > 0, f"seed {seed}: no sinks, the test shows nothing"
 
 
+@pytest.mark.parametrize("window,pads", [(None, [("left", 6), ("right", 11)]), (12, [("right", 0), ("left", 4)])])
+def test_triton_backend_takes_the_softcap(window, pads):
+    """Softcapped logits (Gemma-2: softcap * tanh(logit / softcap)) in the column sums, the sink pass and the maps,
+    with a softcap low enough to change the attention: the triton backend against the torch path."""
+    seed = _seed()
+    B, H, KV, T, D = 2, 4, 2, 50, 16
+    q, k, v = _inputs(B, H, KV, T, D, torch.float32, sinks=(0, 17))
+    q, k = q * 2, k * 2  # logits well past the softcap
+    valid = _valid(B, T, pads)
+    mask = _mask(valid, window)
+    settings = SinkSettings(eps=0.06, min_rows=4, sweep_eps=(0.03, 0.2))
+    cap = 5.0
+    o1, t1, s1, m1 = layer_statistics(q, k, v, mask, D ** -0.5, cap, settings, backend="torch", keep_maps=[1])
+    o2, t2, s2, m2 = layer_statistics(q, k, v, mask, D ** -0.5, cap, settings, backend="triton", keep_maps=[1])
+    _, _, plain, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, settings, backend="torch")
+    assert (plain.col_scores - s1.col_scores).nan_to_num().abs().max() > 1e-2, f"seed {seed}: the softcap changed nothing"
+    rows = valid[:, None, :, None]
+    for name, a, b in (("out", o2, o1), ("tag", t2, t1), ("map", m2[1][:, None], m1[1][:, None])):
+        rel = ((a.float() - b) * rows).norm() / (b * rows).norm()
+        assert rel < TOL, f"seed {seed}: {name} rel err {rel}"
+    assert _compare_stats(s1, s2, TOL, settings, seed) > 0, f"seed {seed}: no sinks, the test shows nothing"
+
+
 def test_many_sinks_fall_back_to_the_torch_sink_pass(monkeypatch):
     seed = _seed()
     q, k, v = _inputs(2, 4, 2, 40, 16, torch.float32)
@@ -175,8 +198,13 @@ def test_backend_choice():
         assert calls
     finally:
         backends.triton_statistics = orig
-    with pytest.raises(ValueError, match="softcap"):
+    calls.clear()
+    backends.triton_statistics = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    try:  # softcapped logits (Gemma-2): the triton backend takes them now
         layer_statistics(q, k, v, None, 0.25, 30.0, settings, backend="triton")
+        assert calls
+    finally:
+        backends.triton_statistics = orig
     with pytest.raises(ValueError, match="unknown engine backend"):
         layer_statistics(q, k, v, None, 0.25, None, settings, backend="cuda")
 
@@ -326,12 +354,13 @@ def test_backends_declare_what_they_serve(monkeypatch):
 
     everything = frozenset({"statistics", "sweep", "activations", "steering", "sink_attention", "attention_maps"})
     assert choose_backend("auto", Needs("cuda", everything, "padding+window")).name == "triton"
-    assert choose_backend("auto", Needs("cuda", everything | {"softcap"})).name == "torch"
+    # softcapped logits (Gemma-2): served by the triton backend since its kernels take the softcap
+    assert choose_backend("auto", Needs("cuda", everything | {"softcap"})).name == "triton"
     assert choose_backend("auto", Needs("cuda", everything, "other")).name == "torch"
     assert choose_backend("auto", Needs("cpu", everything)).name == "torch"  # never the interpreter by itself
     assert choose_backend("auto", Needs("mps")).name == "torch"
-    with pytest.raises(BackendError, match="does not serve softcap.*backend='torch'"):
-        choose_backend("triton", Needs("cuda", everything | {"softcap"}))
+    with pytest.raises(BackendError, match="does not serve other masks.*backend='torch'"):
+        choose_backend("triton", Needs("cuda", everything | {"softcap"}, mask="other"))
     with pytest.raises(BackendError, match="other masks"):
         choose_backend("triton", Needs("cuda", mask="other"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

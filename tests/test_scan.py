@@ -251,7 +251,8 @@ def _rows_one_by_one(cap, prompts, token_strings, settings):
                 pos = (idx - int(first[b])).tolist()
                 heads_rows.append((p.prompt_id, layer, h, int(st.token_valid[b].sum()), len(pos), pos,
                                    [token_strings[p.prompt_id][q] for q in pos], st.col_scores[b, h, idx].tolist(),
-                                   float(st.ve[b, h]), float(st.r2[b, h]), float(st.ve_uncentred[b, h])))
+                                   float(st.ve[b, h]), float(st.r2[b, h]), float(st.ve_uncentred[b, h]),
+                                   None if st.learned_sink is None else float(st.learned_sink[b, h])))
                 for e_i, e in enumerate(settings.all_eps if settings.sweep_eps else ()):
                     sweep_rows.append((p.prompt_id, layer, h, e, int(st.sweep_n_sinks[b, h, e_i]),
                                        float(st.sweep_ve[b, h, e_i]), float(st.sweep_r2[b, h, e_i]),

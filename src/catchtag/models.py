@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catchtag.errors import CatchtagError
+from catchtag.tiny import TINY_ARCHS, tiny_config, tiny_tokenizer  # noqa: F401  (tiny:<arch>)
 
 
 def display_name(model, given: str | None = None) -> str:
@@ -49,34 +50,6 @@ GEMMA3 = PackagedModel(
 )
 PACKAGED = {m.name: m for m in (SMOLLM2, GEMMA3)}
 
-# One table for the tiny random architectures: config class name -> overrides. Sizes are small so a
-# forward pass takes milliseconds; initializer_range is raised so random attention is peaked enough to
-# produce sinks at test thresholds (random weights have no *real* sinks: parity only, not science).
-TINY_VOCAB = 260  # 256 byte tokens + bos/eos/pad/unk, see tiny_tokenizer()
-_TINY_COMMON = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
-TINY_ARCHS: dict[str, dict] = {
-    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512),
-    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512),
-    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
-    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=1, sliding_window=24, max_position_embeddings=512),
-    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512),
-    "olmo2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512),
-    "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=1, head_dim=16, sliding_window=12, max_position_embeddings=512,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                        query_pre_attn_scalar=16),
-    "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=512),
-    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                     max_position_embeddings=512, use_parallel_residual=True),
-}
-TINY_ALIASES = {"gemma3": "gemma3_text", "neox": "gpt_neox"}
-
 # Random weights at a real model's shape, for throughput benchmarks (bench/): name -> (model type, config).
 # Nothing can be learnt from them (random attention has no sinks), but they cost what the real model costs.
 RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
@@ -84,6 +57,10 @@ RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                  max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6,
                                  tie_word_embeddings=False, use_sliding_window=False)),
+    "gemma2-9b": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                                 max_position_embeddings=8192, sliding_window=4096, attn_logit_softcapping=50.0,
+                                 final_logit_softcapping=30.0, query_pre_attn_scalar=256, rope_theta=1e4)),
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                    max_position_embeddings=8192, rope_theta=1e5, rms_norm_eps=1e-5,
@@ -155,36 +132,6 @@ def gemma3_file() -> Path:
         )
     tmp.rename(target)
     return target
-
-
-def tiny_tokenizer(max_length: int = 512):
-    """A byte-level tokenizer built in code (no download): 256 byte tokens + <bos> <eos> <pad> <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258, "<unk>": 259})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=max_length,
-    )
-
-
-def tiny_config(arch: str, **overrides):
-    """Config of a tiny random model of architecture ``arch`` (see TINY_ARCHS)."""
-    from transformers import AutoConfig
-
-    arch = TINY_ALIASES.get(arch, arch)
-    if arch not in TINY_ARCHS:
-        raise CatchtagError(f"unknown tiny architecture {arch!r}. Known: {', '.join(sorted(TINY_ARCHS))}")
-    kwargs = dict(_TINY_COMMON, initializer_range=0.2, tie_word_embeddings=False)
-    kwargs.update(TINY_ARCHS[arch])
-    kwargs.update(overrides)
-    return AutoConfig.for_model(arch, **kwargs)
 
 
 def random_config(shape: str):

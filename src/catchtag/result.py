@@ -14,7 +14,7 @@ import pandas as pd
 from catchtag.cache import ActivationCache
 
 HEAD_COLUMNS = ["prompt_id", "layer", "head", "n_tokens", "n_sinks", "sink_positions", "sink_tokens",
-                "sink_scores", "ve", "r2", "ve_uncentred"]
+                "sink_scores", "ve", "r2", "ve_uncentred", "learned_sink"]
 
 
 @dataclass
@@ -24,7 +24,8 @@ class ScanResult:
     heads: one row per (prompt, layer, head): n_tokens, n_sinks, sink_positions (0-based in the prompt),
       sink_tokens, sink_scores (column scores), ve (variance of the head output in the sinks' value span,
       0 when there is no sink), r2 (1 - non-tag variance / output variance), ve_uncentred (the same share
-      of the uncentred outputs' energy, in which the mean direction counts).
+      of the uncentred outputs' energy, in which the mean direction counts), learned_sink (for models with a learned
+      sink logit per head, gpt-oss: the mean share of a row's attention it takes; nan for heads without one).
     sweep: one row per (prompt, layer, head, eps) when extra thresholds were asked for.
     prompts: prompt_id, n_tokens, tokens (decoded strings).
     cache: the per-token arrays the scan's ActivationRequest asked for, under the field's names (z, z_tag,

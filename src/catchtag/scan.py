@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -80,7 +81,7 @@ def _records_to_tables(cap, prompts, token_strings, settings):
     starts = np.concatenate([[0], np.cumsum([len(x) for x in strings])[:-1]]).astype(np.int64)
     all_strings = np.concatenate(strings) if strings else np.empty(0, dtype=object)
     cols: dict[str, list] = {k: [] for k in ("prompt_id", "layer", "head", "n_tokens", "n_sinks", "positions",
-                                            "tokens", "scores", "ve", "r2", "ve_uncentred")}
+                                            "tokens", "scores", "ve", "r2", "ve_uncentred", "learned_sink")}
     sweep_cols: dict[str, list] = {k: [] for k in SWEEP_COLUMNS}
     E = len(settings.all_eps)
     for layer in sorted(cap.layers):
@@ -103,6 +104,8 @@ def _records_to_tables(cap, prompts, token_strings, settings):
         cols["n_tokens"].append(np.repeat(n_tokens, H).astype(np.int64))
         for name in ("ve", "r2", "ve_uncentred"):
             cols[name].append(getattr(st, name).double().numpy().ravel())
+        cols["learned_sink"].append(np.full(B * H, np.nan) if st.learned_sink is None
+                                    else st.learned_sink.double().numpy().ravel())
         if settings.sweep_eps:
             sweep_cols["prompt_id"].append(np.repeat(ids, H * E))
             sweep_cols["layer"].append(np.full(B * H * E, layer, dtype=np.int64))
@@ -117,7 +120,9 @@ def _records_to_tables(cap, prompts, token_strings, settings):
     lists = {name: pa.ListArray.from_arrays(offsets, pa.array(cat[key], type=kind))
              for name, key, kind in (("sink_positions", "positions", pa.int64()), ("sink_tokens", "tokens", pa.string()),
                                      ("sink_scores", "scores", pa.float64()))}
-    heads = pa.table({name: lists[name] if name in lists else pa.array(cat[name]) for name in HEAD_COLUMNS})
+    columns = {name: lists[name] if name in lists else pa.array(cat[name]) for name in HEAD_COLUMNS}
+    columns["learned_sink"] = pa.array(cat["learned_sink"], mask=np.isnan(cat["learned_sink"]))  # null: no such sink
+    heads = pa.table(columns)
     sweep = pa.table({k: pa.array(np.concatenate(v)) for k, v in sweep_cols.items()}) if settings.sweep_eps else None
     return heads, sweep
 
@@ -196,7 +201,11 @@ def batch_tables(out: BatchOutput, settings: SinkSettings, strings: dict, second
 
 
 def _input_device(model):
-    return model.get_input_embeddings().weight.device  # with a device map, where the inputs go
+    """Where the inputs go (with a device map, the embeddings' device)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (NotImplementedError, AttributeError):  # a wrapper without the accessor (decoders of seq2seq models)
+        return next(model.parameters()).device
 
 
 def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep_eps: Sequence[float] = (),
@@ -223,9 +232,35 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         raise CatchtagError("a scan over several processes needs a run folder (--out) to gather the ranks' rows")
     device = _input_device(model)
     model_name = display_name(model, model_name)
-    n_layers = model.config.num_hidden_layers
+    n_layers = model.config.get_text_config().num_hidden_layers
     if n_layers is None:
         raise CatchtagError("the model config does not say how many layers it has")
+    with using_catchtag(model):
+        return _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwrite, progress, backend,
+                     model_name, data_name, dist, device, n_layers, max_tokens)
+
+
+@contextmanager
+def using_catchtag(model):
+    """``model`` with catchtag's attention function for the block: a model loaded with transformers (any attention
+    implementation, a PEFT wrapper) is switched (engine.enable: refused in one line if its type does not reach
+    parity) and switched back after."""
+    from catchtag.engine.attention import enable, is_enabled, unwrap
+
+    inner = unwrap(model)
+    if is_enabled(inner):
+        yield model
+        return
+    previous = inner.config._attn_implementation
+    enable(inner)
+    try:
+        yield model
+    finally:
+        inner.set_attn_implementation(previous)
+
+
+def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwrite, progress, backend, model_name,
+          data_name, dist, device, n_layers, max_tokens) -> ScanResult:
     if min(len(p.input_ids) for p in prompts) < settings.min_rows:
         import warnings
 
@@ -293,10 +328,8 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
             flush()  # already done while the pass ran, unless it failed first
             sink_cap, k_hint = done.cap.sink_cap, done.cap.k_hint  # a raised cap stays raised: no second pass
             backends_used.update(done.cap.backends_used)
-            if len(done.cap.layers) != n_layers:
-                raise CatchtagError(f"only {len(done.cap.layers)} of {n_layers} layers went through catchtag's "
-                                    f"attention function; is the model loaded with catchtag.load_model (or "
-                                    f"engine.enable)?")
+            if not done.cap.layers:
+                raise CatchtagError(no_layer_message(model))
             now = time.perf_counter()
             pending.append((done, now - mark))
             mark = now
@@ -325,7 +358,8 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
         "model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
         "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "batch_size": batch_size,
         "max_tokens": max_tokens, "device": str(device), "dtype": str(model.dtype), "backend": backend,
-        "backends_used": sorted(backends_used), "world_size": dist.world})
+        "backends_used": sorted(backends_used), "world_size": dist.world,
+        **layer_summary(model, sorted(int(x) for x in heads["layer"].unique()), n_layers)})
     result.cache = cache_from_batches(act_parts)
     if run is not None:
         result.settings["seconds"] = run.elapsed()
@@ -334,6 +368,24 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     else:
         result.settings["seconds"] = float(prompt_table["seconds"].sum())
     return result
+
+
+def no_layer_message(model) -> str:
+    """Why a pass captured no layer, naming the attention modules the model has."""
+    names = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+    return (f"no layer of {type(model).__name__} went through catchtag's attention function: its attention modules "
+            f"({', '.join(names[:4]) or 'none found'}) compute attention in their own code. Fix: see docs/models.md for "
+            f"the model types that work")
+
+
+def layer_summary(model, analysed: list[int], n_layers: int) -> dict:
+    """The analysed attention layers and what each other layer is (hybrids: state-space, linear attention, ...),
+    in the model's own layer numbers."""
+    from catchtag.engine.arch import layer_kinds
+
+    kinds = layer_kinds(model.config, n_layers)
+    return {"n_layers": n_layers, "attention_layers": analysed,
+            "other_layers": {str(i): kinds.get(i, "not attention") for i in range(n_layers) if i not in analysed}}
 
 
 def _decoder(model):

@@ -6,7 +6,8 @@ forward pass why a backend cannot serve it, and ``auto`` never picks one that wo
 returns what ``stats.attention_with_stats`` returns, (out, tag, HeadStats, maps); the tests hold each one to
 the eager reference for every request kind. The "triton" backend:
   1. output and each row's log-sum-exp from the fused attention kernel PyTorch already has (flash
-     attention without a mask, memory-efficient attention with one; on the CPU the flash-for-CPU kernel),
+     attention without a mask, memory-efficient attention with one; on the CPU the flash-for-CPU kernel;
+     FlexAttention with softcapped logits),
   2. column sums of the softmax in one Triton pass over (q, k) tiles (kernels/colsum.py),
   3. the sink pass from a few K x K moments (kernels/sinkpass.py), which also gives each row's attention
      to the sinks; full maps of the few heads a request names are rebuilt from q, k and the log-sum-exp.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from catchtag.engine.stats import _bool_mask, attention_with_stats
+from catchtag.engine.stats import _bool_mask, _scores, attention_and_lse, attention_with_stats, learned_sink_share
 from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
@@ -75,7 +76,7 @@ class Backend:
 
 
 BACKEND_REGISTRY = {
-    "triton": Backend("triton", frozenset({"cuda"}), frozenset(REQUEST_KINDS) - {"softcap"},
+    "triton": Backend("triton", frozenset({"cuda"}), frozenset(REQUEST_KINDS),
                       frozenset({"causal", "padding+window"}),
                       "fused kernels, no T x T tensor; CUDA (the CPU only under TRITON_INTERPRET=1)"),
     "torch": Backend("torch", frozenset({"cpu", "cuda", "mps"}), frozenset(REQUEST_KINDS), frozenset(MASK_KINDS),
@@ -120,7 +121,7 @@ def layer_needs(query, mask_kind: str, softcap, keep_maps, sink_attention: bool,
 
 
 def layer_statistics(query, key, value, mask, scaling, softcap, settings, keep_maps=(), backend="auto",
-                     sink_attention=True, capture=None):
+                     sink_attention=True, capture=None, sinks=None):
     """(out, tag, HeadStats, maps) of one layer from the backend that serves the call (see choose_backend).
 
     capture: the running engine.attention.Capture, if any: it caches each mask's structure for the forward pass,
@@ -146,8 +147,8 @@ def layer_statistics(query, key, value, mask, scaling, softcap, settings, keep_m
         # Triton launches on the current device: under a device map a layer's tensors may live on another GPU
         with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
             return triton_statistics(query, key, value, mask, scaling, settings, info, keep_maps=keep_maps,
-                                     sink_attention=sink_attention, capture=capture)
-    return attention_with_stats(query, key, value, mask, scaling, softcap, settings, keep_maps=keep_maps)
+                                     sink_attention=sink_attention, capture=capture, sinks=sinks, softcap=softcap)
+    return attention_with_stats(query, key, value, mask, scaling, softcap, settings, keep_maps=keep_maps, sinks=sinks)
 
 
 @dataclass
@@ -244,81 +245,8 @@ def row_counts(token_valid: torch.Tensor, window: int | None) -> torch.Tensor:
     return (cum[:, hi] - cum[:, j]) * token_valid
 
 
-def attention_and_lse(query, key, value, mask, scaling, token_valid, cache: dict | None = None):
-    """(out (B,H,T,Dv) in the input dtype, lse (B,H,T) float32) from PyTorch's fused attention kernels.
-
-    Padding rows (no visible column) get out = 0 and lse = 0. cache: a dict kept over one forward pass, where the
-    additive bias made from a mask is kept for the next layer with the same mask."""
-    B, H, T, _ = query.shape
-    n_rep = H // key.shape[1]
-    bm = _bool_mask(mask)
-    out = lse = None
-    if query.is_cuda:
-        if bm is None and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 128:
-            out, lse = _causal_attention_and_lse(query, key, value, scaling)
-        else:
-            k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
-            v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
-            bias = None
-            if bm is not None:
-                key_ = (id(mask), H, query.dtype)
-                if cache is None or key_ not in cache:
-                    t_pad = -(-T // 16) * 16  # the kernel wants the bias rows 16-aligned
-                    bias = torch.zeros(bm.shape[0], 1, T, t_pad, dtype=query.dtype, device=query.device)[..., :T]
-                    bias.masked_fill_(~bm[:, None], float("-inf"))
-                    bias = bias.expand(B, H, T, T)
-                    if cache is not None:
-                        cache[key_] = (mask, bias)
-                else:
-                    bias = cache[key_][1]
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, k, v, bias, True, 0.0, bm is None, scale=scaling)[:2]
-            lse = lse[..., :T]
-    else:
-        k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
-        v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
-        attn_mask = None
-        if bm is not None:  # this kernel takes an additive mask of the query's dtype
-            attn_mask = torch.zeros(bm.shape[0], 1, T, T, dtype=query.dtype).masked_fill_(~bm[:, None], float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, k, v, 0.0, bm is None, attn_mask=attn_mask, scale=scaling)
-    if bm is None:
-        return out, lse.float()
-    row_ok = token_valid[:, None, :]
-    out = torch.where(row_ok[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    lse = torch.where(row_ok, lse.float(), torch.zeros((), device=lse.device))
-    return out, lse
-
-
-_CAUSAL_KERNELS = ["cudnn", "cudnn_repeat_kv", "flash", "flash_repeat_kv"]  # first that works is kept
-
-
-def _causal_attention_and_lse(query, key, value, scaling):
-    """Causal attention without a mask: cuDNN's fused kernel (what SDPA picks on Hopper), else flash."""
-    B, H, T, _ = query.shape
-    n_rep = H // key.shape[1]
-    errors = []
-    for name in list(_CAUSAL_KERNELS):
-        repeat = "repeat" in name and n_rep > 1
-        k, v = (key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)) if repeat else (key, value)
-        try:
-            if name.startswith("cudnn"):
-                res = torch.ops.aten._scaled_dot_product_cudnn_attention(query, k, v, None, True, 0.0, True, False,
-                                                                         scale=scaling)
-            else:
-                res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:  # this build lacks the kernel or its GQA support: never try it again
-            errors.append(f"{name}: {exc}")
-            _CAUSAL_KERNELS.remove(name)
-            continue
-        return res[0], res[1].reshape(B, H, -1)[..., :T]
-    raise RuntimeError("no fused attention kernel with log-sum-exp ran: " + "; ".join(errors))
-
-
 def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo, keep_maps=(), sink_attention=True,
-                      capture=None):
+                      capture=None, sinks=None, softcap=None):
     """The triton backend (see the module docstring); same return as stats.attention_with_stats.
 
     Inside a capture the sink pass takes at most capture.sink_cap columns per head (no host synchronisation) and
@@ -328,31 +256,38 @@ def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo
 
     token_valid, window, counts = info.token_valid, info.window, info.counts
     out, lse = attention_and_lse(query, key, value, mask, scaling, token_valid,
-                                 capture.mask_infos if capture is not None else None)
-    col_scores = column_sums(query, key, lse, token_valid, scaling, window, factor=info.score_factor)
-    maps = {h: attention_map(query, key, lse, mask, token_valid, window, scaling, h) for h in keep_maps}
+                                 capture.mask_infos if capture is not None else None, softcap=softcap, window=window)
+    if sinks is not None:  # learned sink logits: one more softmax column with no value, folded into lse and out
+        with_sink = torch.logaddexp(lse, sinks.float().expand_as(lse))
+        out = (out.float() * torch.exp(lse - with_sink)[..., None]).to(out.dtype)
+        lse = with_sink
+    col_scores = column_sums(query, key, lse, token_valid, scaling, window, factor=info.score_factor,
+                             softcap=softcap)
+    maps = {h: attention_map(query, key, lse, mask, token_valid, window, scaling, h, softcap) for h in keep_maps}
     k_cap = capture.sink_cap if capture is not None else None
     done = sink_pass(query, key, value, out, lse, token_valid, col_scores, counts, scaling, settings, window,
-                     k_cap=k_cap, sink_attention=sink_attention, defer=capture is not None)
+                     k_cap=k_cap, sink_attention=sink_attention, defer=capture is not None, softcap=softcap)
     if done is None:  # very many candidate sinks (eps near 0): the torch path's sink pass, with float32 copies
         from catchtag.engine.stats import _sink_pass
 
         n_rep = query.shape[1] // key.shape[1]
         kf, vf = (x.float().repeat_interleave(n_rep, dim=1) for x in (key, value))
         tag, stats = _sink_pass(query.float(), kf, vf, out.float(), lse, _bool_mask(mask), token_valid, col_scores,
-                                counts, scaling, None, settings)
+                                counts, scaling, softcap, settings)
+        stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
         return out, tag.to(out.dtype), stats, maps
     tag, stats, pending = done
+    stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
     if pending is not None:
         capture.pending.append((stats, pending))
     return out, tag, stats, maps
 
 
-def attention_map(query, key, lse, mask, token_valid, window, scaling, head) -> torch.Tensor:
+def attention_map(query, key, lse, mask, token_valid, window, scaling, head, softcap=None) -> torch.Tensor:
     """One head's full attention (B,T,T) float32, rebuilt from q, k and each row's log-sum-exp (padding rows 0)."""
     B, H, T, _ = query.shape
     kv = head // (H // key.shape[1])
-    logits = torch.matmul(query[:, head].float(), key[:, kv].float().transpose(-1, -2)) * scaling
+    logits = _scores(query[:, head].float(), key[:, kv].float(), scaling, softcap)
     bm = _bool_mask(mask)
     if bm is None:
         i = torch.arange(T, device=query.device)

@@ -15,6 +15,7 @@ import torch
 from catchtag.engine.request import SinkSettings
 
 SCORE_BUDGET = 1 << 25  # float32 elements of one chunk of scores (128 MiB)
+CHUNK_ROWS = 64  # rows per chunk at most: smaller chunks skip more of the causal triangle, larger ones loop less
 
 
 def span_rtol(dtype: torch.dtype) -> float:
@@ -34,6 +35,8 @@ class HeadStats:
     projection form without centring the outputs (the shared mean direction counts). sweep_n_sinks, sweep_ve,
     sweep_r2, sweep_ve_uncentred (B,H,E): the same for each threshold in settings.all_eps. sink_attn (B,H,T,K):
     A[:, sink_idx] at the main eps (O(T*K), already computed for the tag; backends may leave it None).
+    learned_sink (B,H): for models with learned sink logits (gpt-oss), the mean over real rows of the attention the
+    virtual sink column takes (catch without a tag); None for models without.
     """
 
     col_scores: torch.Tensor
@@ -49,6 +52,7 @@ class HeadStats:
     sweep_r2: torch.Tensor
     sweep_ve_uncentred: torch.Tensor
     sink_attn: torch.Tensor | None = None  # (B,H,T,K) attention of each row to each sink column (0 where not ok)
+    learned_sink: torch.Tensor | None = None  # (B,H) mean share of a row's attention on the learned sink (None: none)
 
 
 def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -77,45 +81,108 @@ def _scores(q, k, scaling, softcap):
     return s
 
 
-def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings, keep_maps=()):
+def _row_sinks(sinks, B, H, T):
+    """Learned sink logits (broadcastable to (B,H,T)) as (B,H,T) float32, or None."""
+    return None if sinks is None else sinks.float().expand(B, H, T)
+
+
+def learned_sink_share(sinks, lse, token_valid) -> torch.Tensor | None:
+    """(B,H) mean over real rows of exp(sink - lse): the attention the learned sink column takes (None: no sinks)."""
+    if sinks is None:
+        return None
+    B, H, T = lse.shape
+    share = torch.exp(_row_sinks(sinks, B, H, T) - lse) * token_valid[:, None, :]
+    return share.sum(dim=-1) / token_valid.sum(dim=-1).clamp_min(1)[:, None]
+
+
+def softmax_attention(q, k, v, mask, scaling, softcap=None, sinks=None) -> torch.Tensor:
+    """The attention output (B,H,T,Dv) in q's dtype, computed as the model's own eager attention computes it (float32
+    softmax, softcapped logits, learned sink logits as one more column with no value): differentiable, for the
+    layers whose output catchtag does not take from the statistics pass."""
+    B, H, T, _ = q.shape
+    n_rep = H // k.shape[1]
+    kf = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+    vf = v.repeat_interleave(n_rep, dim=1) if n_rep > 1 else v
+    s = _scores(q.float(), kf.float(), scaling, softcap)
+    bm = _bool_mask(mask)
+    see = _chunk_mask(bm, B, 0, T, T, q.device)[:, None]
+    s = s.masked_fill(~see, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, _row_sinks(sinks, B, H, T)[..., None]], dim=-1)
+    mx = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+    a = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.matmul(a[..., :T].to(vf.dtype), vf)
+
+
+def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings, keep_maps=(), sinks=None):
     """Attention output and catch/tag statistics for one layer.
 
     q (B,H,T,D); k, v (B,KV,T,D) with H a multiple of KV (GQA); mask: the model's mask (bool or additive,
-    (B,1,T,T)) or None for plain causal. Returns (out (B,H,T,Dv) float32, tag (B,H,T,Dv) at the main
-    eps, HeadStats, maps {head: (B,T,T)} for the heads in keep_maps).
+    (B,1,T,T)) or None for plain causal. sinks: learned sink logits broadcastable to (B,H,T) (gpt-oss), or None:
+    they join each row's softmax as a column with no value. Returns (out (B,H,T,Dv) float32, tag (B,H,T,Dv) at the
+    main eps, HeadStats, maps {head: (B,T,T)} for the heads in keep_maps).
+
+    Pass 1 takes the output and each row's log-sum-exp from PyTorch's fused attention kernel and then only sums
+    exp(q k^T scale - lse) over the rows, chunk by chunk, skipping the key tiles no row of the chunk sees; with
+    softcapped logits, which no fused kernel takes, the chunks compute the softmax and the output themselves.
     """
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
-    qf = q.float()
-    kf = k.float().repeat_interleave(n_rep, dim=1) if n_rep > 1 else k.float()
-    vf = v.float().repeat_interleave(n_rep, dim=1) if n_rep > 1 else v.float()
+    qf = q.float().contiguous()  # one copy, not one per chunk (the model hands a transposed view)
+    kf = k.float().repeat_interleave(n_rep, dim=1) if n_rep > 1 else k.float().contiguous()
+    vf = v.float().repeat_interleave(n_rep, dim=1) if n_rep > 1 else v.float().contiguous()
     dev = q.device
-    mask = _bool_mask(mask)
-    token_valid = mask.diagonal(dim1=-2, dim2=-1).clone() if mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
-
-    out = torch.zeros(B, H, T, vf.shape[-1], dtype=torch.float32, device=dev)
-    lse = torch.full((B, H, T), float("-inf"), device=dev)
+    bool_mask = _bool_mask(mask)
+    token_valid = bool_mask.diagonal(dim1=-2, dim2=-1).clone() if bool_mask is not None else \
+        torch.ones(B, T, dtype=torch.bool, device=dev)
+    row_sinks = _row_sinks(sinks, B, H, T)
+    fused = softcap is None
+    if fused:
+        out, lse = attention_and_lse(qf, kf, vf, mask, scaling, token_valid)
+        if row_sinks is not None:  # the learned sink column: folded into lse, and the output scaled to match
+            with_sink = torch.logaddexp(lse, row_sinks)
+            out = out * torch.exp(lse - with_sink)[..., None]
+            lse = with_sink
+    else:
+        out = torch.zeros(B, H, T, vf.shape[-1], dtype=torch.float32, device=dev)
+        lse = torch.full((B, H, T), float("-inf"), device=dev)
     col_sum = torch.zeros(B, H, T, device=dev)
     row_counts = torch.zeros(B, T, dtype=torch.long, device=dev)
     maps = {h: torch.zeros(B, T, T, device=dev) for h in keep_maps}
-    chunk = settings.chunk_rows or max(1, min(T, SCORE_BUDGET // max(1, B * H * T)))
+    chunk = settings.chunk_rows or max(1, min(T, CHUNK_ROWS, SCORE_BUDGET // max(1, B * H * T)))
 
     for r0 in range(0, T, chunk):
         r1 = min(T, r0 + chunk)
-        m = _chunk_mask(mask, B, r0, r1, T, dev) & token_valid[:, r0:r1, None]  # rows that may see each column
+        m = _chunk_mask(bool_mask, B, r0, r1, T, dev) & token_valid[:, r0:r1, None]  # rows that may see each column
         seen = m.any(dim=0).any(dim=0).nonzero()
         if seen.numel() == 0:
             continue
         lo, hi = int(seen[0]), int(seen[-1]) + 1  # causal tiles beyond the chunk are skipped
         mm = m[:, None, :, lo:hi]
-        s = _scores(qf[:, :, r0:r1], kf[:, :, lo:hi], scaling, softcap).masked_fill(~mm, float("-inf"))
-        mx = s.amax(dim=-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(s - mx)
-        z = p.sum(dim=-1, keepdim=True)
-        a = p / z.clamp_min(torch.finfo(torch.float32).tiny)  # fully masked (padding) rows stay 0
-        lse[:, :, r0:r1] = (mx + torch.log(z)).squeeze(-1)
-        out[:, :, r0:r1] = torch.matmul(a, vf[:, :, lo:hi])
+        if fused:  # exp(q k^T scale - lse) with the scale and the subtraction inside one batched matmul
+            a = torch.baddbmm(-lse[:, :, r0:r1, None].reshape(B * H, r1 - r0, 1),
+                              qf[:, :, r0:r1].reshape(B * H, r1 - r0, D),
+                              kf[:, :, lo:hi].transpose(-1, -2).reshape(B * H, D, hi - lo),
+                              alpha=scaling).exp_().view(B, H, r1 - r0, hi - lo)
+            if bool_mask is None:  # plain causal: only the chunk's own diagonal block has columns a row cannot see
+                a[..., r0 - lo:].tril_()
+            else:
+                a.masked_fill_(~mm, 0.0)
+        else:
+            s = _scores(qf[:, :, r0:r1], kf[:, :, lo:hi], scaling, softcap).masked_fill(~mm, float("-inf"))
+            mx = s.amax(dim=-1, keepdim=True)
+            if row_sinks is not None:
+                lam = row_sinks[:, :, r0:r1, None]
+                mx = torch.maximum(mx, lam)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            p = torch.exp(s - mx)
+            z = p.sum(dim=-1, keepdim=True)
+            if row_sinks is not None:
+                z = z + torch.exp(lam - mx)
+            a = p / z.clamp_min(torch.finfo(torch.float32).tiny)  # fully masked (padding) rows stay 0
+            lse[:, :, r0:r1] = (mx + torch.log(z)).squeeze(-1)
+            out[:, :, r0:r1] = torch.matmul(a, vf[:, :, lo:hi])
         col_sum[:, :, lo:hi] += a.sum(dim=-2)
         row_counts[:, lo:hi] += m[:, :, lo:hi].sum(dim=1)
         for h in maps:
@@ -124,8 +191,9 @@ def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings
     eligible = token_valid & (row_counts >= settings.min_rows)
     col_scores = col_sum / row_counts.clamp_min(1)[:, None, :]
     col_scores = col_scores.masked_fill(~eligible[:, None, :], float("nan"))
-    tag, stats = _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings,
-                            v.dtype)
+    tag, stats = _sink_pass(qf, kf, vf, out, lse, bool_mask, token_valid, col_scores, row_counts, scaling, softcap,
+                            settings, v.dtype)
+    stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
     return out, tag, stats, maps
 
 
@@ -165,41 +233,45 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
     vis = vis & token_valid[:, None, :, None]
     a_s = torch.where(vis, a_s, torch.zeros_like(a_s))
 
-    rows = token_valid[:, None, :, None].float()  # (B,1,T,1)
+    # In float64 from here: sink values are often nearly parallel (the same token at two positions), and heads whose
+    # output barely varies around a large mean would lose their centred variance to cancellation in float32. Every
+    # threshold's VE and R^2 come from K-space quantities (projections on the sink values, and the centred
+    # attention to them), as on the triton path: no (T x Dv) tensor per threshold.
+    rows = token_valid[:, None, :, None].double()  # (B,1,T,1)
     n_rows = rows.sum(dim=2, keepdim=True).clamp_min(1)
-    centred = (out - (out * rows).sum(dim=2, keepdim=True) / n_rows) * rows
-    total = centred.pow(2).sum(dim=(-1, -2)).double()  # (B,H)
-    # The span projection goes through an SVD of the sink values, in float64: sink values are often nearly
-    # parallel (the same token at two positions), and a Gram-matrix inverse would square their condition number.
-    v_s64 = v_s.double()
-    x = torch.matmul(centred.double(), v_s64.transpose(-1, -2))  # (B,H,T,K): projections on sink values
     raw = out.double() * rows
-    x_raw = torch.matmul(raw, v_s64.transpose(-1, -2))
-    total_raw = raw.pow(2).sum(dim=(-1, -2))
+    mean = raw.sum(dim=2, keepdim=True) / n_rows  # (B,H,1,Dv)
+    total_raw = raw.pow(2).sum(dim=(-1, -2))  # (B,H): |o|^2
+    total = total_raw - n_rows[..., 0, 0] * mean.pow(2).sum(dim=(-1, -2))  # |o - mean|^2
+    v_s64 = v_s.double()
+    x_raw = torch.matmul(raw, v_s64.transpose(-1, -2))  # (B,H,T,K): projections on the sink values
+    x = (x_raw - torch.matmul(mean, v_s64.transpose(-1, -2))) * rows  # the same of the centred outputs
+    a64 = a_s.double()
+    a_c = (a64 - a64.sum(dim=2, keepdim=True) / n_rows) * rows  # centred attention to the sinks
+    cross = torch.matmul(a_c.transpose(-1, -2), x).diagonal(dim1=-2, dim2=-1)  # (B,H,K): <o_c, A_c[:, k] v_k>
+    tag_tag = torch.matmul(a_c.transpose(-1, -2), a_c) * torch.matmul(v_s64, v_s64.transpose(-1, -2))  # (B,H,K,K)
 
     n_sinks = torch.zeros(B, H, E, dtype=torch.long, device=dev)
     ve = torch.zeros(B, H, E, device=dev)
     r2 = torch.zeros(B, H, E, device=dev)
     ve_raw = torch.zeros(B, H, E, device=dev)
-    main_tag = None
+    safe = total.clamp_min(1e-30)
     for e_i, e in enumerate(all_eps):
         ok = top_scores > e  # (B,H,K)
         okf = ok.double()
         to_basis = _span_basis(v_s64 * okf[..., None], top_scores, span_rtol(v_dtype))  # (B,H,K,K)
         proj = torch.matmul(x * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
-        tag = torch.matmul(a_s * ok[:, :, None, :], v_s)  # (B,H,T,Dv)
-        nontag = (out - tag)
-        nontag_c = (nontag - (nontag * rows).sum(dim=2, keepdim=True) / n_rows) * rows
-        safe = total.clamp_min(1e-30)
+        # |o_c - tag_c|^2 = |o_c|^2 - 2 <o_c, tag_c> + |tag_c|^2, tag_c = sum over the sinks S of A_c[:, k] v_k
+        resid = total - 2 * (cross * okf).sum(dim=-1) + (tag_tag * okf[..., :, None] * okf[..., None, :]).sum(
+            dim=(-1, -2))
         has = ok.any(dim=-1) & (total > 0)
         n_sinks[..., e_i] = ok.sum(dim=-1)
         ve[..., e_i] = torch.where(has, proj / safe, torch.zeros_like(proj)).float()
-        r2[..., e_i] = torch.where(has, 1 - nontag_c.pow(2).sum(dim=(-1, -2)).double() / safe, torch.zeros_like(proj)).float()
+        r2[..., e_i] = torch.where(has, 1 - resid / safe, torch.zeros_like(proj)).float()
         proj_raw = torch.matmul(x_raw * okf[..., None, :], to_basis).pow(2).sum(dim=(-1, -2))
         ve_raw[..., e_i] = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
-        if e_i == main_e:
-            main_tag = tag
     main_ok = top_scores > float(settings.eps)
+    main_tag = torch.matmul(a_s * main_ok[:, :, None, :], v_s)  # (B,H,T,Dv)
     stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
                       ve_raw[..., main_e].clone(), n_sinks, ve, r2, ve_raw, a_s * main_ok[:, :, None, :])
     return main_tag, stats
@@ -217,3 +289,128 @@ def _span_basis(v: torch.Tensor, scores: torch.Tensor, rtol: float) -> torch.Ten
     w = _gram_schmidt(v.gather(-2, order[..., None].expand(*v.shape)), rtol)  # rows in score order
     back = torch.empty_like(w)  # rows back in v's order
     return back.scatter_(-2, order[..., None].expand(*w.shape), w)
+
+
+def attention_and_lse(query, key, value, mask, scaling, token_valid, cache: dict | None = None, softcap=None,
+                      window=None):
+    """(out (B,H,T,Dv) in the input dtype, lse (B,H,T) float32) from PyTorch's fused attention kernels.
+
+    Padding rows (no visible column) get out = 0 and lse = 0. cache: a dict kept over one forward pass, where the
+    additive bias made from a mask is kept for the next layer with the same mask. softcap: logits through
+    softcap * tanh(logit / softcap), which only FlexAttention fuses (``softcap_attention_and_lse``; the mask must
+    then be padding + causal + ``window``)."""
+    if softcap is not None:
+        return softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window)
+    D, Dv = query.shape[-1], value.shape[-1]
+    if D != Dv:  # multi-head latent attention: the fused kernels want one head size; zeros change no dot product
+        width = max(D, Dv)
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
+        out, lse = attention_and_lse(pad(query), pad(key), pad(value), mask, scaling, token_valid, cache)
+        return out[..., :Dv], lse
+    B, H, T, _ = query.shape
+    n_rep = H // key.shape[1]
+    bm = _bool_mask(mask)
+    out = lse = None
+    if query.is_cuda:
+        if bm is None and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 128:
+            out, lse = _causal_attention_and_lse(query, key, value, scaling)
+        else:
+            k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
+            v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
+            bias = None
+            if bm is not None:
+                key_ = (id(mask), H, query.dtype)
+                if cache is None or key_ not in cache:
+                    t_pad = -(-T // 16) * 16  # the kernel wants the bias rows 16-aligned
+                    bias = torch.zeros(bm.shape[0], 1, T, t_pad, dtype=query.dtype, device=query.device)[..., :T]
+                    bias.masked_fill_(~bm[:, None], float("-inf"))
+                    bias = bias.expand(B, H, T, T)
+                    if cache is not None:
+                        cache[key_] = (mask, bias)
+                else:
+                    bias = cache[key_][1]
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, k, v, bias, True, 0.0, bm is None, scale=scaling)[:2]
+            lse = lse[..., :T]
+    else:
+        k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
+        v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
+        attn_mask = None
+        if bm is not None:  # this kernel takes an additive mask of the query's dtype
+            attn_mask = torch.zeros(bm.shape[0], 1, T, T, dtype=query.dtype).masked_fill_(~bm[:, None], float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, k, v, 0.0, bm is None, attn_mask=attn_mask, scale=scaling)
+    if bm is None:
+        return out, lse.float()
+    row_ok = token_valid[:, None, :]
+    out = torch.where(row_ok[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    lse = torch.where(row_ok, lse.float(), torch.zeros((), device=lse.device))
+    return out, lse
+
+
+_CAUSAL_KERNELS = ["cudnn", "cudnn_repeat_kv", "flash", "flash_repeat_kv"]  # first that works is kept
+
+
+def _causal_attention_and_lse(query, key, value, scaling):
+    """Causal attention without a mask: cuDNN's fused kernel (what SDPA picks on Hopper), else flash."""
+    B, H, T, _ = query.shape
+    n_rep = H // key.shape[1]
+    errors = []
+    for name in list(_CAUSAL_KERNELS):
+        repeat = "repeat" in name and n_rep > 1
+        k, v = (key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)) if repeat else (key, value)
+        try:
+            if name.startswith("cudnn"):
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(query, k, v, None, True, 0.0, True, False,
+                                                                         scale=scaling)
+            else:
+                res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # this build lacks the kernel or its GQA support: never try it again
+            errors.append(f"{name}: {exc}")
+            _CAUSAL_KERNELS.remove(name)
+            continue
+        return res[0], res[1].reshape(B, H, -1)[..., :T]
+    raise RuntimeError("no fused attention kernel with log-sum-exp ran: " + "; ".join(errors))
+
+
+_FLEX: dict = {}  # the compiled FlexAttention, made once per process
+
+
+def softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window=None):
+    """Attention with softcapped logits (Gemma-2) and each row's log-sum-exp, for a padding + causal (+ sliding
+    window) mask: on CUDA from PyTorch's FlexAttention (compiled; the mask as a block mask, so fully masked tiles are
+    skipped), elsewhere in plain torch. Same return as attention_and_lse."""
+    B, H, T, _ = query.shape
+    if query.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        win = T + 1 if window is None else int(window)
+
+        def visible(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < win) & token_valid[b, kv_idx] & token_valid[b, q_idx]
+
+        def cap(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+        block = create_block_mask(visible, B, None, T, T, device=query.device)
+        out, lse = _FLEX["fn"](query, key, value, score_mod=cap, block_mask=block, scale=scaling,
+                               enable_gqa=key.shape[1] != H, return_lse=True)
+    else:
+        n_rep = H // key.shape[1]
+        k = key.float().repeat_interleave(n_rep, 1)
+        v = value.float().repeat_interleave(n_rep, 1)
+        s = _scores(query.float(), k, scaling, softcap)
+        i = torch.arange(T, device=query.device)
+        see = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < (T + 1 if window is None else window))
+        see = see[None, None] & token_valid[:, None, None, :]
+        s = s.masked_fill(~see, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        out = torch.matmul(torch.exp(s - lse[..., None]), v).to(query.dtype)
+    rows = token_valid[:, None, :]
+    out = torch.where(rows[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, torch.where(rows, lse.float(), torch.zeros((), device=lse.device))

@@ -24,8 +24,16 @@ _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=
 
 
 @triton.jit
-def _tile(acc, q_ptrs, lse_ptrs, valid_ptrs, rows, cols, k, T, WINDOW, scale_log2e, D: tl.constexpr,
-          BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+def softcapped(s, cap):
+    """Logits (log2 units, scale applied) through cap * tanh(logit / cap) in natural units (Gemma-2's softcap):
+    tanh(x) = 2 sigmoid(2x) - 1, exact to float32's absolute rounding."""
+    x = s * (0.6931471805599453 / cap)
+    return (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (cap * 1.4426950408889634)
+
+
+@triton.jit
+def _tile(acc, q_ptrs, lse_ptrs, valid_ptrs, rows, cols, k, T, WINDOW, scale_log2e, cap, D: tl.constexpr,
+          BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += exp2(q.k * scale*log2e - lse2) over one tile of rows (summed over rows once,
     at the end: a reduction across warps per tile costs more than the tile's exponentials); lse2 = lse * log2(e),
     +inf on rows that are padding or past T, so they add 0 without a mask; MASKED tiles also apply causality and
@@ -38,7 +46,10 @@ def _tile(acc, q_ptrs, lse_ptrs, valid_ptrs, rows, cols, k, T, WINDOW, scale_log
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * scale_log2e - lse2[:, None]
+    s = s * scale_log2e
+    if SOFTCAP:
+        s = softcapped(s, cap)
+    s = s - lse2[:, None]
     if MASKED:
         diff = rows[:, None] - cols[None, :]
         s = tl.where((diff >= 0) & (diff < WINDOW), s, float("-inf"))
@@ -48,9 +59,9 @@ def _tile(acc, q_ptrs, lse_ptrs, valid_ptrs, rows, cols, k, T, WINDOW, scale_log
 @triton.jit
 def _colsum_kernel(Q, K, LSE, VALID, FACTOR, OUT,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, svb, svt, sfb, sft, sob, soh, sot,
-                   T, H, N_REP, WINDOW, scale_log2e, T_BUCKET,
+                   T, H, N_REP, WINDOW, scale_log2e, cap, T_BUCKET,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, SCORES: tl.constexpr):
+                   IEEE: tl.constexpr, SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -77,15 +88,15 @@ def _colsum_kernel(Q, K, LSE, VALID, FACTOR, OUT,
     for m0 in range(lo, full_lo, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, D, BLOCK_D, True, IEEE)
+                    scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
     for m0 in range(full_lo, full_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, D, BLOCK_D, False, IEEE)
+                    scale_log2e, cap, D, BLOCK_D, False, IEEE, SOFTCAP)
     for m0 in range(full_hi, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, D, BLOCK_D, True, IEEE)
+                    scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
     total = tl.sum(acc, axis=0)
     if SCORES:  # column score = sum x FACTOR (1 / rows that see the column; nan where it cannot be a sink)
         total = total * tl.load(FACTOR + b * sfb + cols * sft, mask=col_in, other=0.0)
@@ -94,20 +105,21 @@ def _colsum_kernel(Q, K, LSE, VALID, FACTOR, OUT,
     tl.store(OUT + b * sob + h * soh + cols * sot, total, mask=col_in)
 
 
-_tuned = triton.autotune(configs=_CONFIGS, key=["D", "IEEE", "T_BUCKET", "SCORES"])(_colsum_kernel) \
+_tuned = triton.autotune(configs=_CONFIGS, key=["D", "IEEE", "T_BUCKET", "SCORES", "SOFTCAP"])(_colsum_kernel) \
     if not INTERPRET else None
 
 
 def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, token_valid: torch.Tensor,
                 scaling: float, window: int | None = None, block: tuple[int, int] | None = None,
-                factor: torch.Tensor | None = None) -> torch.Tensor:
+                factor: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Sum over the rows i that see column j of softmax(q k^T * scaling)_ij, for every head: (B,H,T) float32.
 
     q (B,H,T,D); k (B,KV,T,D), H a multiple of KV; lse (B,H,T) each row's log-sum-exp (natural log) of the
     same logits; token_valid (B,T) bool; window: a row i sees columns j with 0 <= i - j < window (None: all
     earlier columns). block=(BLOCK_M, BLOCK_N) fixes the tile (else autotuned on the GPU, 32x32 interpreted).
     factor (B,T) float32: return each column's sum times factor instead (the column scores, with nan where a
-    column cannot be a sink), in the same pass.
+    column cannot be a sink), in the same pass. softcap: the logits pass through softcap * tanh(logit / softcap)
+    (Gemma-2), as they did for lse.
     """
     B, H, T, D = q.shape
     KV = k.shape[1]
@@ -122,14 +134,15 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, token_valid
     ieee = q.dtype == torch.float32 or INTERPRET or not q.is_cuda
     args = (q, k, lse, valid, fac, out, *q.stride(), *k.stride(), *lse.stride(), *valid.stride(),
             fac.stride(0), fac.stride(-1), *out.stride(),
-            T, H, H // KV, win, float(scaling) * 1.4426950408889634, min(triton.next_power_of_2(T), 16384))
+            T, H, H // KV, win, float(scaling) * 1.4426950408889634, float(softcap or 1.0),
+            min(triton.next_power_of_2(T), 16384))
     block_d = max(16, triton.next_power_of_2(D))
     block = block or FIXED_BLOCK
     if block is None and not INTERPRET and q.is_cuda:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-        _tuned[grid](*args, D=D, BLOCK_D=block_d, IEEE=ieee, SCORES=factor is not None)
+        _tuned[grid](*args, D=D, BLOCK_D=block_d, IEEE=ieee, SCORES=factor is not None, SOFTCAP=softcap is not None)
     else:
         bm, bn = block or (32, 32)
         _colsum_kernel[(triton.cdiv(T, bn), B * H)](*args, D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee,
-                                                    SCORES=factor is not None)
+                                                    SCORES=factor is not None, SOFTCAP=softcap is not None)
     return out

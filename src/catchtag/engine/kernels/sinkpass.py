@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from catchtag.engine.kernels.colsum import softcapped
 from catchtag.engine.moments import MAX_SINKS, SinkMoments, finish_moments
 from catchtag.engine.stats import HeadStats, span_rtol
 
@@ -29,7 +30,7 @@ LOG2E = 1.4426950408889634
 
 
 def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, settings, window=None, k_cap=None,
-              sink_attention=True, defer=False):
+              sink_attention=True, defer=False, softcap=None):
     """(tag at the main eps (B,H,T,Dv, in out's dtype), HeadStats, pending SinkMoments or None), from sinks picked
     on col_scores; None when a head has more than MAX_SINKS candidates (the caller falls back to the torch path).
 
@@ -38,7 +39,8 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     window as in colsum.column_sums. k_cap: take exactly this many top columns per head (those at or below every
     threshold are padding with sink_ok False), so nothing waits for the GPU; the caller must check the returned
     moments' n_candidates against it (Capture.finish does). None: count the candidates first (one host sync).
-    defer: return the moments for finish_moments instead of finishing VE and R^2 here.
+    defer: return the moments for finish_moments instead of finishing VE and R^2 here. softcap: the logits pass
+    through softcap * tanh(logit / softcap) (Gemma-2).
     """
     B, H, T, D = q.shape
     dev = q.device
@@ -69,7 +71,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     top_scores = top_scores.gather(-1, order)
     main_ok = top_scores > float(settings.eps)
     tag, blocks, ya, values = _run_sink_kernel(q, k, v, idx, top_scores, float(settings.eps), out, lse, token_valid,
-                                               scaling, int(window) if window is not None else T + 1)
+                                               scaling, int(window) if window is not None else T + 1, softcap)
     KP = ya.shape[-1]
     # Y^T Y, A^T A and A^T Y in one float64 product of the per-row [y, a] (exact products of float32 numbers;
     # padding rows and rows past T are 0 there); centred in finish_moments: X_c^T X_c = X^T X - n mean mean^T
@@ -94,7 +96,7 @@ def sink_pass(q, k, v, out, lse, token_valid, col_scores, row_counts, scaling, s
     return tag, stats, None
 
 
-def _run_sink_kernel(q, k, v, idx, top_scores, eps, out, lse, token_valid, scaling, window):
+def _run_sink_kernel(q, k, v, idx, top_scores, eps, out, lse, token_valid, scaling, window, softcap=None):
     """The tag at the main eps (B,H,T,Dv, out's dtype), the per-block sums (B,H,NB,2KP+Dv+2) float32, the per-row
     [y, a] (B,H,NB*BM,2,KP) float32 and the sink values (B,H,KP,Dv) float32, from one Triton pass over blocks of
     rows. The kernel reads the sinks' keys and values itself (head h reads key/value head h // (H // KV)), so no
@@ -119,9 +121,9 @@ def _run_sink_kernel(q, k, v, idx, top_scores, eps, out, lse, token_valid, scali
     _sink_kernel[(NB, B * H)](
         q, k, v, idx32, top, lse, valid, out, tag, blocks, ya, values,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tag.stride(), *lse.stride(), *valid.stride(),
-        T, H, H // KV, K, window, float(scaling) * LOG2E, eps,
+        T, H, H // KV, K, window, float(scaling) * LOG2E, eps, float(softcap or 1.0),
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DV=Dv, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-        KP=KP, BM=BM, IEEE=ieee, num_warps=4)
+        KP=KP, BM=BM, IEEE=ieee, SOFTCAP=softcap is not None, num_warps=4)
     return tag, blocks, ya, values
 
 
@@ -129,9 +131,9 @@ def _run_sink_kernel(q, k, v, idx, top_scores, eps, out, lse, token_valid, scali
 def _sink_kernel(Q, K, V, IDX, TOP, LSE, VALID, OUT, TAG, VEC, YA, VS_OUT,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb_, svh_, svt_, svd_,
                  sob, soh, sot, sod, stb, sth, stt, std, slb, slh, slt, svb, svt,
-                 T, H, N_REP, K_REAL, WINDOW, scale_log2e, eps_main,
+                 T, H, N_REP, K_REAL, WINDOW, scale_log2e, eps_main, cap,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 KP: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+                 KP: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     NB = tl.num_programs(0)
@@ -163,7 +165,10 @@ def _sink_kernel(Q, K, V, IDX, TOP, LSE, VALID, OUT, TAG, VEC, YA, VS_OUT,
         s = tl.dot(q.to(tl.float32), tl.trans(ks.to(tl.float32)), input_precision="ieee")
     else:  # bf16 q and the sinks' own bf16 keys: exact products, float32 sums (as in the attention kernel)
         s = tl.dot(q, tl.trans(ks))
-    s = s * scale_log2e - lse2[:, None]
+    s = s * scale_log2e
+    if SOFTCAP:
+        s = softcapped(s, cap)
+    s = s - lse2[:, None]
     diff = rows[:, None] - sink_pos[None, :]
     a = tl.where((diff >= 0) & (diff < WINDOW) & row_ok[:, None], tl.exp2(s), 0.0)  # (BM, KP)
     o = tl.load(OUT + b * sob + h * soh + rows[:, None] * sot + dv[None, :] * sod,
