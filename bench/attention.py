@@ -113,7 +113,7 @@ def forward(model, mode, ids, settings):
 def _register_bench_modes():
     """Two attention functions for the benchmark only: "catchtag-sinks" is catchtag's with a learned sink logit per
     head passed as a model with learned sinks passes it (gpt-oss: ``s_aux``), to time what learned sinks cost on the
-    same shape; "sdpa-no-softcap" is SDPA without the softcap (Gemma-2's own code refuses SDPA because SDPA cannot
+    same shape; "fused-no-softcap" is SDPA without the softcap (Gemma-2's own code refuses SDPA because SDPA cannot
     apply it): the speed of the plain fused kernel at the same shape, the baseline of the softcap rows."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -131,8 +131,8 @@ def _register_bench_modes():
 
     AttentionInterface.register("catchtag-sinks", with_sinks)
     AttentionMaskInterface.register("catchtag-sinks", catchtag_mask)
-    AttentionInterface.register("sdpa-no-softcap", sdpa_no_softcap)
-    AttentionMaskInterface.register("sdpa-no-softcap", sdpa_mask)
+    AttentionInterface.register("fused-no-softcap", sdpa_no_softcap)
+    AttentionMaskInterface.register("fused-no-softcap", sdpa_mask)
 
 
 def measure(model, mode, B, T, reps, warmup=1):
@@ -173,7 +173,7 @@ def table(rows):
     """One markdown table; sinks/head of the sdpa and eager rows is the analysis' count on the same input."""
     lines = ["| B x T | mode | tokens/s | peak GiB | throughput / SDPA | memory / SDPA | sinks/head |",
              "|---|---|---|---|---|---|---|"]
-    base = {(r["B"], r["T"]): r for r in rows if r["mode"] in ("sdpa", "sdpa-no-softcap")}
+    base = {(r["B"], r["T"]): r for r in rows if r["mode"] in ("sdpa", "fused-no-softcap")}
     counted = {(r["B"], r["T"]): r["sinks_per_head"] for r in rows if r.get("sinks_per_head") is not None}
     for r in rows:
         s = base.get((r["B"], r["T"]))
@@ -382,7 +382,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES))
     ap.add_argument("--modes", default="sdpa,eager,catchtag,catchtag-sweep",
-                    help="also catchtag-sinks (a learned sink logit per head), sdpa-no-softcap (gemma2-9b's baseline)")
+                    help="also catchtag-sinks (a learned sink logit per head), fused-no-softcap (gemma2-9b's baseline)")
     ap.add_argument("--sinks", default="planted,none", help="planted (hooks, see plant_sinks) and/or none")
     ap.add_argument("--scan", type=int, default=0, help="also an end-to-end scan of this many prompts of the "
                                                             "first size, against the bare SDPA forward")

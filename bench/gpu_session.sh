@@ -21,7 +21,7 @@ if [ "$MODE" = families ]; then
   python3 bench/attention.py --sinks planted --sizes 4x1024,1x4096 --modes sdpa,catchtag,catchtag-sinks \
     --json "$OUT/learned_sinks.json" 2>&1 | grep -v '^{' | tee "$OUT/learned_sinks.log" || status=1
   python3 bench/attention.py --shape gemma2-9b --sinks planted --sizes 4x1024,1x4096 \
-    --modes sdpa-no-softcap,eager,catchtag --json "$OUT/gemma2.json" 2>&1 | grep -v '^{' | tee "$OUT/gemma2.log" || status=1
+    --modes fused-no-softcap,eager,catchtag --json "$OUT/gemma2.json" 2>&1 | grep -v '^{' | tee "$OUT/gemma2.log" || status=1
   exit $status
 fi
 python3 bench/coverage_cuda.py --json "$OUT/coverage_cuda.json" 2>&1 | tee "$OUT/coverage_cuda.log" || status=1

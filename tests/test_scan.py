@@ -375,3 +375,28 @@ def test_scan_runs_without_triton():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_scan_takes_a_model_loaded_with_transformers():
+    """A model the user loaded with transformers (SDPA attention, bf16, or wrapped as a PEFT model) works with
+    catchtag.scan directly: switched to catchtag's attention for the scan and back after, with the numbers of the
+    same weights loaded through catchtag."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from catchtag.tiny import tiny_config
+
+    ours, tok = catchtag.load_model("tiny:llama", dtype="float32")
+    theirs = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").eval()
+    theirs.load_state_dict(ours.state_dict())
+    kw = dict(eps=EPS, min_rows=MIN_ROWS, progress=False)
+    want = catchtag.scan(ours, tok, TEXTS, **kw).heads
+    got = catchtag.scan(theirs, tok, TEXTS, **kw).heads
+    assert theirs.config._attn_implementation == "sdpa"  # switched back after the scan
+    pd.testing.assert_frame_equal(got[["layer", "head", "n_sinks"]], want[["layer", "head", "n_sinks"]])
+    np.testing.assert_allclose(got["ve"], want["ve"], atol=1e-5)
+    lora = get_peft_model(theirs, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # LoRA B starts at zero
+    wrapped = catchtag.scan(lora, tok, TEXTS, **kw).heads
+    np.testing.assert_allclose(wrapped["ve"], want["ve"], atol=1e-5)
+    half = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16).eval()
+    assert not catchtag.scan(half, tok, TEXTS, **kw).heads.empty

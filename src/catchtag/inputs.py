@@ -12,9 +12,15 @@ from catchtag.models import display_name, load_model, resolve_device, resolve_dt
 
 
 def resolve_model(model, device: str = "auto", dtype: str = "auto"):
-    """A model name -> (name, model, tokenizer); a (model, tokenizer) pair passes through."""
+    """A model name -> (name, model, tokenizer); a (model, tokenizer) pair (a model loaded with transformers, any
+    dtype or device map, or a PEFT wrapper) passes through, switched to catchtag's attention (refused in one line if
+    its type does not reach parity: docs/models.md)."""
     if isinstance(model, (tuple, list)):
+        from catchtag.engine.attention import enable, is_enabled, unwrap
+
         net, tok = model
+        if not is_enabled(unwrap(net)):
+            enable(net)
         return display_name(net), net, tok
     net, tok = load_model(model, device=device, dtype=dtype)
     return model, net, tok

@@ -259,7 +259,7 @@ def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo
                                  capture.mask_infos if capture is not None else None, softcap=softcap, window=window)
     if sinks is not None:  # learned sink logits: one more softmax column with no value, folded into lse and out
         with_sink = torch.logaddexp(lse, sinks.float().expand_as(lse))
-        out = (out.float() * torch.exp(lse - with_sink)[..., None]).to(out.dtype)
+        out = out.mul_(torch.exp(lse - with_sink).to(out.dtype)[..., None])  # in place: one pass over out
         lse = with_sink
     col_scores = column_sums(query, key, lse, token_valid, scaling, window, factor=info.score_factor,
                              softcap=softcap)

@@ -383,22 +383,9 @@ def softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, 
     window) mask: on CUDA from PyTorch's FlexAttention (compiled; the mask as a block mask, so fully masked tiles are
     skipped), elsewhere in plain torch. Same return as attention_and_lse."""
     B, H, T, _ = query.shape
-    if query.is_cuda:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        if "fn" not in _FLEX:
-            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-        win = T + 1 if window is None else int(window)
-
-        def visible(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < win) & token_valid[b, kv_idx] & token_valid[b, q_idx]
-
-        def cap(score, b, h, q_idx, kv_idx):
-            return softcap * torch.tanh(score / softcap)
-
-        block = create_block_mask(visible, B, None, T, T, device=query.device)
-        out, lse = _FLEX["fn"](query, key, value, score_mod=cap, block_mask=block, scale=scaling,
-                               enable_gqa=key.shape[1] != H, return_lse=True)
+    got = _flex_softcap(query, key, value, scaling, softcap, token_valid, window) if query.is_cuda else None
+    if got is not None:
+        out, lse = got
     else:
         n_rep = H // key.shape[1]
         k = key.float().repeat_interleave(n_rep, 1)
@@ -414,3 +401,37 @@ def softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, 
     rows = token_valid[:, None, :]
     out = torch.where(rows[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out, torch.where(rows, lse.float(), torch.zeros((), device=lse.device))
+
+
+def _flex_softcap(query, key, value, scaling, softcap, token_valid, window):
+    """(out, lse) from FlexAttention compiled for dynamic shapes (one compile per head size and dtype), or None when
+    it cannot compile this call (Inductor finds no kernel for some small head sizes): the caller then computes the
+    softmax itself."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, T, D = query.shape
+    kind = (D, value.shape[-1], query.dtype)
+    if kind in _FLEX.setdefault("failed", set()):
+        return None
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+    win = T + 1 if window is None else int(window)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < win) & token_valid[b, kv_idx] & token_valid[b, q_idx]
+
+    def cap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    try:
+        block = create_block_mask(visible, B, None, T, T, device=query.device)
+        return _FLEX["fn"](query, key, value, score_mod=cap, block_mask=block, scale=scaling,
+                           enable_gqa=key.shape[1] != H, return_lse=True)
+    except Exception as err:  # noqa: BLE001  (torch._inductor raises its own error classes)
+        import warnings
+
+        _FLEX["failed"].add(kind)
+        warnings.warn(f"FlexAttention could not compile softcapped attention for head size {D} in {query.dtype} "
+                      f"({type(err).__name__}); computing it without the fused kernel (slower, same numbers)",
+                      stacklevel=2)
+        return None
