@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from catchtag.tiny import padded_batch  # noqa: F401  (the tests' padded random batches)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -56,18 +58,3 @@ def runs(tmp_path_factory):
         write_views(net, tok, prompts[0], folder / arch / "views", eps=EPS, min_rows=MIN_ROWS, name=f"tiny:{arch}")
         out.append(folder / arch)
     return out
-
-
-def padded_batch(lengths, sides, T=None, seed=0, vocab=256):
-    """Random token ids with the given real lengths, each padded on its side ('left' or 'right')."""
-    g = torch.Generator().manual_seed(seed)
-    T = T or max(lengths)
-    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, (n, side) in enumerate(zip(lengths, sides)):
-        if side == "left":
-            mask[b, T - n:] = 1
-        else:
-            mask[b, :n] = 1
-        ids[b][mask[b] == 0] = 258  # the tiny tokenizer's <pad>
-    return ids, mask

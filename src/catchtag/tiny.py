@@ -250,3 +250,21 @@ def tiny_tokenizer(max_length: int = 512):
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         model_max_length=max_length,
     )
+
+
+def padded_batch(lengths, sides, T=None, seed=0, vocab=256):
+    """Random token ids (B,T) and their attention mask for parity checks: prompt b has lengths[b] real tokens, padded
+    on sides[b] ('left' or 'right') with the tiny tokenizer's <pad> (258)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    T = T or max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, (n, side) in enumerate(zip(lengths, sides)):
+        if side == "left":
+            mask[b, T - n:] = 1
+        else:
+            mask[b, :n] = 1
+        ids[b][mask[b] == 0] = _TOKEN_IDS["pad_token_id"]
+    return ids, mask
