@@ -212,7 +212,8 @@ def _compare_reference(model, ids, mask, cap, settings) -> str | None:
         tol = STAT_TOL * max(1.0, min(r["conditioning"], 1e3) ** 2 / 1e2)
         for name in ("ve", "r2", "ve_uncentred"):
             if abs(float(getattr(st, name)[b, h]) - r[name]) > tol:
-                return f"{where}: {name} {float(getattr(st, name)[b, h]):.6f} differs from the reference's {r[name]:.6f}"
+                got = float(getattr(st, name)[b, h])
+                return f"{where}: {name} {got:.6f} differs from the reference's {r[name]:.6f}"
         learned = 0.0 if st.learned_sink is None else float(st.learned_sink[b, h])
         if abs(learned - r["learned_sink"]) > STAT_TOL:
             return f"{where}: learned sink share {learned:.6f} differs from the reference's {r['learned_sink']:.6f}"
@@ -260,8 +261,8 @@ def check_all(types=None, seed: int | None = None, progress: bool = True) -> lis
         row = check(model_type, seed)
         rows.append(row)
         if progress:
-            print(f"[{i + 1}/{len(todo)}] {model_type}: {row.status} {row.reason[:90]} ({time.perf_counter() - t0:.1f} s)",
-                  flush=True)
+            seconds = time.perf_counter() - t0
+            print(f"[{i + 1}/{len(todo)}] {model_type}: {row.status} {row.reason[:90]} ({seconds:.1f} s)", flush=True)
     return rows
 
 

@@ -373,9 +373,9 @@ def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwri
 def no_layer_message(model) -> str:
     """Why a pass captured no layer, naming the attention modules the model has."""
     names = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+    found = ", ".join(names[:4]) or "none found"
     return (f"no layer of {type(model).__name__} went through catchtag's attention function: its attention modules "
-            f"({', '.join(names[:4]) or 'none found'}) compute attention in their own code. Fix: see docs/models.md for "
-            f"the model types that work")
+            f"({found}) compute attention in their own code. Fix: see docs/models.md for the model types that work")
 
 
 def layer_summary(model, analysed: list[int], n_layers: int) -> dict:

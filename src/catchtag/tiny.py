@@ -53,11 +53,11 @@ TINY_OVERRIDES: dict[str, dict] = {
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "gemma3n_text": dict(num_kv_shared_layers=0, activation_sparsity_pattern=None),
     "kolibri1_1": dict(index_num_heads=2, index_topk=8),
-    "longcat_flash": dict(head_dim=8),
+    "longcat_flash": dict(head_dim=8),  # its rotary part is head_dim wide: qk_rope_head_dim
     "zaya": dict(num_experts_per_tok=1, num_experts=1),  # top-1 routing only: one expert, so it cannot flip
     # hybrids whose default config has no attention layer
     "bamba": dict(attn_layer_indices=[1, 3]),
-    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),  # its rotary part is head_dim wide: qk_rope_head_dim
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
 }
 
 # config key -> tiny value, for keys the default config sets (None stays None: the model derives it)
