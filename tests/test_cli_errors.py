@@ -117,6 +117,7 @@ CASES = [
     (["ablate", *M, "--out", "{new}", "--mode", "half"], "--mode must be mean or zero"),
     (["ablate", *M, "--out", "{new}", "--group", "heads"], "--group must be layer or all"),
     (["ablate", *M, "--out", "{new}", "--heads", "3"], "--heads must look like LAYER.HEAD"),
+    (["ablate", *M, "--out", "{new}", "--heads", "1.1,0.2,1.1"], "--heads names 1.1 more than once"),
     (["ablate", *M, "--out", "{new}", "--heads", "9.0", *LOW, "--limit", "2"], "--heads 9.0 is out of range"),
     (["ablate", *M, "--out", "{new}", "--dtype", "float8"], "unknown dtype 'float8'"),
     *[(["ablate", *M, "--out", "{new}", "--data", d], msg) for d, msg in BAD_DATA[:6]],

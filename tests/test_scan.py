@@ -304,7 +304,8 @@ def test_overwrite_removes_only_a_catchtag_run(tiny_models, tmp_path):
     (run / "mine.txt").unlink()
     again = catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **kw)
     assert len(again.prompts) == 2 and sorted(p.name for p in run.iterdir()) == sorted(
-        ["run.json", "parts", "heads.parquet", "prompts.parquet", "summary.json"])
+        ["run.json", "parts", "heads.parquet", "prompts.parquet", "summary.json",
+         "catchtag.files", "catchtag.lock"])  # the list of what catchtag wrote, and the writer lock
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for overwrite in (False, True):

@@ -398,6 +398,10 @@ def _parse_heads(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     if not heads or any(layer < 0 or head < 0 for layer, head in heads):
         raise CatchtagError(f"--heads must look like LAYER.HEAD[,LAYER.HEAD...] (numbers from 0), got {text!r}. "
                             f"Fix: e.g. --heads 20.3,21.0")
+    twice = sorted({h for h in heads if heads.count(h) > 1})
+    if twice:
+        raise CatchtagError(f"--heads names {', '.join(f'{a}.{b}' for a, b in twice)} more than once. Fix: name each "
+                            f"head once")
     return heads
 
 

@@ -32,7 +32,7 @@ from catchtag.interventions.steering import DEFAULT_SCALES
 from catchtag.inputs import check_file_out, check_head, resolve_model, resolve_text  # noqa: F401 (re-exported)
 from catchtag.models import display_name, load_model, resolve_device
 from catchtag.published import PROBES as PUBLISHED_PROBES
-from catchtag.runs import prompts_sha1, versions, write_csv, write_json, write_table, write_text
+from catchtag.runs import WriterLock, prompts_sha1, versions, write_csv, write_json, write_table, write_text
 from catchtag.scan import scan
 
 if TYPE_CHECKING:
@@ -495,11 +495,8 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     """What ``catchtag ablate`` does, into OUT/ablate/: a first-order attribution for every head (one forward and
     one backward pass per batch), real ablations of the chosen heads or groups with random-direction controls
     (loss change over the tagged tokens, 95% interval over prompts), the release map (which later heads change),
-    tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes."""
-
-    from catchtag.interventions import ablation as ab
-    from catchtag.scan import _batch_tensors
-
+    tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes; a second
+    process on the same --out stops at once (WriterLock)."""
     if mode not in ("mean", "zero"):
         raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
     if group not in (None, "layer", "all"):
@@ -508,7 +505,33 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
         if value < low:
             raise CatchtagError(f"{flag} must be >= {low}, got {value}. Fix: e.g. {flag} {max(low, 3)}")
     settings = SinkSettings(eps=eps, min_rows=min_rows)
+    scan_manifest = Path(out) / "run.json"
+    if scan_manifest.is_file():  # ablating into a scan's folder: the same model, or the report would mix them
+        try:
+            scanned = json.loads(scan_manifest.read_text()).get("model")
+        except ValueError:
+            scanned = None
+        if scanned is not None and scanned != model:
+            raise CatchtagError(f"{out} holds a scan of {scanned}, not of {model}: its report would show this "
+                                f"ablation under the other model. Fix: another --out, or -m {scanned}")
     started = time.perf_counter()
+    lock = WriterLock(Path(out) / "ablate", "catchtag ablate")
+    done = False
+    try:
+        summary = _ablate(model, data, out, heads, top, group, mode, controls, settings, max_tokens, limit,
+                          batch_size, seed, device, dtype, figures, progress, started)
+        done = True
+        return summary
+    finally:
+        lock.release(undo=not done and not any(p.name != lock.path.name for p in lock.path.parent.iterdir()))
+
+
+def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_tokens, limit, batch_size, seed,
+            device, dtype, figures, progress, started) -> dict:
+    from catchtag.interventions import ablation as ab
+    from catchtag.scan import _batch_tensors
+
+    eps, min_rows = settings.eps, settings.min_rows
     net, tokenizer = load_model(model, device=resolve_device(device), dtype=dtype)
     n_layers, n_heads = net.config.num_hidden_layers, net.config.num_attention_heads
     for l, h in heads or []:

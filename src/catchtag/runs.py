@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from catchtag.errors import CatchtagError
 
 # What a scan writes into its folder (--overwrite removes these and nothing else).
 RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "activations.npz",
-               "summary.json", "figures", "views", "ablate")
+               "summary.json", "figures", "views", "ablate", "catchtag.lock", "catchtag.files")
 # run.json keys that do not define the run: the same prompts (prompts_sha1) are the same run however the data file
 # is spelled and whatever command line asked for it, so these never block a resume.
 NOT_COMPARED = ("data", "command")
@@ -57,14 +58,65 @@ def _json(obj):
     return obj
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (beside it, then renamed), creating the folder."""
+MANIFEST = "catchtag.files"  # every file catchtag wrote into a run (or an ablate/ folder), one relative path a line
+_RECORDING = threading.Lock()
+_ROOTS: dict[Path, bool] = {}  # folder -> holds catchtag's run.json (a folder, once a run, stays one)
+
+
+def _is_run_manifest(path: Path) -> bool:
+    """Whether ``path`` is a run.json catchtag wrote (a scan's or an ablation's fingerprint), not a user's file of
+    that name."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and ("catchtag" in data or "prompts_sha1" in data)
+
+
+def _run_root(path: Path) -> Path | None:
+    """The run folder ``path`` lies in (the nearest of its three parents holding catchtag's run.json), or None."""
+    for parent in list(path.parents)[:3]:
+        if parent not in _ROOTS or not _ROOTS[parent]:
+            manifest = parent / "run.json"
+            _ROOTS[parent] = manifest.is_file() and (manifest == path or _is_run_manifest(manifest))
+        if _ROOTS[parent]:
+            return parent
+    return None
+
+
+def _record(path: Path) -> None:
+    """Add ``path`` to its run's list of files catchtag wrote (what --overwrite may remove)."""
+    root = _run_root(path)
+    if root is None:
+        return
+    rel = path.relative_to(root).as_posix()
+    with _RECORDING:
+        listed = root / MANIFEST
+        known = set(listed.read_text().split("\n")) if listed.is_file() else set()
+        if rel not in known:
+            with open(listed, "a", encoding="utf-8") as f:
+                f.write(rel + "\n")
+
+
+def _atomic(path: Path, write) -> Path:
+    """Write a file beside ``path`` and rename it into place, creating the folder; a failed write leaves no half
+    file behind (the temporary one is removed); the file joins its run's list of what catchtag wrote."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _record(path)
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (beside it, then renamed), creating the folder."""
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -77,15 +129,13 @@ def write_table(table, path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.parquet")
-    if isinstance(table, pa.Table):
-        pq.write_table(table, tmp)
-    else:
-        table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    def write(tmp):
+        if isinstance(table, pa.Table):
+            pq.write_table(table, tmp)
+        else:
+            table.to_parquet(tmp, index=False)
+
+    return _atomic(path, write)
 
 
 def write_csv(df: pd.DataFrame, path: Path, **kwargs) -> Path:
@@ -94,22 +144,12 @@ def write_csv(df: pd.DataFrame, path: Path, **kwargs) -> Path:
 
 
 def write_arrays(arrays: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return _atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def save_figure_file(fig, path: Path, dpi: int = 110) -> Path:
     """A matplotlib figure as PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)
-    return path
+    return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def versions() -> dict:
@@ -134,7 +174,8 @@ def prompts_sha1(prompts) -> str:
 def fingerprint(model_name, data_name, settings, prompts, dtype, request, command: str | None = None) -> dict:
     """What makes two scans the same run: by content (the prompts' token ids), not by how the inputs were named."""
     digest = prompts_sha1(prompts)
-    return {"model": model_name, "data": data_name, "eps": settings.eps, "min_rows": settings.min_rows,
+    return {"catchtag": "scan", "model": model_name, "data": data_name, "eps": settings.eps,
+            "min_rows": settings.min_rows,
             "sweep_eps": list(settings.all_eps) if settings.sweep_eps else [], "dtype": str(dtype),
             "n_prompts": len(prompts), "prompts_sha1": digest,
             "request": None if request is None else repr((request.layers, request.heads, request.positions,
@@ -151,6 +192,47 @@ def cli_command() -> str | None:
     return None
 
 
+# ---- one writer at a time -------------------------------------------------------------------------------------
+def _is_lock(name: str) -> bool:
+    """A writer lock of catchtag's (catchtag.lock, catchtag-r<rank>.lock)."""
+    import re
+
+    return re.fullmatch(r"catchtag(-r\d+)?\.lock", name) is not None
+
+
+class WriterLock:
+    """An exclusive lock on a run folder (``catchtag.lock`` in it, one per rank under torchrun), held while a job
+    writes there: a second process that would write the same run stops at once with one line instead of doubling
+    its rows. The operating system releases it when the process ends, however it ends (a kill included)."""
+
+    def __init__(self, folder: Path, what: str = "run", rank: int = 0):
+        import fcntl
+
+        self.made = [p for p in (folder, *folder.parents) if not p.exists()]  # folders this lock creates
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ("catchtag.lock" if rank == 0 else f"catchtag-r{rank}.lock")
+        self.new_file = not self.path.exists()
+        self._file = open(self.path, "a")  # never written to: the lock is the file's, not its content's
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.close()
+            raise CatchtagError(f"{folder} is being written by another catchtag process (a {what} with the same "
+                                f"--out is running). Fix: wait for it to finish, or choose another --out") from None
+
+    def release(self, undo: bool = False) -> None:
+        """Release the lock; ``undo`` (the job failed before writing anything): also remove the lock file and the
+        folders this lock created, where they are empty, so a refused command leaves nothing behind."""
+        if not self._file.closed:
+            self._file.close()  # closing the file releases the lock
+        if undo:
+            if self.new_file:
+                self.path.unlink(missing_ok=True)
+            for folder in self.made:  # innermost first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+
+
 # ---- the folder --------------------------------------------------------------------------------------------------
 class RunFolder:
     """A scan's folder (the layout in the module docstring). Opening one checks it: a folder holding another run, or
@@ -161,10 +243,26 @@ class RunFolder:
         self.parts = self.folder / "parts"
         self.rank = dist.rank
         manifest = self.folder / "run.json"
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
+        self.lock = WriterLock(self.folder, "scan", self.rank)
+        try:
+            self._open(manifest, fingerprint, overwrite, dist)
+        except BaseException:  # refused or failed: leave nothing behind that this scan made
+            self.lock.release(undo=True)
+            raise
+
+    def close(self) -> None:
+        """The scan is done writing: release the folder for the next writer."""
+        self.lock.release()
+
+    def _open(self, manifest: Path, fingerprint: dict, overwrite: bool, dist: Dist) -> None:
         if dist.is_main:  # one rank checks and prepares the folder; the others check after the barrier
+            discarded = False
             if overwrite and self.folder.is_dir():  # a file given as --out is refused by _check
                 self._discard()
-            self._check(manifest, fingerprint)
+                discarded = True  # what is left (the user's files in figures/, parts/, ...) is not a reason to refuse
+            self._check(manifest, fingerprint, discarded)
             self.parts.mkdir(parents=True, exist_ok=True)
             if manifest.is_file():  # keep the first command line: it is the one that repairs the run
                 fingerprint = {**fingerprint, "command": json.loads(manifest.read_text()).get("command")
@@ -178,26 +276,50 @@ class RunFolder:
             self._check(manifest, fingerprint)
 
     def _discard(self) -> None:
-        """--overwrite: remove what a scan wrote into this folder, and nothing else. A folder that is not a
-        catchtag run, or that holds files a scan did not write, is refused and left as it is."""
-        if not (self.folder / "run.json").is_file():
-            if any(self.folder.iterdir()):
-                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run (no run.json), so "
-                                    f"nothing in it was removed. Fix: choose an empty or new --out")
+        """--overwrite: remove the files this run's list says catchtag wrote (catchtag.files), and nothing else: a
+        folder that is not a catchtag run (no run.json that catchtag wrote), one that holds files of its own beside
+        the run's, or one that holds another job's results (ablate/) is refused and left as it is; a file of the
+        user's inside figures/, views/ or parts/ stays, with its folder."""
+        manifest = self.folder / "run.json"
+        if not manifest.is_file() or not _is_run_manifest(manifest):
+            if any(not _is_lock(p.name) for p in self.folder.iterdir()):
+                what = "no run.json" if not manifest.is_file() else "its run.json is not one catchtag wrote"
+                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run ({what}), so nothing "
+                                    f"in it was removed. Fix: choose an empty or new --out")
             return
-        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES)
+        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES and not _is_lock(p.name))
         if foreign:
             raise CatchtagError(f"--overwrite refused: {self.folder} also holds files a scan did not write "
                                 f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
                                 f"removed. Fix: move them away, or choose another --out")
-        for name in RUN_ENTRIES:
+        if (self.folder / "ablate").exists():
+            raise CatchtagError(f"--overwrite refused: {self.folder} also holds catchtag ablate's results (ablate/), "
+                                f"made on the run being replaced; nothing was removed. Fix: move {self.folder / 'ablate'} "
+                                f"away (or delete it), then --overwrite")
+        listed = self.folder / MANIFEST
+        if listed.is_file():
+            names = [n for n in listed.read_text(encoding="utf-8").split("\n") if n]
+        else:  # a run made before catchtag kept the list: the files a scan writes, by their names
+            names = [p.relative_to(self.folder).as_posix() for name in RUN_ENTRIES
+                     for p in ([self.folder / name] if (self.folder / name).is_file() else
+                               (self.folder / name).rglob("*") if (self.folder / name).is_dir() else [])
+                     if p.is_file() and not _is_lock(p.name)]
+        for rel in names:
+            path = self.folder / rel
+            if path.is_file() and not path.is_symlink() and self.folder in path.resolve().parents:
+                path.unlink()
+        for name in RUN_ENTRIES:  # folders left empty go too; a folder that still holds a file of the user's stays
             path = self.folder / name
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+                for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    if not any(sub.iterdir()):
+                        sub.rmdir()
+                if not any(path.iterdir()):
+                    path.rmdir()
+        listed.unlink(missing_ok=True)
+        _ROOTS.pop(self.folder, None)
 
-    def _check(self, manifest: Path, fingerprint: dict) -> None:
+    def _check(self, manifest: Path, fingerprint: dict, discarded: bool = False) -> None:
         if self.folder.exists() and not self.folder.is_dir():
             raise CatchtagError(f"--out {self.folder} is a file, not a folder. Fix: choose a folder for the run")
         if manifest.is_file():
@@ -212,7 +334,7 @@ class RunFolder:
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise CatchtagError(f"{self.folder} holds a run with other settings ({', '.join(changed)} differ). "
                                     f"Fix: use another --out, or --overwrite to start it again")
-        elif self.folder.exists() and any(self.folder.iterdir()):
+        elif self.folder.exists() and not discarded and any(not _is_lock(p.name) for p in self.folder.iterdir()):
             raise CatchtagError(f"{self.folder} exists and is not a catchtag run. Fix: choose an empty or new --out")
 
     # ---- batches -------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.errors import CatchtagError
 from catchtag.models import display_name
 from catchtag.result import HEAD_COLUMNS, ScanResult
-from catchtag.runs import RunFolder, cache_from_batches, fingerprint, save_result
+from catchtag.runs import RunFolder, cache_from_batches, fingerprint, repair_command, save_result
 
 SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2", "ve_uncentred"]
 
@@ -268,11 +268,16 @@ def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwri
                       f"be a sink. Lower --min-rows or use longer prompts", stacklevel=2)
 
     run = out if isinstance(out, RunFolder) else None
+    if out is not None and run is None:
+        run = RunFolder(out, fingerprint(model_name, data_name, settings, prompts, model.dtype, request), overwrite,
+                        dist)
+        try:  # the folder stays locked against a second writer until this scan is done with it
+            return _scan(model, tokenizer, prompts, settings, batch_size, request, run, overwrite, progress, backend,
+                         model_name, data_name, dist, device, n_layers, max_tokens)
+        finally:
+            run.close()
     todo = prompts
     if out is not None:
-        if run is None:
-            run = RunFolder(out, fingerprint(model_name, data_name, settings, prompts, model.dtype, request),
-                            overwrite, dist)
         done = run.done_ids()
         todo = [p for p in dist.shard(prompts) if p.prompt_id not in done]
     todo = sorted(todo, key=lambda p: -len(p.input_ids))  # long first: an out-of-memory shows at once
@@ -298,6 +303,10 @@ def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwri
         strings = {p.prompt_id: _token_strings(tokenizer, p.input_ids, decoded) for p in done.prompts}
         heads_t, sweep_t, prompts_df = batch_tables(done, settings, strings, seconds)
         if run is not None:
+            for w in writes:  # a write that failed (a full disk) stops the scan here, not after every batch
+                if w.done() and w.exception() is not None:
+                    raise CatchtagError(f"could not write to {run.folder}: {w.exception()}. Fix: free space or "
+                                        f"choose another --out; {repair_command(run.folder)} to resume") from None
             writes.append(writer.submit(run.write_part, heads_t, sweep_t, prompts_df, done.arrays))
         else:
             heads_parts.append(heads_t)
@@ -336,8 +345,10 @@ def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwri
         flush()
     finally:
         writer.shutdown(wait=True)  # an interrupted scan still leaves every batch it finished on disk
-    for w in writes:
-        w.result()  # a failed write fails the scan
+    for w in writes:  # a failed write fails the scan
+        if w.exception() is not None:
+            raise CatchtagError(f"could not write to {run.folder}: {w.exception()}. Fix: free space or choose another "
+                                f"--out; {repair_command(run.folder)} to resume") from None
     if bar is not None:
         bar.close()
 

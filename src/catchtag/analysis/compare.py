@@ -36,8 +36,15 @@ def load_runs(runs) -> dict[str, ScanResult]:
     for run in runs:
         result = run if isinstance(run, ScanResult) else ScanResult.load(run)
         name = str(result.settings.get("model") or (Path(run).name if not isinstance(run, ScanResult) else "run"))
-        if name in out:
-            name = Path(run).name if not isinstance(run, ScanResult) else f"{name} ({len(out)})"
+        if name in out and not isinstance(run, ScanResult):  # the same model twice: the folder tells them apart,
+            parts = Path(run).absolute().parts                 # with as many of its parents as that takes
+            for depth in range(2, len(parts) + 1):
+                name = "/".join(parts[-depth:])
+                if name not in out:
+                    break
+        n = 2
+        while name in out:  # still taken (the same folder twice, or results from memory)
+            name, n = f"{name.rsplit(' (', 1)[0]} ({n})", n + 1
         out[name] = result
     if not out:
         raise CatchtagError("no runs given. Pass one or more folders written by `catchtag scan`")

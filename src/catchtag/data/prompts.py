@@ -109,7 +109,7 @@ def chunk_ids(ids: Sequence[int], size: int) -> list[list[int]]:
 
 def read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise CatchtagError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). Fix: save it as UTF-8, "
                             f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None

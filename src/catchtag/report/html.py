@@ -146,6 +146,10 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
                            "sinks beyond the first position (punctuation, whitespace, function words from a fixed "
                            "English list, other).")]
     for n, (tokens, kinds) in tax.items():
+        if tokens.empty:  # no head of this run has a sink at its threshold
+            parts += [f"<h3>{html.escape(n)}</h3>", f"<p>No head has a sink at eps {results[n].settings.get('eps')} "
+                                                   f"in this run, so there are no sink tokens to list.</p>"]
+            continue
         parts += [f"<h3>{html.escape(n)}</h3>", _table(kinds), _table(tokens.drop(columns=["share"]), max_rows=15)]
     # per-run heatmaps
     parts.append("<h2 id='heads'>Per layer and head</h2>")

@@ -1,0 +1,158 @@
+"""Faults a run folder must survive without losing, doubling or deleting data: a second writer, --overwrite on
+folders that are not (only) catchtag's, another model's ablation into a scan, a write that fails part-way, and input
+that is odd but valid (a byte-order mark, a run where no head has a sink)."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import catchtag
+from catchtag.errors import CatchtagError
+from catchtag.runs import WriterLock
+from conftest import EPS, MIN_ROWS, TEXTS
+
+KW = dict(eps=EPS, min_rows=MIN_ROWS, progress=False, model_name="tiny:llama", data_name="tests")
+
+
+def test_a_second_writer_stops_at_once(tiny_models, tmp_path):
+    """While one process writes a run, another scan of the same --out stops with one line (exit 2) and the rows are
+    not doubled; once the first is done, the same command resumes and adds nothing."""
+    model, tok = tiny_models("llama")
+    run = tmp_path / "run"
+    first = catchtag.scan(model, tok, TEXTS, out=run, **KW)
+    lock = WriterLock(run, "scan")  # another writer holds the run
+    try:
+        with pytest.raises(CatchtagError, match="being written by another catchtag process"):
+            catchtag.scan(model, tok, TEXTS, out=run, **KW)
+        cli = subprocess.run([sys.executable, "-m", "catchtag", "scan", "-m", "tiny:llama", "--data", "builtin:prose",
+                              "--limit", "2", "--max-tokens", "48", "--out", str(run)],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+        assert "being written by another catchtag process" in cli.stderr
+    finally:
+        lock.release()
+    again = catchtag.scan(model, tok, TEXTS, out=run, **KW)
+    assert len(again.heads) == len(first.heads) and not again.heads.duplicated(["prompt_id", "layer", "head"]).any()
+
+
+def test_overwrite_needs_a_run_json_catchtag_wrote(tiny_models, tmp_path):
+    model, tok = tiny_models("llama")
+    theirs = tmp_path / "theirs"
+    (theirs / "figures").mkdir(parents=True)
+    (theirs / "run.json").write_text('{"experiment": "mine"}')
+    (theirs / "summary.json").write_text("{}")
+    (theirs / "figures" / "plot.png").write_bytes(b"png")
+    before = sorted(p.relative_to(theirs) for p in theirs.rglob("*"))
+    with pytest.raises(CatchtagError, match="not a catchtag run.*not one catchtag wrote"):
+        catchtag.scan(model, tok, TEXTS, out=theirs, overwrite=True, **KW)
+    assert sorted(p.relative_to(theirs) for p in theirs.rglob("*")) == before
+
+
+def test_overwrite_keeps_the_users_files_inside_the_run(tiny_models, tmp_path):
+    """Files the user put into a run's figures/, views/ or parts/ are not catchtag's: --overwrite removes what the
+    run's list says catchtag wrote, and those files (and their folders) stay."""
+    model, tok = tiny_models("llama")
+    run = tmp_path / "run"
+    catchtag.scan(model, tok, TEXTS, out=run, **KW)
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "figures" / "my_plot.png").write_bytes(b"mine")
+    (run / "parts" / "notes.txt").write_text("mine too")
+    old_parts = sorted(p.name for p in (run / "parts").iterdir() if p.name != "notes.txt")
+    assert old_parts
+    catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **KW)
+    assert (run / "figures" / "my_plot.png").read_bytes() == b"mine"
+    assert (run / "parts" / "notes.txt").read_text() == "mine too"
+    assert len(pd.read_parquet(run / "prompts.parquet")) == 2
+
+
+def test_overwrite_says_so_before_removing_another_jobs_results(tiny_models, tmp_path):
+    model, tok = tiny_models("llama")
+    run = tmp_path / "run"
+    catchtag.scan(model, tok, TEXTS, out=run, **KW)
+    (run / "ablate").mkdir()
+    (run / "ablate" / "ablation.parquet").write_bytes(b"results")
+    with pytest.raises(CatchtagError, match="ablate's results"):
+        catchtag.scan(model, tok, TEXTS[:2], out=run, overwrite=True, **KW)
+    assert (run / "ablate" / "ablation.parquet").read_bytes() == b"results" and (run / "heads.parquet").is_file()
+
+
+def test_ablate_refuses_another_models_scan_folder(tiny_models, tmp_path):
+    model, tok = tiny_models("llama")
+    run = tmp_path / "run"
+    catchtag.scan(model, tok, TEXTS, out=run, **KW)
+    from catchtag.jobs import run_ablate
+
+    with pytest.raises(CatchtagError, match="holds a scan of tiny:llama, not of tiny:qwen3"):
+        run_ablate("tiny:qwen3", out=run, limit=2, max_tokens=48, progress=False)
+    assert not (run / "ablate").exists()
+
+
+def test_a_write_that_fails_stops_the_scan_and_leaves_no_half_file(tiny_models, tmp_path, monkeypatch):
+    """A full disk on the first write of a part: the scan stops with one line naming the folder and how to resume,
+    leaves no temporary file, and the same command afterwards finishes the run with every prompt once."""
+    import catchtag.runs as runs
+
+    model, tok = tiny_models("llama")
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    original = runs.write_table
+
+    def full_disk(table, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second batch's first file
+            raise OSError(28, "No space left on device")
+        return original(table, path)
+
+    monkeypatch.setattr(runs, "write_table", full_disk)
+    texts = TEXTS * 3
+    with pytest.raises(CatchtagError, match="could not write to.*No space left.*resume"):
+        catchtag.scan(model, tok, texts, out=run, batch_size=2, **KW)
+    monkeypatch.undo()
+    assert not list(run.rglob("*.tmp*"))
+    done = catchtag.scan(model, tok, texts, out=run, batch_size=2, **KW)
+    assert sorted(done.prompts["prompt_id"]) == list(range(len(texts)))
+
+
+def test_a_byte_order_mark_is_not_text(tiny_models, tmp_path):
+    """A UTF-8 file that starts with a byte-order mark gives the same prompts as the same text without it, as .txt
+    and as .jsonl."""
+    from catchtag.data.prompts import load_prompts
+
+    model, tok = tiny_models("llama")
+    plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_text("Hello world. A sink catches the tokens after it.\n", encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    want = [p.input_ids for p in load_prompts(str(plain), tok, model)]
+    assert [p.input_ids for p in load_prompts(str(bom), tok, model)] == want
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "Hello world. A sink catches the tokens after it."}\n')
+    assert [p.input_ids for p in load_prompts(str(jsonl), tok, model)] == want
+
+
+def test_a_report_of_a_run_without_sinks_says_so(tmp_path):
+    """A tiny model at the default eps has no sink anywhere: the report renders and says why a table is empty."""
+    from typer.testing import CliRunner
+
+    from catchtag.cli import app
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["scan", "-m", "tiny:qwen3", "--limit", "2", "--max-tokens", "64", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert pd.read_parquet(run / "heads.parquet")["n_sinks"].sum() == 0, "the test needs a run with no sink"
+    r = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "report.html")])
+    assert r.exit_code == 0, r.output
+    assert "No head has a sink at eps 0.2" in (tmp_path / "report.html").read_text()
+
+
+def test_compare_keeps_two_runs_of_the_same_model(tiny_models, tmp_path):
+    """a/run and b/run of one model are two columns of the comparison, named by their folders."""
+    from catchtag.analysis.compare import load_runs
+
+    model, tok = tiny_models("llama")
+    for side in ("a", "b"):
+        catchtag.scan(model, tok, TEXTS, out=tmp_path / side / "run", **KW)
+    runs = load_runs([tmp_path / "a" / "run", tmp_path / "b" / "run"])
+    assert len(runs) == 2 and sorted(runs) == ["b/run", "tiny:llama"]
+    assert len(load_runs([tmp_path / "a" / "run"] * 2)) == 2
