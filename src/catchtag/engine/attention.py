@@ -119,7 +119,6 @@ class Capture:
         self.pending = []
         self.mask_structures, self.mask_infos = {}, {}
 
-
     def _check_unreached_writes(self) -> None:
         """Every head write the pass recorded or edited reached its output projection."""
         if self.writes:
@@ -469,7 +468,7 @@ def enable(model, verified_only: bool = True) -> None:
     Every causal-LM model type of the installed transformers has a status in catchtag's coverage matrix
     (docs/models.md): those that reach parity with the model's own eager attention are switched; the others are
     refused with the reason. A model type the matrix does not know (a newer transformers, remote code) is switched
-    only after a quick check of its logits against its own eager attention (``arch.self_check``).
+    only after a quick check of its logits against its own eager attention (``self_check``).
     verified_only=False skips the matrix (the coverage check itself uses it to test every type)."""
     from catchtag.engine.arch import model_type_status
 
