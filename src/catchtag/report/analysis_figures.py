@@ -421,7 +421,8 @@ def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_he
     for ax, name in zip(axes.ravel(), targets):
         sub = release_map[release_map["target"] == name]
         grid = np.full((n_layers, n_heads), np.nan)
-        grid[sub["layer"].to_numpy(), sub["head"].to_numpy()] = sub["output_change"].to_numpy()
+        # a target in the last layer has no later head: an empty (untyped) table, a blank panel
+        grid[sub["layer"].to_numpy(dtype=int), sub["head"].to_numpy(dtype=int)] = sub["output_change"].to_numpy()
         im = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(vmax, 1e-6), aspect="auto", origin="lower")
         ax.set_title(f"ablate {name}", fontsize=8)
         ax.set_xlabel("head", fontsize=7)
