@@ -41,14 +41,14 @@ def check(device: str) -> list[dict]:
     for arch in ("llama", "gemma3", "gpt2"):
         cpu, _ = load_model(f"tiny:{arch}", device="cpu", dtype="float32")
         ids, mask = batch(cpu.config.vocab_size, 3, 40)
-        ref_est, ref_nll, _ = ab.attribution(cpu, ids, mask, settings, "mean")
+        ref_est, ref_nll, _, _ = ab.attribution(cpu, ids, mask, settings, "mean")
         for dtype in ("float32", "bfloat16"):
             net, _ = load_model(f"tiny:{arch}", device=device, dtype=dtype)
             dev = next(net.parameters()).device
             i, m = ids.to(dev), mask.to(dev)
             with torch.no_grad():
                 fast, plain = ab.forward_nll(net, i, m), ab._plain_forward_nll(net, i, m, grad=False)
-            est, nll, _ = ab.attribution(net, i, m, settings, "mean")
+            est, nll, _, _ = ab.attribution(net, i, m, settings, "mean")
             base = ab.baseline(net, i, m, settings, ab.sample_positions(30))
             edit = ab.edits_for([(1, 0)], "mean", "control", head_dim(net.config), prompt_ids=[0, 1, 2])
             light = ab.intervened(net, i, m, settings, ab.sample_positions(30), edit, base, release=False)[0]

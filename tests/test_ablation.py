@@ -13,7 +13,7 @@ from catchtag.engine.request import SinkSettings
 from conftest import EPS, MIN_ROWS, padded_batch
 
 
-@pytest.mark.parametrize("arch,mode", [("llama", "mean"), ("gpt2", "zero"), ("qwen3", "zero")])
+@pytest.mark.parametrize("arch,mode", [("llama", "mean"), ("gpt2", "zero"), ("qwen3", "zero"), ("llama", "constant")])
 def test_attribution_matches_a_finite_difference(tiny_models, arch, mode):
     """d(mean NLL over tagged tokens)/d(fraction of the ablation applied) at 0, by central differences of real
     intervened passes (float64 model), equals the first-order attribution, head by head and prompt by prompt."""
@@ -27,7 +27,7 @@ def test_attribution_matches_a_finite_difference(tiny_models, arch, mode):
     seed = random.randrange(1 << 30)
     ids, mask = padded_batch([30, 24], ["right", "left"], T=30, seed=seed)
     settings = SinkSettings(eps=0.08, min_rows=4)
-    est, nll, _ = ab.attribution(model, ids, mask, settings, mode)
+    est, nll, _, _ = ab.attribution(model, ids, mask, settings, mode)
     base = ab.baseline(model, ids, mask, settings, ab.sample_positions(24))
     # the same pass (the engine's own attention computes in float32 even for a float64 model)
     torch.testing.assert_close(nll, base.nll, equal_nan=True, atol=1e-5, rtol=1e-6)
@@ -54,6 +54,32 @@ def test_attribution_matches_a_finite_difference(tiny_models, arch, mode):
                     f"seed {seed}: {arch} L{layer}H{head} prompt {b}"
                 checked += abs(fd[b]) > 1e-4
     assert checked >= 2, f"seed {seed}: too few heads with an effect to check"
+
+
+def test_tag_split_is_the_constant_and_token_dependent_energy_of_the_tag():
+    """tag_split against a plain loop: over the tokens at or after each head's first sink, n |mean|^2 and
+    sum |tag - mean|^2 over sum |o|^2; nan for a head without a sink; the two add up to the tag's energy share."""
+    from catchtag.interventions.ablation import tag_split
+
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    B, H, T, D = 3, 2, 9, 4
+    out, tag = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    first = torch.tensor([[0, 3], [5, T], [2, 5]])  # a sink is a real token
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[2, 6:] = False
+    got = tag_split(out, tag, first, valid)
+    for b in range(B):
+        for h in range(H):
+            keep = [i for i in range(T) if i >= first[b, h] and valid[b, i]]
+            if first[b, h] == T:
+                assert torch.isnan(got[b, h]).all()
+                continue
+            t, o = tag[b, h, keep].double(), out[b, h, keep].double()
+            m = t.mean(0)
+            energy = (o ** 2).sum()
+            want = [len(keep) * (m ** 2).sum() / energy, ((t - m) ** 2).sum() / energy]
+            torch.testing.assert_close(got[b, h], torch.stack(want))
+            torch.testing.assert_close(got[b, h].sum(), (t ** 2).sum() / energy)
 
 
 def test_ablate_command_end_to_end(tmp_path):

@@ -114,7 +114,7 @@ CASES = [
     (["ablate", *M, "--out", "{new}", "--limit", "0"], "--limit must be >= 1"),
     (["ablate", *M, "--out", "{new}", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["ablate", *M, "--out", "{new}", "--seed", "-1"], "--seed must be >= 0"),
-    (["ablate", *M, "--out", "{new}", "--mode", "half"], "--mode must be mean or zero"),
+    (["ablate", *M, "--out", "{new}", "--mode", "half"], "--mode must be mean, zero or constant"),
     (["ablate", *M, "--out", "{new}", "--group", "heads"], "--group must be layer or all"),
     (["ablate", *M, "--out", "{new}", "--heads", "3"], "--heads must look like LAYER.HEAD"),
     (["ablate", *M, "--out", "{new}", "--heads", "1.1,0.2,1.1"], "--heads names 1.1 more than once"),

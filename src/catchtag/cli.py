@@ -16,6 +16,7 @@ from catchtag.errors import CatchtagError
 from catchtag.inputs import (check_at_least, check_between, check_device, check_dtype, check_file_out,
                              check_folder_out, check_one_prompt, check_scan_numbers, check_sink_settings,
                              parse_numbers)
+from catchtag.models import default_data
 
 
 def _click_errors() -> tuple[type, ...]:
@@ -146,7 +147,8 @@ _DTYPE = typer.Option("auto", help="auto, float32, bfloat16, float16")
 @app.command()
 def scan(
     model: str = _MODEL,
-    data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME "
+                                       "(default: builtin:prose; a toy: model's own task data)"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder (resumes if it holds the same run)"),
     eps: float = _EPS,
     min_rows: int = _MIN_ROWS,
@@ -179,6 +181,7 @@ def scan(
     check_folder_out(out)
     check_device(device)
     check_dtype(dtype)
+    data = data or default_data(model)
     check_data(data)
     summary = _run_job(run_scan, model=model, data=data, out=out, eps=eps, min_rows=min_rows, max_tokens=max_tokens,
                        chunk=chunk, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -202,14 +205,16 @@ def scan(
 # ---- analyses (docs/analyses.md) ------------------------------------------------------------------------------------
 _TEXT = typer.Option(None, "--text", "-t", help="the prompt (default: prompt --prompt of --data)")
 _TEXT_FILE = typer.Option(None, "--text-file", help="read the prompt from this file")
-_DATA = typer.Option("builtin:prose", "--data", "-d", help="where the default prompt comes from")
+_DATA = typer.Option(None, "--data", "-d", help="where the default prompt comes from (default: builtin:prose; a "
+                                                 "toy: model's own task data)")
 _PROMPT = typer.Option(0, "--prompt", help="which prompt of --data (0-based, as `catchtag scan` numbers them)")
 _MAX_TOKENS = typer.Option(256, help="cut the prompt to this many tokens")
 
 
 @app.command()
 def pca(
-    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE,
+    data: Optional[str] = _DATA,
     prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer (default: best head, see --help)"),
     head: Optional[int] = typer.Option(None, "--head", help="head (give with --layer)"),
@@ -228,6 +233,7 @@ def pca(
     check_sink_settings(eps, min_rows)
     check_between("--tag-level", tag_level, 0, 1, 0.1)
     _check_layer_and_head(layer, head)
+    data = data or default_data(model)
     check_one_prompt(text, text_file, data, prompt, max_tokens)
     check_folder_out(out)
     check_device(device)
@@ -265,7 +271,8 @@ def compare(
 def sweep(
     runs: Optional[list[Path]] = typer.Argument(None, help="run folders scanned with --sweep (or use --model)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="scan this model (repeatable) with 12 eps"),
-    data: str = typer.Option("builtin:prose", "--data", "-d", help="data to scan with --model"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="data to scan with --model "
+                                       "(default: builtin:prose; a toy: model's own task data)"),
     max_tokens: int = typer.Option(256, help="tokens per prompt when scanning"),
     limit: Optional[int] = typer.Option(None, help="use only the first K prompts when scanning"),
     batch_size: int = typer.Option(8, help="prompts per forward pass"),
@@ -282,6 +289,7 @@ def sweep(
     check_folder_out(out)
     check_device(device)
     if model:
+        data = data or default_data(model[0])
         check_data(data)
     s = _run_job(run_sweep, runs, out, model=model, data=data, max_tokens=max_tokens, limit=limit,
                  batch_size=batch_size, device=device, owns=out)
@@ -311,7 +319,8 @@ def taxonomy(
 
 @app.command()
 def geometry(
-    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE,
+    data: Optional[str] = _DATA,
     prompt: int = _PROMPT, max_tokens: int = _MAX_TOKENS,
     n_positions: int = typer.Option(64, help="token positions sampled (memory: layers x heads x positions x hidden)"),
     max_pairs: int = typer.Option(20000, help="pairs of tags sampled per kind"),
@@ -326,6 +335,7 @@ def geometry(
     check_sink_settings(eps, min_rows)
     check_at_least("--n-positions", n_positions, 1, 64)
     check_at_least("--max-pairs", max_pairs, 1, 20000)
+    data = data or default_data(model)
     check_one_prompt(text, text_file, data, prompt, max_tokens)
     check_folder_out(out)
     check_device(device)
@@ -357,7 +367,8 @@ def report(
 
 @app.command()
 def view(
-    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE, data: str = _DATA,
+    model: str = _MODEL, text: Optional[str] = _TEXT, text_file: Optional[Path] = _TEXT_FILE,
+    data: Optional[str] = _DATA,
     prompt: int = _PROMPT,
     max_tokens: Optional[int] = typer.Option(256, help="cut the prompt to this many tokens"),
     eps: float = _EPS,
@@ -372,6 +383,7 @@ def view(
 
     check_sink_settings(eps, min_rows)
     _check_layer_and_head(layer, head)
+    data = data or default_data(model)
     check_one_prompt(text, text_file, data, prompt, max_tokens)
     check_file_out(out)
     check_device(device)
@@ -503,12 +515,14 @@ def steer(
 @app.command()
 def ablate(
     model: str = _MODEL,
-    data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME "
+                                       "(default: builtin:prose; a toy: model's own task data)"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder (a scan's, or a new one): writes OUT/ablate/"),
     heads: Optional[str] = typer.Option(None, help="heads to ablate as LAYER.HEAD,...; default: --top"),
     top: int = typer.Option(8, help="ablate the heads with the largest first-order loss change"),
     group: Optional[str] = typer.Option(None, help="layer (every head with a sink in a layer at once) or all"),
-    mode: str = typer.Option("mean", help="mean (the tag replaced by its prompt mean) or zero (the tag removed)"),
+    mode: str = typer.Option("mean", help="mean (the tag replaced by its prompt mean: its token-dependent part "
+                             "removed), constant (its mean removed: the constant part) or zero (the tag removed)"),
     controls: int = typer.Option(2, help="random-direction controls of the same energy per target and prompt (each "
                                  "prompt draws its own directions)"),
     eps: float = _EPS,
@@ -532,10 +546,11 @@ def ablate(
     check_at_least("--batch-size", batch_size, 1, 8)
     check_at_least("--max-tokens", max_tokens, 1, 256)
     check_at_least("--seed", seed, 0, 0)
-    if mode not in ("mean", "zero"):
-        raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
+    if mode not in ("mean", "zero", "constant"):
+        raise CatchtagError(f"--mode must be mean, zero or constant, got {mode!r}. Fix: --mode mean")
     if group not in (None, "layer", "all"):
         raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
+    data = data or default_data(model)
     check_data(data)
     head_list = _parse_heads(heads)
     check_folder_out(out)
@@ -553,19 +568,22 @@ def ablate(
         ci = f"[{lo:+.4f}, {hi:+.4f}]" if has_ci else "(one prompt: no interval)"
         typer.echo(f"  {r['target']:<10} loss change {r['delta_nll']:+.4f} {ci} nats over {r['n_prompts_tagged']} "
                    f"prompt(s) with a tag; control {r['control_delta_nll']:+.4f}; first-order "
-                   f"{r['attribution']:+.4f}; VE {r['ve']:.3f} (uncentred {r['ve_uncentred']:.3f})")
+                   f"{r['attribution']:+.4f}; VE {r['ve']:.3f} (uncentred {r['ve_uncentred']:.3f}); tag energy: "
+                   f"constant {r['constant_share']:.3f}, token-dependent {r['varying_share']:.3f}")
     rank = s["attribution_vs_real_rank_correlation"]
     if rank:
         typer.echo(f"rank correlation of first-order and real changes over {rank['n_heads']} heads: "
                    f"{rank['spearman']:.2f}")
-    typer.echo(f"wrote {out}/ablate/: attribution.parquet, ablation.parquet, release.parquet, summary.json"
+    typer.echo(f"wrote {out}/ablate/: attribution.parquet, ablation.parquet, release.parquet, tag_or_bias.csv, "
+               f"summary.json"
                + ("" if no_figures else ", ablation.png, release.png"))
 
 
 @app.command()
 def release(
     model: str = _MODEL,
-    data: str = typer.Option("builtin:prose", "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=".txt, .jsonl (text field) or builtin:NAME "
+                                       "(default: builtin:prose; a toy: model's own task data)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     heads: Optional[str] = typer.Option(None, "--heads", "--head", help="heads as LAYER.HEAD,...; default: --top"),
     top: int = typer.Option(3, help="the heads with the highest mean VE among those with two or more sinks"),
@@ -595,6 +613,7 @@ def release(
     check_at_least("--seed", seed, 0, 0)
     if limit is not None and limit < folds:
         raise CatchtagError(f"--limit {limit} is fewer prompts than --folds {folds}. Fix: --limit {folds} or more")
+    data = data or default_data(model)
     check_data(data)
     head_list = _parse_heads(heads)
     check_folder_out(out)

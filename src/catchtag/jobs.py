@@ -24,13 +24,14 @@ from catchtag.analysis.common import mean_interval
 from catchtag.analysis.probes import (CACHE_NAME, KINDS, HeadProbes, ProbeTask, answer_token_ids, demonstrations,
                                       few_shot_prompts, get_task, select_heads, selected_heads_markdown, task_frame,
                                       wide_table, wilson_interval)
+from catchtag.analysis.release import tag_or_bias
 from catchtag.data.prompts import load_prompts
 from catchtag.distributed import finish, init
 from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError
 from catchtag.interventions.steering import DEFAULT_SCALES
 from catchtag.inputs import check_file_out, check_head, resolve_model, resolve_text  # noqa: F401 (re-exported)
-from catchtag.models import display_name, load_model, resolve_device
+from catchtag.models import default_data, display_name, load_model, resolve_device
 from catchtag.published import PROBES as PUBLISHED_PROBES
 from catchtag.runs import WriterLock, prompts_sha1, versions, write_csv, write_json, write_table, write_text
 from catchtag.scan import scan
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from catchtag.report.viewer import TokenView
 
 
-def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/scan", *,
+def run_scan(model: str = "smollm2-135m", data: str | None = None, out: str | Path = "runs/scan", *,
              eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = 256, chunk: int | None = None,
              limit: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
              sweep_eps=(), truncate: bool = True, overwrite: bool = False, figures: bool = True,
@@ -52,6 +53,7 @@ def run_scan(model: str = "smollm2-135m", data: str = "builtin:prose", out: str 
     Under torchrun each rank scans its shard; rank 0 writes the tables and returns the summary, the other ranks
     return None. device_map="auto" splits a model too large for one GPU over the visible GPUs (accelerate).
     """
+    data = data or default_data(model)
     SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps))  # bad thresholds fail before loading
     if max_tokens is not None and max_tokens < 0:
         raise CatchtagError(f"--max-tokens must be >= 0 (0: no limit), got {max_tokens}. Fix: e.g. --max-tokens 256")
@@ -129,12 +131,13 @@ def write_views(net, tokenizer, prompt, folder: Path, *, eps: float, min_rows: i
     return info
 
 
-def run_pca(model="smollm2-135m", out="runs/pca", *, text=None, text_file=None, data="builtin:prose", prompt=0,
+def run_pca(model="smollm2-135m", out="runs/pca", *, text=None, text_file=None, data=None, prompt=0,
             max_tokens=256, layer=None, head=None, deeper=None, eps=0.2, min_rows=16, tag_level=0.1,
             device="auto", dtype="auto") -> dict:
     from catchtag.analysis.pca import pca_picture
     from catchtag.report.analysis_figures import pca_figure
 
+    data = data or default_data(model)
     name, net, tok = resolve_model(model, device, dtype)
     check_head(net, layer, head)
     if deeper is not None:
@@ -165,10 +168,11 @@ def run_compare(runs, out="runs/compare", *, ve_level=0.3) -> dict:
     return summary
 
 
-def run_sweep(runs=None, out="runs/sweep", *, model=None, data="builtin:prose", max_tokens=256, limit=None,
+def run_sweep(runs=None, out="runs/sweep", *, model=None, data=None, max_tokens=256, limit=None,
               eps=0.2, min_rows=16, batch_size=8, device="auto", dtype="auto") -> dict:
     """Plot the threshold sweep of existing runs, or first scan MODEL(s) on DATA with the 12 eps in one pass
     each (the scan folder goes to OUT/scan-<model> and resumes if interrupted)."""
+    data = data or default_data(model[0] if model else None)
     from catchtag.analysis.sweep import SWEEP_EPS, sweep_runs
     from catchtag.report.analysis_figures import sweep_figure
 
@@ -213,12 +217,13 @@ def run_taxonomy(runs, out="runs/taxonomy", *, top=15) -> dict:
     return summary
 
 
-def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_file=None, data="builtin:prose",
+def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_file=None, data=None,
                  prompt=0, max_tokens=256, n_positions=64, max_pairs=20000, eps=0.2, min_rows=16, device="auto",
                  dtype="auto") -> dict:
     from catchtag.analysis.geometry import tag_geometry
     from catchtag.report.analysis_figures import geometry_figure
 
+    data = data or default_data(model)
     name, net, tok = resolve_model(model, device, dtype)
     p = resolve_text(tok, net, text, text_file, data, prompt, max_tokens)
     geom = tag_geometry(net, tok, p, n_positions=n_positions, max_pairs=max_pairs, eps=eps, min_rows=min_rows,
@@ -233,9 +238,10 @@ def run_geometry(model="smollm2-135m", out="runs/geometry", *, text=None, text_f
     return summary
 
 
-def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None, data="builtin:prose", prompt=0,
+def run_view(model="smollm2-135m", out="view.html", *, text=None, text_file=None, data=None, prompt=0,
              max_tokens=256, eps=0.2, min_rows=16, layer=None, head=None, device="auto", dtype="auto") -> dict:
     """Write the interactive token viewer for one prompt (opens on --layer/--head if given)."""
+    data = data or default_data(model)
     if (layer is None) != (head is None):
         raise CatchtagError("give both --layer and --head, or neither")
     check_file_out(out)
@@ -487,7 +493,7 @@ def _ablate_targets(heads, top, group, attrib: pd.DataFrame, n_layers: int):
     return [(f"{l}.{h}", [(int(l), int(h))]) for l, h in list(mean.index[:top])]
 
 
-def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/ablate", *,
+def run_ablate(model: str = "smollm2-135m", data: str | None = None, out: str | Path = "runs/ablate", *,
                heads: Sequence[tuple[int, int]] | None = None, top: int = 8, group: str | None = None,
                mode: str = "mean", controls: int = 2, eps: float = 0.2, min_rows: int = 16,
                max_tokens: int | None = 256, limit: int | None = 32, batch_size: int = 8, seed: int = 0,
@@ -497,8 +503,9 @@ def run_ablate(model: str = "smollm2-135m", data: str = "builtin:prose", out: st
     (loss change over the tagged tokens, 95% interval over prompts), the release map (which later heads change),
     tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes; a second
     process on the same --out stops at once (WriterLock)."""
-    if mode not in ("mean", "zero"):
-        raise CatchtagError(f"--mode must be mean or zero, got {mode!r}. Fix: --mode mean")
+    data = data or default_data(model)
+    if mode not in ("mean", "zero", "constant"):
+        raise CatchtagError(f"--mode must be mean, zero or constant, got {mode!r}. Fix: --mode mean")
     if group not in (None, "layer", "all"):
         raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
     for flag, value, low in (("--top", top, 1), ("--controls", controls, 0), ("--batch-size", batch_size, 1)):
@@ -568,16 +575,21 @@ def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_t
         path = parts / f"attribution-{k:05d}.parquet"
         if not path.is_file():
             ids, mask = _batch_tensors(batch, tokenizer, device_)
-            est, _, cap = ab.attribution(net, ids, mask, settings, mode)
+            est, _, cap, shares = ab.attribution(net, ids, mask, settings, mode)
             rows = []
             for b, p in enumerate(batch):
                 for l in range(n_layers):
                     st = cap.layers[l].stats
+                    first_real = int(st.token_valid[b].long().argmax())
                     for h in range(n_heads):
-                        rows.append((p.prompt_id, l, h, float(est[b, l, h]), int(st.sink_ok[b, h].sum()),
-                                     float(st.ve[b, h]), float(st.ve_uncentred[b, h])))
-            write_table(pd.DataFrame(rows, columns=["prompt_id", "layer", "head", "estimate", "n_sinks", "ve",
-                                                    "ve_uncentred"]), path)
+                        ok = st.sink_ok[b, h]
+                        rows.append((p.prompt_id, l, h, float(est[b, l, h]), int(ok.sum()),
+                                     int((ok & (st.sink_idx[b, h] != first_real)).sum()), float(st.ve[b, h]),
+                                     float(st.ve_uncentred[b, h]), float(shares[b, l, h, 0]),
+                                     float(shares[b, l, h, 1])))
+            write_table(pd.DataFrame(rows, columns=["prompt_id", "layer", "head", "estimate", "n_sinks",
+                                                    "n_sinks_after_first", "ve", "ve_uncentred", "constant_share",
+                                                    "varying_share"]), path)
         if b1 is not None:
             b1.update(1)
     if b1 is not None:
@@ -642,6 +654,8 @@ def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_t
     per_head = attrib.assign(data_wide=attrib["estimate"].fillna(0.0)).groupby(["layer", "head"]).agg(
         estimate=("data_wide", "mean"), estimate_tagged=("estimate", "mean"), ve=("ve", "mean"),
         ve_uncentred=("ve_uncentred", "mean"), mean_sinks=("n_sinks", "mean")).reset_index()
+    split = tag_or_bias(attrib)
+    write_csv(split, folder / "tag_or_bias.csv", float_format="%.4f")
     summary_rows = []
     for name, group_heads in targets:
         t = table[table["target"] == name]
@@ -655,7 +669,9 @@ def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_t
                              "ci": [lo, hi], "control_delta_nll": cm, "control_ci": [clo, chi],
                              "attribution": float(est["estimate_tagged"].sum()), "ve": float(est["ve"].mean()),
                              "ve_uncentred": float(est["ve_uncentred"].mean()),
-                             "mean_sinks": float(est["mean_sinks"].mean())})
+                             "mean_sinks": float(est["mean_sinks"].mean()),
+                             **{k: float(split.set_index(["layer", "head"]).reindex(group_heads)[k].mean())
+                                for k in ("constant_share", "varying_share", "prompt_dependent")}})
     singles = [r for r in summary_rows if len(r["heads"]) == 1]
     rank = None
     if len(singles) >= 3:
@@ -677,7 +693,7 @@ def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_t
 
 
 # ---- release by decoding: catchtag release -----------------------------------------------------------------------
-def run_release(model: str = "smollm2-135m", data: str = "builtin:prose", out: str | Path = "runs/release", *,
+def run_release(model: str = "smollm2-135m", data: str | None = None, out: str | Path = "runs/release", *,
                 heads: Sequence[tuple[int, int]] | None = None, top: int = 3, level: float = 0.1, eps: float = 0.2,
                 min_rows: int = 16, max_tokens: int | None = 256, limit: int | None = 32, batch_size: int = 8,
                 folds: int = 5, seed: int = 0, device: str = "auto", dtype: str = "auto",
@@ -686,6 +702,7 @@ def run_release(model: str = "smollm2-135m", data: str = "builtin:prose", out: s
     or more sinks on average), group tokens by the sink that tags them and decode the group from the residual
     stream entering every deeper layer, against a control with the groups of other prompts (analysis/release.py);
     writes release_decoding.csv, summary.json and a figure into OUT."""
+    data = data or default_data(model)
     from catchtag.analysis.release import decode_by_depth, sink_groups
     from catchtag.engine.request import ActivationRequest
 

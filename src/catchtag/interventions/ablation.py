@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from catchtag.errors import CatchtagError
-from catchtag.interventions.edits import HeadEdit, Intervention, first_sink, random_unit
+from catchtag.interventions.edits import HeadEdit, Intervention, first_sink, random_unit, tag_mean
 
 
 @dataclass
@@ -282,15 +282,18 @@ def loss_change(base_nll, new_nll, s0) -> np.ndarray:
     return torch.where(n > 0, d / n.clamp_min(1), torch.full_like(d, float("nan"))).numpy()
 
 
+MODES = ("mean", "zero", "constant")  # --mode: what of the tag an ablation removes (docs/method.md)
+
+
 def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 0,
               prompt_ids=None) -> Intervention:
-    """The Intervention that ablates ``heads`` (mode zero or mean) or applies its control (kind 'control'): a random
+    """The Intervention that ablates ``heads`` (mode: one of MODES) or applies its control (kind 'control'): a random
     direction for each head, draw and prompt (``prompt_ids`` of the batch; None: one for the whole batch), drawn
     from (seed, draw, layer, head, prompt id) so that a resumed run, or another batch size, draws the same ones.
     Over the prompts the mean control change is then an average over as many directions as prompts x draws, and
     its interval over prompts includes the spread between directions."""
-    if mode not in ("zero", "mean"):
-        raise CatchtagError(f"--mode must be zero or mean, got {mode!r}")
+    if mode not in MODES:
+        raise CatchtagError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {mode!r}")
     edits = {}
     for layer, head in heads:
         if kind == "ablation":
@@ -319,6 +322,24 @@ def release_rows(base: Baseline, mean_row, z, heads, n_layers: int):
             "output_change": torch.where(later, rel.double(), nan.double()).numpy()}
 
 
+def tag_split(out: torch.Tensor, tag: torch.Tensor, first: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, H, 2) float64: over each head's tokens in range (i >= its first sink s0), the energy of the tag's constant
+    part (its mean over those tokens, the same offset for all) and of its token-dependent part (tag - mean), each
+    over the energy of the head output o there (head space, before W_O); nan where the head has no sink. A tag
+    that is all constant is a bias: it carries no information about the token."""
+    T = out.shape[2]
+    w = (valid[:, None, :] & (torch.arange(T, device=out.device)[None, None, :] >= first[..., None]))[..., None]
+    w = w.to(torch.float64)
+    t = tag.double() * w  # (B, H, T, D)
+    mean = t.sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)
+    total = (out.double() ** 2 * w).sum(dim=(2, 3))
+    const = (mean ** 2 * w).sum(dim=(2, 3))
+    varying = ((t - mean * w) ** 2).sum(dim=(2, 3))
+    shares = torch.stack([const, varying], dim=-1) / total.clamp_min(1e-30)[..., None]
+    has = (first < T)[..., None]
+    return torch.where(has, shares, torch.full_like(shares, float("nan")))
+
+
 class Attribution:
     """The first-order estimate for every head in one batch: an engine hook that adds a zero tensor with a gradient
     to each layer's (differentiable) output and keeps the tag, so that after ``loss.backward()``
@@ -329,6 +350,7 @@ class Attribution:
         self.tags: dict[int, torch.Tensor] = {}
         self.first: dict[int, torch.Tensor] = {}
         self.valid: torch.Tensor | None = None
+        self.energy: dict[int, torch.Tensor] = {}  # layer -> (B, H, 2): tag_split's shares
 
     def __call__(self, layer, out, tag, stats):
         delta = torch.zeros_like(out, requires_grad=True)
@@ -336,7 +358,13 @@ class Attribution:
         self.tags[layer] = tag.detach().to(out.dtype)
         self.first[layer] = first_sink(stats, out.shape[2], out.device)
         self.valid = stats.token_valid.to(out.device)
+        self.energy[layer] = tag_split(out.detach(), self.tags[layer], self.first[layer], self.valid)
         return out + delta
+
+    def shares(self) -> np.ndarray:
+        """(B, L, H, 2): per prompt and head, the constant and the token-dependent part's energy over the head
+        output's energy on the tokens in range (nan where the head has no sink)."""
+        return torch.stack([self.energy[layer] for layer in sorted(self.energy)], dim=1).cpu().numpy()
 
     def estimate(self, mode: str, nll: torch.Tensor) -> np.ndarray:
         """(B, L, H): sum_i grad . (o' - o) over tokens i >= s0, over the number of predictions in range."""
@@ -352,9 +380,10 @@ class Attribution:
             after = self.valid[:, None, :] & (torch.arange(g.shape[2], device=g.device)[None, None, :]
                                               >= s0[..., None])
             t = self.tags[layer] * after[..., None]
-            if mode == "mean":
+            if mode in ("mean", "constant"):
                 n = after.sum(-1, keepdim=True).clamp_min(1)[..., None]
-                d_o = (t.sum(2, keepdim=True) / n - t) * after[..., None]
+                mean = t.sum(2, keepdim=True) / n
+                d_o = ((mean - t) if mode == "mean" else -mean) * after[..., None]
             else:
                 d_o = -t
             dot = (g.double() * d_o.double()).sum(dim=(-1, -2)).cpu()  # (B, H)
@@ -364,8 +393,9 @@ class Attribution:
 
 
 def attribution(model, ids, mask, settings, mode: str):
-    """(B, L, H) first-order loss changes of ablating each head's tag, the batch's NLL (B, T) and the pass's engine
-    Capture (sinks, VE): one forward and one backward pass."""
+    """(B, L, H) first-order loss changes of ablating each head's tag, the batch's NLL (B, T), the pass's engine
+    Capture (sinks, VE) and (B, L, H, 2) the tag's constant and token-dependent energy shares (tag_split): one
+    forward and one backward pass."""
     from catchtag.engine.attention import capture
 
     hook = Attribution()
@@ -378,8 +408,8 @@ def attribution(model, ids, mask, settings, mode: str):
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    return hook.estimate(mode, nll), nll, cap
+    return hook.estimate(mode, nll), nll, cap, hook.shares()
 
 
-__all__ = ["Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll",
-           "intervened", "loss_change", "patched_forward", "release_rows", "sample_positions"]
+__all__ = ["MODES", "Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll",
+           "intervened", "loss_change", "patched_forward", "release_rows", "sample_positions", "tag_split"]

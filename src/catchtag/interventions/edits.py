@@ -10,9 +10,11 @@ Edits of head h on one prompt, for the tokens i at or after the head's first sin
 whose tag can be nonzero; with no sink, nothing changes):
   zero_tag         o_i <- o_i - tag_i
   mean_tag         o_i <- o_i - tag_i + mean_{j >= s0} tag_j       (the mean over the same prompt's tokens)
+  constant_tag     o_i <- o_i - mean_{j >= s0} tag_j               (the constant part removed, the rest kept)
   control          o_i <- o_i - |r_i| u, with r_i the component the matching ablation removes (tag_i for zero,
-                   tag_i - mean for mean) and u a random unit direction of head space (one for the whole batch, or
-                   one per prompt): the same energy per token, in a direction that carries no tag
+                   tag_i - mean for mean, the mean for constant) and u a random unit direction of head space (one
+                   for the whole batch, or one per prompt): the same energy per token, in a direction that carries
+                   no tag
   add              o_i <- o_i + vector at the last real token (steering)
 """
 
@@ -27,7 +29,7 @@ import torch
 from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
-KINDS = ("zero_tag", "mean_tag", "control_zero", "control_mean", "add")
+KINDS = ("zero_tag", "mean_tag", "constant_tag", "control_zero", "control_mean", "control_constant", "add")
 
 
 @dataclass
@@ -54,6 +56,12 @@ def first_sink(stats, T: int, device=None) -> torch.Tensor:
     if idx.shape[-1] == 0:
         return torch.full(ok.shape[:2], T, dtype=torch.long, device=idx.device)
     return torch.where(ok, idx, torch.full_like(idx, T)).amin(dim=-1)
+
+
+def tag_mean(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D): the mean of the tags ``t`` (B, T, D) over the tokens in range ``w`` (B, T, 1): the tag's constant
+    part (what every tagged token gets alike; the rest, t - mean, is its token-dependent part)."""
+    return t.sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 class Intervention:
@@ -92,10 +100,10 @@ class Intervention:
             w = after[..., None].to(out.dtype)
             t = tag[:, h].to(out.dtype) * w  # (B,T,D)
             removed = t
-            if e.kind in ("mean_tag", "control_mean"):
-                n = w.sum(dim=1, keepdim=True).clamp_min(1)
-                mean = t.sum(dim=1, keepdim=True) / n
-                removed = (t - mean) * w
+            if e.kind in ("mean_tag", "control_mean"):  # the token-dependent part
+                removed = (t - tag_mean(t, w)) * w
+            elif e.kind in ("constant_tag", "control_constant"):  # the constant part
+                removed = tag_mean(t, w) * w
             if e.kind.startswith("control"):
                 u = torch.as_tensor(e.vector, device=out.device, dtype=out.dtype)
                 u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)

@@ -176,6 +176,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
 
 def _ablation_sections(results, folders, tmp: Path) -> list[str]:
     """Release, causally: the tables `catchtag ablate` left in each run's ablate/ folder, drawn again here."""
+    from catchtag.analysis.release import tag_or_bias
     from catchtag.report import analysis_figures as af
 
     found = {n: Path(f) / "ablate" for n, f in folders.items() if f is not None and
@@ -209,6 +210,18 @@ def _ablation_sections(results, folders, tmp: Path) -> list[str]:
                   _table(table, floats=4),
                   _figure(b, "The release map: for each ablated target, the relative change of every later head's "
                              "output at sampled tokens.")]
+        if "varying_share" in attrib.columns:  # runs of catchtag ablate before the split have no such columns
+            split = tag_or_bias(attrib).sort_values("varying_share", ascending=False)
+            parts += ["<h4>Tag or bias</h4>",
+                      "<p class='note'>Each head's tag over the tokens it reaches, split into its constant part (its "
+                      "mean: the same offset for every token, which a bias would give) and its token-dependent part "
+                      "(what could carry information), as shares of the head output's energy; <i>prompt-dependent"
+                      "</i>: the share of prompts with a sink other than the first token. <code>--mode constant"
+                      "</code> and <code>--mode mean</code> remove each part. Heads by token-dependent share.</p>",
+                      _table(split.rename(columns={"mean_sinks": "sinks", "tagged": "prompts tagged",
+                                                   "prompt_dependent": "prompt-dependent",
+                                                   "constant_share": "constant", "varying_share": "token-dependent"}),
+                             floats=3, max_rows=15)]
     return parts
 
 

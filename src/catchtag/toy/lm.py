@@ -1,0 +1,227 @@
+"""Language models with a known answer: the averaging problem as tokens, for calibrating catchtag's instruments.
+
+``catchtag.toy`` studies the minimal problem in its own two-layer model. Here the same problem is a text that any
+command reads: a Hugging Face ``LlamaForCausalLM`` (2 layers, 1 head each, the ordinary attention classes) over a
+word-level vocabulary of 23 tokens, trained on the CPU in about a minute, cached after the first use:
+
+    <bos> 4 7 1 ... [SEP] 9 2 5 ... ? =5
+
+Numbers 0-9 are tokens, 13 to 20 of them on each side of [SEP]; after the query token ``?`` comes the answer
+``=k``, the mean of the numbers after [SEP] rounded half up. The prediction made at ``?`` needs catch, tag,
+release: layer 1 makes [SEP] a sink for the tokens after it (its value is the tag), and the layer-2 head at ``?``
+averages only the numbers that carry the tag. (An answer after every number, the running mean, would let the
+model carry the mean forward from the previous answer instead; one answer per text leaves no such shortcut.)
+
+Three models (``toy:NAME``), each with its data set as ``builtin:NAME``:
+- ``average``: the task above (the positive control);
+- ``average-all``: the same texts with the mean of every number as the answer, [SEP] ignored: the same
+  architecture on a task that needs no tag (a negative control);
+- ``average-cut``: ``average`` with the layer-1 head's write into the residual stream (its output projection) set
+  to zero: it still catches at [SEP], but its tag reaches nothing (a negative control).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catchtag.errors import CatchtagError
+
+DIGITS = 10
+SEGMENT = (13, 20)  # numbers before and after [SEP]: rows that see [SEP] >= 16, the default min_rows
+SPECIAL = ["<pad>", "<bos>", "[SEP]", "?"]
+VOCAB = SPECIAL + [str(k) for k in range(DIGITS)] + [f"={k}" for k in range(DIGITS)]
+PAD, BOS, SEP, QUERY = 0, 1, 2, 3
+NUMBER0, ANSWER0 = len(SPECIAL), len(SPECIAL) + DIGITS
+VERSION = 1  # bump when the task, the architecture or the training changes: the cache keys on it
+
+
+@dataclass(frozen=True)
+class ToyLM:
+    """One named synthetic model: its task (what the answer tokens hold) and whether the layer-1 write is cut."""
+
+    name: str
+    task: str  # "average" (mean after [SEP]) or "average-all" (mean of every number)
+    cut: bool
+    description: str
+
+
+TOY_LMS = {m.name: m for m in (
+    ToyLM("average", "average", False,
+          "positive control: averaging after [SEP] as tokens; layer 1 catches at [SEP], layer 2 reads the tag"),
+    ToyLM("average-all", "average-all", False,
+          "negative control: the same model trained on the running mean of every number (needs no tag)"),
+    ToyLM("average-cut", "average", True,
+          "negative control: toy:average with the layer-1 head's output projection zeroed (catch, no tag)"),
+)}
+TASK_DATA = {"average": "builtin:average", "average-all": "builtin:average-all"}
+
+
+def _answer(numbers: list[int]) -> int:
+    return math.floor(sum(numbers) / len(numbers) + 0.5)
+
+
+def sample_ids(rng: np.random.Generator, task: str) -> list[int]:
+    """One sequence of token ids (<bos> first) of ``task``."""
+    before, after = (int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)) for _ in range(2))
+    numbers = [int(x) for x in rng.integers(0, DIGITS, before + after)]
+    answer = _answer(numbers[before:] if task == "average" else numbers)
+    return [BOS, *(NUMBER0 + x for x in numbers[:before]), SEP, *(NUMBER0 + x for x in numbers[before:]), QUERY,
+            ANSWER0 + answer]
+
+
+def task_texts(task: str, n: int = 256, seed: int = 0) -> list[str]:
+    """``n`` prompts of ``task`` as text (without <bos>: the tokenizer adds it), seeded: the builtin data set."""
+    if task not in TASK_DATA:
+        raise CatchtagError(f"unknown toy task {task!r}. Fix: one of {', '.join(TASK_DATA)}")
+    rng = np.random.default_rng([seed, 1 + list(TASK_DATA).index(task)])
+    return [" ".join(VOCAB[i] for i in sample_ids(rng, task)[1:]) for _ in range(n)]
+
+
+def toy_tokenizer():
+    """The word-level tokenizer of the toy vocabulary (built in code); it adds <bos> like a Llama tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<pad>",
+                                   model_max_length=4 + 2 * SEGMENT[1])
+
+
+def toy_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=1, num_key_value_heads=1, head_dim=64,
+                       max_position_embeddings=4 + 2 * SEGMENT[1], tie_word_embeddings=False,
+                       bos_token_id=BOS, eos_token_id=None, pad_token_id=PAD)
+
+
+def _pad(seqs: list[list[int]]):
+    import torch
+
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), PAD)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = 1
+    return ids, mask
+
+
+def train(task: str, seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3, progress=None):
+    """A toy LM trained on ``task`` from a seeded initialisation on seeded batches (AdamW, warm-up then cosine
+    decay): the ordinary next-token loss over every token plus the loss of the answer alone (one token in 40 would
+    otherwise teach it slowly). ``progress``: a callable(step, loss) or None."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(toy_config())
+    rng = np.random.default_rng([seed, 7])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        ids, mask = _pad([sample_ids(rng, task) for _ in range(batch_size)])
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        answer = ids[:, :-1] == QUERY
+        loss = nll[target != -100].mean() + nll[answer].mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step, loss.item())
+    return model.eval()
+
+
+def cut_layer1(model) -> None:
+    """Zero the layer-1 head's output projection: its attention and tag stay, its write is gone."""
+    import torch
+
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+
+
+def build(name: str, cache: Path, progress: bool = True) -> Path:
+    """The folder of ``toy:NAME`` under ``cache`` (catchtag's cache folder, models.cache_dir()): a Hugging Face model
+    folder with its tokenizer, trained and saved on first use."""
+    if name not in TOY_LMS:
+        raise CatchtagError(f"unknown toy model {name!r}. Fix: one of {', '.join('toy:' + n for n in TOY_LMS)}")
+    folder = Path(cache) / "toy" / f"{name}-v{VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = TOY_LMS[name]
+    if spec.cut:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(build("average", cache, progress), attn_implementation="eager")
+        cut_layer1(model)
+    else:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=1000, desc=f"training toy:{name} (once; cached)", unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        model = train(spec.task, progress=(lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+                      if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        model.config.catchtag_training_seconds = round(time.perf_counter() - started, 1)
+    model.config.catchtag_toy = name
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished build
+    model.save_pretrained(tmp)
+    toy_tokenizer().save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first: keep its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def mechanism(model, ids, mask) -> dict:
+    """How the model solves its task on a batch (eager attention, no catchtag): answer accuracy, the layer-1
+    head's attention from tokens after [SEP] to [SEP] (``catch``) and from tokens before [SEP] to <bos>, and the
+    share of the layer-2 head's attention at ``?`` that lands on the numbers after [SEP] (``read``) against the
+    numbers before it (``read_before``)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    pos = torch.arange(ids.shape[1])
+    sep = (ids == SEP).long().argmax(dim=1)
+    real = mask.bool()
+    after = real & (pos[None] > sep[:, None])
+    before = real & (pos[None] < sep[:, None]) & (pos[None] > 0)
+    number = (ids >= NUMBER0) & (ids < ANSWER0)
+    a1, a2 = out.attentions[0][:, 0].float(), out.attentions[1][:, 0].float()
+    to_sep = a1.gather(2, sep[:, None, None].expand(-1, ids.shape[1], 1))[..., 0]
+    rows = ids == QUERY
+    target = torch.roll(ids, -1, dims=1)
+    return {"accuracy": float((out.logits.argmax(-1) == target)[rows].float().mean()),
+            "catch": float(to_sep[after].mean()), "before_to_bos": float(a1[:, :, 0][before].mean()),
+            "read": float((a2 * (number & after)[:, None, :]).sum(-1)[rows].mean()),
+            "read_before": float((a2 * (number & before)[:, None, :]).sum(-1)[rows].mean())}
+
+
+def eval_batch(task: str, n: int = 256, seed: int = 1):
+    rng = np.random.default_rng([seed, 99])
+    return _pad([sample_ids(rng, task) for _ in range(n)])
+
+
+__all__ = ["TASK_DATA", "TOY_LMS", "ToyLM", "build", "cut_layer1", "eval_batch", "mechanism", "sample_ids",
+           "task_texts", "toy_config", "toy_tokenizer", "train"]
