@@ -331,7 +331,7 @@ def tag_split(out: torch.Tensor, tag: torch.Tensor, first: torch.Tensor, valid: 
     w = (valid[:, None, :] & (torch.arange(T, device=out.device)[None, None, :] >= first[..., None]))[..., None]
     w = w.to(torch.float64)
     t = tag.double() * w  # (B, H, T, D)
-    mean = t.sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)
+    mean = tag_mean(t, w)
     total = (out.double() ** 2 * w).sum(dim=(2, 3))
     const = (mean ** 2 * w).sum(dim=(2, 3))
     varying = ((t - mean * w) ** 2).sum(dim=(2, 3))
@@ -381,8 +381,7 @@ class Attribution:
                                               >= s0[..., None])
             t = self.tags[layer] * after[..., None]
             if mode in ("mean", "constant"):
-                n = after.sum(-1, keepdim=True).clamp_min(1)[..., None]
-                mean = t.sum(2, keepdim=True) / n
+                mean = tag_mean(t, after[..., None].to(t.dtype))
                 d_o = ((mean - t) if mode == "mean" else -mean) * after[..., None]
             else:
                 d_o = -t

@@ -59,9 +59,10 @@ def first_sink(stats, T: int, device=None) -> torch.Tensor:
 
 
 def tag_mean(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, 1, D): the mean of the tags ``t`` (B, T, D) over the tokens in range ``w`` (B, T, 1): the tag's constant
-    part (what every tagged token gets alike; the rest, t - mean, is its token-dependent part)."""
-    return t.sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1)
+    """(..., 1, D): the mean of the tags ``t`` (..., T, D), zero outside the range, over the tokens in range ``w``
+    (..., T, 1): the tag's constant part (what every tagged token gets alike; the rest, t - mean, is its
+    token-dependent part)."""
+    return t.sum(dim=-2, keepdim=True) / w.sum(dim=-2, keepdim=True).clamp_min(1)
 
 
 class Intervention:
