@@ -262,7 +262,7 @@ def scan_row(model, B, T, n_prompts, reps=2, profile_scan=False, trace=""):
                 backends=result.settings.get("backends_used"), scan_s=scan_times, sdpa_s=sdpa_times)
 
 
-def check():
+def check(only: str = ""):
     """The triton backend against the torch path on CUDA: random tensors (bf16 and float32, GQA, padding,
     sliding window, a planted sink) and tiny models through capture(). Prints the worst errors."""
     from catchtag.engine.backends import layer_statistics
@@ -298,7 +298,11 @@ def check():
             if window:
                 m &= (i[:, None] - i[None, :]) < window
             mask = m[:, None] if (pad or window) else None
+            key = f"{str(dtype)[6:]} B{B} H{H}/{KV} T{T} D{D} w{window} pad{pad} softcap{softcap}"
+            if only not in key:
+                continue
             st = SinkSettings(eps=0.05, min_rows=8, sweep_eps=(0.02, 0.2))
+            t0 = time.time()
             o1, t1, s1, _ = layer_statistics(q, k, v, mask, D ** -0.5, softcap, st, backend="torch")
             o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, softcap, st, backend="triton")
             rv = valid[:, None, :, None]
@@ -312,7 +316,7 @@ def check():
                      same_sinks=bool(torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks)
                                      and torch.equal(s1.sink_idx[s1.sink_ok], s2.sink_idx[s2.sink_ok])),
                      n_sinks=int(s1.sink_ok.sum()))
-            key = f"{str(dtype)[6:]} B{B} H{H}/{KV} T{T} D{D} w{window} pad{pad} softcap{softcap}"
+            e["seconds"] = round(time.time() - t0, 1)
             worst[key] = e
             print(key, json.dumps({a: (round(b, 7) if isinstance(b, float) else b) for a, b in e.items()}), flush=True)
     colsum.FIXED_BLOCK = None
@@ -378,6 +382,37 @@ def colsum_alone(T, block=None, profile_sink=False):
           f"colsum {t_col:.3f} ms ({flops_qk / t_col / 1e9:.0f} TFLOP/s, block {block or 'autotuned'})", flush=True)
 
 
+def flash_alone():
+    """Time the fused softcapped attention (kernels/flash.py) alone against PyTorch's fused kernel without the softcap,
+    at one layer of the Gemma-2-9B shape (16/8 heads of 256) and of the Qwen2.5-7B shape (28/4 of 128), bf16."""
+    import triton
+
+    from catchtag.engine.kernels import flash
+    from catchtag.engine.stats import _causal_attention_and_lse
+
+    rows = []
+    for (H, KV, D), (B, T) in ((h, s) for h in ((16, 8, 256), (28, 4, 128)) for s in ((4, 1024), (1, 4096))):
+        q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        valid = torch.ones(B, T, dtype=torch.bool, device="cuda")
+        ref, ref_lse = _causal_attention_and_lse(q, k, v, D ** -0.5)
+        got, lse = flash.flash_attention(q, k, v, D ** -0.5, valid, padded=False)
+        err = float((got.float() - ref.float()).norm() / ref.float().norm())
+        t_fused = triton.testing.do_bench(lambda: _causal_attention_and_lse(q, k, v, D ** -0.5), return_mode="median")
+        t_plain = triton.testing.do_bench(lambda: flash.flash_attention(q, k, v, D ** -0.5, valid, padded=False),
+                                          return_mode="median")
+        t_cap = triton.testing.do_bench(lambda: flash.flash_attention(q, k, v, D ** -0.5, valid, softcap=50.0,
+                                                                      padded=False), return_mode="median")
+        flops = 4 * B * H * D * T * T / 2
+        r = dict(heads=f"{H}/{KV}x{D}", size=f"{B}x{T}", fused_ms=t_fused, flash_ms=t_plain, flash_softcap_ms=t_cap,
+                 fused_tflops=flops / t_fused / 1e9, flash_softcap_tflops=flops / t_cap / 1e9, rel_err_vs_fused=err,
+                 lse_err=float((lse - ref_lse.float()).abs().max()), config=str(flash._tuned.best_config))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES))
@@ -391,6 +426,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed passes per cell (1 at T >= 65536)")
     ap.add_argument("--max-t", type=int, default=0, help="also try catchtag and SDPA at 1 x this T, one pass")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--check-only", default="", help="with --check: only the cases whose label holds this text")
+    ap.add_argument("--flash", action="store_true", help="time the fused softcapped attention kernel alone")
     ap.add_argument("--shape", default="qwen2.5-7b", help="random:<shape> of catchtag.models: qwen2.5-7b, gemma2-9b")
     ap.add_argument("--profile", default="", help="B x T sizes to profile, e.g. 4x1024,1x16384")
     ap.add_argument("--json", default="")
@@ -403,7 +440,9 @@ def main():
     if a.colsum:
         colsum_alone(a.colsum, tuple(map(int, a.block.split(","))) if a.block else None, a.profile_sink)
     if a.check:
-        check()
+        check(a.check_only)
+    if a.flash:
+        flash_alone()
     if a.profile:
         profile([tuple(map(int, x.split("x"))) for x in a.profile.split(",")])
     if not a.sizes and not a.scan:

@@ -30,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--families", default="", help="only these families, comma-separated (default: all)")
     a = ap.parse_args()
     from catchtag import coverage
     from catchtag.engine.arch import model_types
@@ -38,6 +39,8 @@ def main() -> None:
     recorded = model_types()
     rows, bad = [], []
     for family, model_type in FAMILIES.items():
+        if a.families and family not in a.families.split(","):
+            continue
         row = coverage.check(model_type, seed=a.seed, device="cuda")
         want = recorded[model_type]["status"]
         rows.append(dict(family=family, model_type=model_type, status=row.status, recorded=want, reason=row.reason,

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 # Modules collected before this one may already have imported triton.language (torch does), whose own
 # @jit helpers (tl.zeros, tl.sum, ...) were then built for the GPU; rebuild them for the interpreter.
 for _name in ("triton.language.standard", "triton.language.random", "triton.language",
-              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass"):
+              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass", "catchtag.engine.kernels.flash"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
@@ -25,6 +25,7 @@ from catchtag.engine.backends import layer_statistics, mask_structure  # noqa: E
 from conftest import padded_batch  # noqa: E402
 from catchtag.engine.kernels import sinkpass  # noqa: E402
 from catchtag.engine.kernels.colsum import column_sums  # noqa: E402
+from catchtag.engine.kernels.flash import flash_attention  # noqa: E402
 from catchtag.engine.reference import reference_scan  # noqa: E402
 from catchtag.engine.request import ActivationRequest, SinkSettings  # noqa: E402
 
@@ -93,6 +94,46 @@ def test_column_sums_match_dense(dtype, H, KV, D, window, block, pads):
     assert (got[~valid[:, None, :].expand_as(got)] == 0).all(), "padding columns must sum to 0"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,KV,D,Dv,window,softcap,block,pads", [
+    (4, 2, 16, 16, None, 5.0, (16, 16), [("left", 5), ("right", 9)]),
+    (3, 3, 24, 16, 7, 2.0, (32, 16), [("right", 0), ("left", 13)]),
+    (4, 1, 16, 32, 16, None, (16, 32), [("right", 3), ("right", 0)]),
+    (2, 2, 16, 16, None, 50.0, (16, 16), None),
+])
+def test_flash_attention_matches_dense(dtype, H, KV, D, Dv, window, softcap, block, pads):
+    """The fused softcapped attention (kernels/flash.py) against the float64 softmax: output and log-sum-exp, every
+    tile kind (diagonal, full, window edge), GQA, padding on either side (rows with nothing to see: 0), no padding."""
+    seed = _seed()
+    B, T = 2, 45
+    q, k, _ = _inputs(B, H, KV, T, D, dtype)
+    q, k = q * 2, k * 2  # logits well past a softcap of 2 or 5
+    v = torch.randn(B, KV, T, Dv).to(dtype)
+    valid = _valid(B, T, pads) if pads is not None else torch.ones(B, T, dtype=torch.bool)
+    scale = D ** -0.5
+    vis = _mask(valid, window) & valid[:, None, :, None]
+    s = (q.double() @ k.double().repeat_interleave(H // KV, 1).transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    ref = torch.exp(s - lse[..., None]).masked_fill(~vis, 0) @ v.double().repeat_interleave(H // KV, 1)
+    out, got_lse = flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, scale, valid, window,
+                                   softcap, padded=pads is not None, block=block)
+    assert out.dtype == dtype and got_lse.dtype == torch.float32
+    tol = TOL if dtype == torch.float32 else REL_BF16
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < tol, f"seed {seed}: out rel err {err}"
+    assert (got_lse.double() - lse).abs().max() < tol * lse.abs().max(), f"seed {seed}: lse"
+    rows = ~valid[:, None, :].expand(B, H, T)
+    assert (out[rows] == 0).all() and (got_lse[rows] == 0).all(), f"seed {seed}: padding rows must be 0"
+    if softcap is not None and softcap < 10:  # the softcap changed the answer, so the test can fail (Gemma-2's 50
+        # barely touches logits this small: that case checks the cap costs nothing where it does not bind)
+        plain, _ = flash_attention(q, k, v, scale, valid, window, None, block=block)
+        assert (plain.double() - ref).norm() / ref.norm() > 10 * tol, f"seed {seed}: the softcap changed nothing"
+
+
 def _compare_stats(s1, s2, tol, settings, seed):
     fin = ~torch.isnan(s1.col_scores)
     assert torch.equal(fin, ~torch.isnan(s2.col_scores)), f"seed {seed}: eligible columns differ"
@@ -159,6 +200,35 @@ def test_triton_backend_takes_the_softcap(window, pads):
         rel = ((a.float() - b) * rows).norm() / (b * rows).norm()
         assert rel < TOL, f"seed {seed}: {name} rel err {rel}"
     assert _compare_stats(s1, s2, TOL, settings, seed) > 0, f"seed {seed}: no sinks, the test shows nothing"
+
+
+@pytest.mark.parametrize("dtype,softcap,per_row", [(torch.float32, None, False), (torch.bfloat16, None, True),
+                                                    (torch.float32, 5.0, False)])
+def test_triton_backend_takes_learned_sinks(dtype, softcap, per_row):
+    """Learned sink logits (gpt-oss: one more softmax column with no value) folded into the fused pass in one kernel
+    (kernels/flash.fold_learned_sink): output, tag, statistics and each head's learned sink share against the torch
+    path, with padding on either side, a per-head logit (s_aux) or one per row, sinks strong enough to matter."""
+    seed = _seed()
+    B, H, KV, T, D = 2, 4, 2, 50, 16
+    q, k, v = _inputs(B, H, KV, T, D, dtype, sinks=(0, 17))
+    valid = _valid(B, T, [("left", 6), ("right", 11)])
+    mask = _mask(valid, None)
+    settings = SinkSettings(eps=0.06, min_rows=4, sweep_eps=(0.03, 0.2))
+    sinks = (torch.randn(B, H, T) if per_row else torch.randn(1, H, 1)) * 2 + 3
+    o1, t1, s1, _ = layer_statistics(q.float(), k.float(), v.float(), mask, D ** -0.5, softcap, settings,
+                                     backend="torch", sinks=sinks)
+    o2, t2, s2, _ = layer_statistics(q, k, v, mask, D ** -0.5, softcap, settings, backend="triton", sinks=sinks)
+    _, _, plain, _ = layer_statistics(q.float(), k.float(), v.float(), mask, D ** -0.5, softcap, settings,
+                                      backend="torch")
+    assert s1.learned_sink.max() > 0.1, f"seed {seed}: the learned sinks take nothing, the test shows nothing"
+    assert (plain.col_scores - s1.col_scores).nan_to_num().abs().max() > 1e-2, f"seed {seed}: sinks changed nothing"
+    tol = TOL if dtype == torch.float32 else REL_BF16
+    rows = valid[:, None, :, None]
+    for name, a, b in (("out", o2, o1), ("tag", t2, t1)):
+        rel = ((a.float() - b) * rows).norm() / (b * rows).norm()
+        assert rel < tol, f"seed {seed}: {name} rel err {rel}"
+    assert (s2.learned_sink - s1.learned_sink).abs().max() < tol, f"seed {seed}: learned sink share"
+    _compare_stats(s1, s2, tol, settings, seed)
 
 
 def test_many_sinks_fall_back_to_the_torch_sink_pass(monkeypatch):

@@ -7,7 +7,7 @@ returns what ``stats.attention_with_stats`` returns, (out, tag, HeadStats, maps)
 the eager reference for every request kind. The "triton" backend:
   1. output and each row's log-sum-exp from the fused attention kernel PyTorch already has (flash
      attention without a mask, memory-efficient attention with one; on the CPU the flash-for-CPU kernel;
-     FlexAttention with softcapped logits),
+     catchtag's own Triton flash kernel with softcapped logits, kernels/flash.py),
   2. column sums of the softmax in one Triton pass over (q, k) tiles (kernels/colsum.py),
   3. the sink pass from a few K x K moments (kernels/sinkpass.py), which also gives each row's attention
      to the sinks; full maps of the few heads a request names are rebuilt from q, k and the log-sum-exp.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from catchtag.engine.stats import _bool_mask, _scores, attention_and_lse, attention_with_stats, learned_sink_share
+from catchtag.engine.stats import _bool_mask, _scores, attention_and_lse, attention_with_stats
 from catchtag.engine.positions import last_real
 from catchtag.errors import CatchtagError
 
@@ -257,10 +257,11 @@ def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo
     token_valid, window, counts = info.token_valid, info.window, info.counts
     out, lse = attention_and_lse(query, key, value, mask, scaling, token_valid,
                                  capture.mask_infos if capture is not None else None, softcap=softcap, window=window)
+    sink_share = None
     if sinks is not None:  # learned sink logits: one more softmax column with no value, folded into lse and out
-        with_sink = torch.logaddexp(lse, sinks.float().expand_as(lse))
-        out = out.mul_(torch.exp(lse - with_sink).to(out.dtype)[..., None])  # in place: one pass over out
-        lse = with_sink
+        from catchtag.engine.kernels.flash import fold_learned_sink
+
+        sink_share = fold_learned_sink(out, lse, sinks, token_valid)  # in place: one pass over out
     col_scores = column_sums(query, key, lse, token_valid, scaling, window, factor=info.score_factor,
                              softcap=softcap)
     maps = {h: attention_map(query, key, lse, mask, token_valid, window, scaling, h, softcap) for h in keep_maps}
@@ -274,10 +275,10 @@ def triton_statistics(query, key, value, mask, scaling, settings, info: MaskInfo
         kf, vf = (x.float().repeat_interleave(n_rep, dim=1) for x in (key, value))
         tag, stats = _sink_pass(query.float(), kf, vf, out.float(), lse, _bool_mask(mask), token_valid, col_scores,
                                 counts, scaling, softcap, settings)
-        stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
+        stats.learned_sink = sink_share
         return out, tag.to(out.dtype), stats, maps
     tag, stats, pending = done
-    stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
+    stats.learned_sink = sink_share
     if pending is not None:
         capture.pending.append((stats, pending))
     return out, tag, stats, maps

@@ -297,10 +297,12 @@ def attention_and_lse(query, key, value, mask, scaling, token_valid, cache: dict
 
     Padding rows (no visible column) get out = 0 and lse = 0. cache: a dict kept over one forward pass, where the
     additive bias made from a mask is kept for the next layer with the same mask. softcap: logits through
-    softcap * tanh(logit / softcap), which only FlexAttention fuses (``softcap_attention_and_lse``; the mask must
-    then be padding + causal + ``window``)."""
+    softcap * tanh(logit / softcap), which PyTorch's kernels cannot apply: catchtag's own Triton kernel serves it
+    (``softcap_attention_and_lse``; CUDA, or the CPU under TRITON_INTERPRET=1; the mask must then be padding +
+    causal + ``window``)."""
     if softcap is not None:
-        return softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window)
+        return softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window,
+                                         padded=mask is not None)
     D, Dv = query.shape[-1], value.shape[-1]
     if D != Dv:  # multi-head latent attention: the fused kernels want one head size; zeros change no dot product
         width = max(D, Dv)
@@ -375,63 +377,10 @@ def _causal_attention_and_lse(query, key, value, scaling):
     raise RuntimeError("no fused attention kernel with log-sum-exp ran: " + "; ".join(errors))
 
 
-_FLEX: dict = {}  # the compiled FlexAttention, made once per process
-
-
-def softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window=None):
+def softcap_attention_and_lse(query, key, value, scaling, softcap, token_valid, window=None, padded=True):
     """Attention with softcapped logits (Gemma-2) and each row's log-sum-exp, for a padding + causal (+ sliding
-    window) mask: on CUDA from PyTorch's FlexAttention (compiled; the mask as a block mask, so fully masked tiles are
-    skipped), elsewhere in plain torch. Same return as attention_and_lse."""
-    B, H, T, _ = query.shape
-    got = _flex_softcap(query, key, value, scaling, softcap, token_valid, window) if query.is_cuda else None
-    if got is not None:
-        out, lse = got
-    else:
-        n_rep = H // key.shape[1]
-        k = key.float().repeat_interleave(n_rep, 1)
-        v = value.float().repeat_interleave(n_rep, 1)
-        s = _scores(query.float(), k, scaling, softcap)
-        i = torch.arange(T, device=query.device)
-        see = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < (T + 1 if window is None else window))
-        see = see[None, None] & token_valid[:, None, None, :]
-        s = s.masked_fill(~see, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        out = torch.matmul(torch.exp(s - lse[..., None]), v).to(query.dtype)
-    rows = token_valid[:, None, :]
-    out = torch.where(rows[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out, torch.where(rows, lse.float(), torch.zeros((), device=lse.device))
+    window) mask, from catchtag's fused Triton kernel (kernels/flash.py: PyTorch's fused kernels cannot apply the
+    softcap). padded=False: every token is valid. Same return as attention_and_lse."""
+    from catchtag.engine.kernels.flash import flash_attention
 
-
-def _flex_softcap(query, key, value, scaling, softcap, token_valid, window):
-    """(out, lse) from FlexAttention compiled for dynamic shapes (one compile per head size and dtype), or None when
-    it cannot compile this call (Inductor finds no kernel for some small head sizes): the caller then computes the
-    softmax itself."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    B, H, T, D = query.shape
-    kind = (D, value.shape[-1], query.dtype)
-    if kind in _FLEX.setdefault("failed", set()):
-        return None
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
-    win = T + 1 if window is None else int(window)
-
-    def visible(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < win) & token_valid[b, kv_idx] & token_valid[b, q_idx]
-
-    def cap(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
-    try:
-        block = create_block_mask(visible, B, None, T, T, device=query.device)
-        return _FLEX["fn"](query, key, value, score_mod=cap, block_mask=block, scale=scaling,
-                           enable_gqa=key.shape[1] != H, return_lse=True)
-    except Exception as err:  # noqa: BLE001  (torch._inductor raises its own error classes)
-        import warnings
-
-        _FLEX["failed"].add(kind)
-        warnings.warn(f"FlexAttention could not compile softcapped attention for head size {D} in {query.dtype} "
-                      f"({type(err).__name__}); computing it without the fused kernel (slower, same numbers)",
-                      stacklevel=2)
-        return None
+    return flash_attention(query, key, value, scaling, token_valid, window, softcap, padded=padded)
