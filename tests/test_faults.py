@@ -156,3 +156,118 @@ def test_compare_keeps_two_runs_of_the_same_model(tiny_models, tmp_path):
     runs = load_runs([tmp_path / "a" / "run", tmp_path / "b" / "run"])
     assert len(runs) == 2 and sorted(runs) == ["b/run", "tiny:llama"]
     assert len(load_runs([tmp_path / "a" / "run"] * 2)) == 2
+
+
+def _cli_with_failing_scan(monkeypatch, tmp_path, error):
+    """`catchtag scan` in this process with its job replaced by one that raises ``error`` after creating --out."""
+    from typer.testing import CliRunner
+
+    import catchtag.jobs as jobs
+    from catchtag.cli import app
+
+    def failing(out, **kwargs):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "run.json").write_text("{}")
+        raise error
+
+    monkeypatch.setattr(jobs, "run_scan", failing)
+    monkeypatch.setenv("CATCHTAG_CACHE", str(tmp_path / "cache"))
+    return CliRunner().invoke(app, ["scan", "-m", "tiny:llama", "--data", "builtin:prose", "--limit", "2",
+                                    "--out", str(tmp_path / "run")])
+
+
+def test_an_unexpected_failure_is_one_line_and_a_log(monkeypatch, tmp_path):
+    """Any exception catchtag did not foresee ends in one line naming the command and a log holding the traceback,
+    exit 1, instead of a traceback."""
+    r = _cli_with_failing_scan(monkeypatch, tmp_path, RuntimeError("the kernel went away\nsecond line"))
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "catchtag scan failed: RuntimeError: the kernel went away" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    logs = list((tmp_path / "cache" / "logs").glob("catchtag-scan-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[0]
+    text = logs[0].read_text()
+    assert "Traceback" in text and "the kernel went away" in text and "failing" in text
+
+
+@pytest.mark.parametrize("err,code,says", [
+    (OSError(30, "Read-only file system", "/runs/x/heads.parquet"), 2,
+     "cannot write /runs/x/heads.parquet (Read-only file system). Fix: give --out a folder you can write to"),
+    (PermissionError(13, "Permission denied", "/runs/x"), 2, "cannot write /runs/x (Permission denied)"),
+    (OSError(28, "No space left on device", "/runs/x/parts/p.parquet"), 1,
+     "the disk is full writing /runs/x/parts/p.parquet. Fix: free some space"),
+])
+def test_a_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path, err, code, says):
+    r = _cli_with_failing_scan(monkeypatch, tmp_path, err)
+    assert r.exit_code == code and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+    assert not (tmp_path / "cache" / "logs").exists(), "a failure the user can fix needs no log"
+
+
+def test_ctrl_c_says_where_the_run_resumes(monkeypatch, tmp_path):
+    r = _cli_with_failing_scan(monkeypatch, tmp_path, KeyboardInterrupt())
+    assert r.exit_code == 130, r.output
+    assert r.stderr.strip() == (f"interrupted: {tmp_path / 'run'} keeps every batch that was finished; rerun the "
+                                f"same command to resume")
+
+
+
+def test_characters_split_over_byte_tokens_are_shown_as_text(tiny_models, tmp_path):
+    """A byte-level tokenizer splits emoji, Arabic and Hebrew characters over several tokens that each decode to
+    U+FFFD; the tables (and so the viewer and the report) show the characters, and a U+FFFD in the text stays."""
+    from catchtag.scan import _token_strings
+
+    model, tok = tiny_models("llama")
+    text = "sinks 😀 in مرحبا and שלום, a real \ufffd too"
+    ids = tok(text)["input_ids"]
+    strings = _token_strings(tok, ids)
+    assert len(strings) == len(ids)
+    assert sum("\ufffd" in s for s in strings) == 3, "only the U+FFFD of the text itself (3 bytes, 3 tokens)"
+    assert "😀" in strings and "م" in strings and "ש" in strings
+    alone = tok.batch_decode([[i] for i in ids])
+    assert sum("\ufffd" in s for s in alone) > 20, "the tokenizer must split these characters for the test to mean it"
+    result = catchtag.scan(model, tok, [text], out=tmp_path / "run", **KW)
+    shown = list(result.prompts["tokens"].iloc[0])
+    assert shown == strings and "😀" in shown
+
+
+def test_overwrite_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """`scan --overwrite` on a folder that is not a catchtag run stops before loading the model (which can take
+    minutes), with the same line as after it, and nothing removed."""
+    import catchtag.jobs as jobs
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(jobs, "load_model", no_load)
+    with pytest.raises(CatchtagError, match="--overwrite refused: .* is not a catchtag run"):
+        jobs.run_scan(model="tiny:llama", data="builtin:prose", out=theirs, overwrite=True, limit=2)
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+
+
+def test_repair_hints_name_where_the_run_is_now(tmp_path):
+    """A run folder that was moved: the hint reruns the recorded command with --out where the folder is now."""
+    import json
+
+    from catchtag.runs import repair_command
+
+    moved = tmp_path / "moved here"
+    moved.mkdir()
+    (moved / "run.json").write_text(json.dumps({"command": "catchtag scan -m tiny:llama --out runs/old --limit 2"}))
+    assert repair_command(moved) == f"run `catchtag scan -m tiny:llama --out '{moved}' --limit 2` again"
+    (moved / "run.json").write_text(json.dumps({"command": "catchtag scan -m tiny:llama --out=runs/old"}))
+    assert repair_command(moved) == f"run `catchtag scan -m tiny:llama '--out={moved}'` again"
+
+
+def test_a_folder_that_is_not_a_model_says_so(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    cli = subprocess.run([sys.executable, "-m", "catchtag", "scan", "-m", str(folder), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+    assert "is a folder but not a Hugging Face model (it has no config.json)" in cli.stderr
+    assert "sentencepiece" not in cli.stderr and not (tmp_path / "run").exists()

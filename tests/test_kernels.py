@@ -194,7 +194,8 @@ def test_triton_backend_takes_the_softcap(window, pads):
     o1, t1, s1, m1 = layer_statistics(q, k, v, mask, D ** -0.5, cap, settings, backend="torch", keep_maps=[1])
     o2, t2, s2, m2 = layer_statistics(q, k, v, mask, D ** -0.5, cap, settings, backend="triton", keep_maps=[1])
     _, _, plain, _ = layer_statistics(q, k, v, mask, D ** -0.5, None, settings, backend="torch")
-    assert (plain.col_scores - s1.col_scores).nan_to_num().abs().max() > 1e-2, f"seed {seed}: the softcap changed nothing"
+    assert (plain.col_scores - s1.col_scores).nan_to_num().abs().max() > 1e-2, \
+        f"seed {seed}: the softcap changed nothing"
     rows = valid[:, None, :, None]
     for name, a, b in (("out", o2, o1), ("tag", t2, t1), ("map", m2[1][:, None], m1[1][:, None])):
         rel = ((a.float() - b) * rows).norm() / (b * rows).norm()

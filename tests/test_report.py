@@ -220,3 +220,24 @@ def test_scan_result_shows_itself_in_a_notebook(runs):
     assert "catchtag ScanResult" in page and "mean_ve" in page and "3 layers" in page
     png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_viewer_shows_right_to_left_text_in_order(browser, llama, tmp_path):
+    """An Arabic prompt on a byte-level tokenizer: each token is shown as its characters (not U+FFFD) and the strip
+    runs right to left, the first token rightmost; an English prompt runs left to right."""
+    net, tok = llama
+    arabic = "مرحبا بالعالم، هذا نص قصير"
+    page_path = token_view(net, tok, arabic, tmp_path / "rtl.html", eps=EPS, min_rows=MIN_ROWS, name="tiny:llama")
+    page, errors, _ = open_page(browser, page_path)
+    spans = page.locator("span.t")
+    texts = [s.inner_text() for s in spans.all()]
+    assert not any("\ufffd" in t for t in texts) and "م" in "".join(texts)
+    assert page.locator("#tokens").evaluate("e => getComputedStyle(e).direction") == "rtl"
+    first, second = (spans.nth(i).bounding_box() for i in (0, 2))  # 0, 1 are the two bytes of one letter
+    assert first["x"] > second["x"], "the first token must be to the right of the later one"
+    english, _, _ = open_page(browser, token_view(net, tok, TEXT, tmp_path / "ltr.html", eps=EPS, min_rows=MIN_ROWS,
+                                                  name="tiny:llama"))
+    assert english.locator("#tokens").evaluate("e => getComputedStyle(e).direction") == "ltr"
+    # the VE grid has its colour scale, in the cells' colours
+    assert "linear-gradient" in english.locator("#scale").evaluate("e => e.style.background")
+    assert errors == []

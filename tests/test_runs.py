@@ -83,7 +83,8 @@ def test_a_broken_part_is_named_and_a_resumed_scan_redoes_it(llama, tmp_path):
     assert len(parts) == 3
     parts[1].write_bytes(b"not parquet")  # a disk error in one batch
     (run / "heads.parquet").unlink()  # and the finished table gone
-    with pytest.raises(CatchtagError, match="not a finished catchtag run: it was started.*Fix: run the scan that made it again"):
+    with pytest.raises(CatchtagError,
+                       match="not a finished catchtag run: it was started.*Fix: run the scan that made it again"):
         ScanResult.load(run)
     with pytest.warns(UserWarning, match="broken or missing: that batch will be scanned again"):
         again = _scan(model, tok, out=run, texts=texts)

@@ -66,7 +66,8 @@ def test_scan_does_not_depend_on_batch_size_or_padding_side(tiny_models):
         b = catchtag.scan(model, tok, TEXTS, eps=0.08, min_rows=4, batch_size=1, progress=False).heads
     finally:
         tok.padding_side = "right"
-    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]), b.drop(columns=["ve", "r2", "sink_scores"]))
+    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]),
+                                  b.drop(columns=["ve", "r2", "sink_scores"]))
     assert np.allclose(a["ve"], b["ve"], atol=1e-5)
 
 
@@ -103,7 +104,8 @@ def test_run_folder_resumes_and_refuses_other_settings(tiny_models, tmp_path):
 
 
 def test_killed_scan_resumes_without_loss_or_duplicates(tmp_path):
-    lines = [f"Prompt number {i}: the quick brown fox, the lazy dog; sinks and tags, again and again." for i in range(30)]
+    lines = [f"Prompt number {i}: the quick brown fox, the lazy dog; sinks and tags, again and again."
+             for i in range(30)]
     data = tmp_path / "prompts.txt"
     data.write_text("\n".join(lines))
     args = ["scan", "--model", "tiny:llama", "--data", str(data), "--eps", "0.08", "--min-rows", "4",
@@ -126,7 +128,8 @@ def test_killed_scan_resumes_without_loss_or_duplicates(tmp_path):
     b = pd.read_parquet(tmp_path / "straight" / "heads.parquet")
     assert not a.duplicated(["prompt_id", "layer", "head"]).any()
     assert sorted(a["prompt_id"].unique()) == list(range(30))
-    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]), b.drop(columns=["ve", "r2", "sink_scores"]))
+    pd.testing.assert_frame_equal(a.drop(columns=["ve", "r2", "sink_scores"]),
+                                  b.drop(columns=["ve", "r2", "sink_scores"]))
     assert np.allclose(a["ve"], b["ve"], atol=1e-6)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["result"]["n_prompts"] == 30
@@ -156,7 +159,8 @@ def test_cli_scan_writes_run_folder(tmp_path):
     (["--model", "tiny:llama", "--data", "EMPTYPROMPT"], "the prompt is empty"),
     (["--model", "tiny:llama", "--data", "CSV"], "unsupported data file format"),
     (["--model", "tiny:llama", "--data", "missing.txt"], "does not exist"),
-    (["--model", "tiny:llama", "--data", "LONG", "--no-truncate", "--max-tokens", "0"], "longer than the model's context"),
+    (["--model", "tiny:llama", "--data", "LONG", "--no-truncate", "--max-tokens", "0"],
+     "longer than the model's context"),
     (["--model", "CORRUPT"], "could not read GGUF file"),
     (["--model", "tiny:llama", "--data", "builtin:nothing"], "unknown built-in data"),
 ])
@@ -342,7 +346,8 @@ def test_importing_catchtag_changes_no_global_state():
             "from catchtag.report import figures, analysis_figures\nfrom catchtag.toy import figures as t\n"
             "assert callable(catchtag.scan) and not isinstance(catchtag.scan, types.ModuleType)\n"
             "assert isinstance(catchtag.toy, types.ModuleType) and catchtag.toy.construct_model\n"
-            "assert (matplotlib.get_backend(), logging.getLogger().level) == before, (matplotlib.get_backend(), before)\n"
+            "assert (matplotlib.get_backend(), logging.getLogger().level) == before, "
+            "(matplotlib.get_backend(), before)\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "MPLBACKEND": "svg"})

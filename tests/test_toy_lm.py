@@ -51,6 +51,11 @@ def test_builtin_data_is_the_default_for_toy_models():
 
     assert default_data("toy:average") == default_data("toy:average-cut") == "builtin:average"
     assert default_data("toy:average-all") == "builtin:average-all"
+    assert default_data("toy:average-two-sink") == "builtin:average-two-sink"
+    two = read_texts("builtin:average-two-sink")[0][0].split()
+    middle = [int(w) for w in two[two.index("[SEP]") + 1:two.index("[SEP2]")]]
+    both = middle + [int(w) for w in two[two.index("[SEP2]") + 1:two.index("?")]]
+    assert two[-1] == f"={int(np.floor((np.mean(both) + np.mean(middle)) / 2 + 0.5))}"
     assert default_data("smollm2-135m") == "builtin:prose"
     texts, long = read_texts("builtin:average")
     assert not long and len(texts) == 256 and texts == read_texts("builtin:average")[0]  # seeded
@@ -111,9 +116,31 @@ def test_release_reads_the_grouping_only_where_the_tag_is_written(toy_cache, tmp
         _release("average-all", tmp_path)  # no catch at layer 1: no grouping to read
 
 
+def test_two_sinks_train_and_ablate_sees_their_head(toy_cache, tmp_path):
+    """toy:average-two-sink (the mean of two means: after [SEP], and between [SEP] and [SEP2]) is solved with two
+    sinks at layer 1 and a layer-2 read that weights the numbers between the separators more, as the answer does
+    (ideally 3:1 for equal segments); ablate finds the head that holds both sinks and sees its tag beyond control."""
+    from transformers import LlamaForCausalLM
+
+    from catchtag.models import cache_dir
+    from catchtag.toy import lm
+
+    model = LlamaForCausalLM.from_pretrained(lm.build(lm.TWO_SINK, cache_dir(), progress=False),
+                                             attn_implementation="eager").eval()
+    m = lm.mechanism_two_sink(model, *lm.eval_batch(lm.TWO_SINK))
+    assert m["accuracy"] >= 0.9
+    assert max(m["catch_sep"]) >= 0.5 and max(m["catch_sep2"]) >= 0.3  # both separators are sinks at layer 1
+    assert sum(m["read_middle"]) >= 3 * sum(m["read_last"])
+    s = _ablate(lm.TWO_SINK, tmp_path, top=1)
+    (row,) = s["targets"]
+    catcher = int(np.argmax(m["catch_sep"]))
+    assert row["heads"] == [[0, catcher]]  # the head that catches at both separators
+    assert row["delta_nll"] >= 5 * row["control_delta_nll"] > 0 and row["ci"][0] > row["control_ci"][1]
+
+
 def test_toy_names_are_listed_and_unknown_ones_refused():
     from catchtag.models import available_models, load_model
     names = {r["name"] for r in available_models()}
-    assert {"toy:average", "toy:average-all", "toy:average-cut"} <= names
+    assert {"toy:average", "toy:average-all", "toy:average-cut", "toy:average-two-sink"} <= names
     with pytest.raises(CatchtagError, match="unknown toy model"):
         load_model("toy:nope")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sys
 from contextlib import contextmanager
@@ -34,6 +35,23 @@ def _click_errors() -> tuple[type, ...]:
 _CLICK_ERRORS = _click_errors()
 
 
+def _click_exits() -> tuple[type, ...]:
+    """Click's own ways out (typer.Exit, Abort, wherever this typer keeps them): raised on purpose, never reported as
+    a failure."""
+    found = {typer.Exit}
+    for module in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = __import__(module, fromlist=["Exit", "Abort"])
+        except ImportError:
+            continue
+        found.update(getattr(mod, name) for name in ("Exit", "Abort") if hasattr(mod, name))
+    return tuple(found)
+
+
+_CLICK_EXITS = _click_exits()
+_RUN_FOLDERS: list[Path] = []  # the --out of the job that is running, for the interrupt and failure lines
+
+
 class _OneLineErrors(TyperGroup):
     """Every error ends as one line on stderr and exit 2: click's usage errors (which it prints as a usage block
     and a framed message) and a CatchtagError that a command raises (its checks before the job) or lets through."""
@@ -49,17 +67,61 @@ class _OneLineErrors(TyperGroup):
 
 @contextmanager
 def _one_line_errors(ctx=None):
+    def where():  # the subcommand is known once the group has started it
+        sub = getattr(ctx, "invoked_subcommand", None) if ctx is not None else None
+        return f"{ctx.command_path} {sub}" if sub else None
+
     try:
         yield
     except CatchtagError as err:
-        sub = getattr(ctx, "invoked_subcommand", None) if ctx is not None else None
-        _fail(str(err), where=f"{ctx.command_path} {sub}" if sub else None)
+        _fail(str(err), where=where())
     except _CLICK_ERRORS as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `catchtag` alone shows the help
             raise
-        where = err.ctx.command_path if getattr(err, "ctx", None) is not None else None
-        _fail(f"{err.format_message().rstrip('.')}. Fix: see `{where or 'catchtag'} --help`",
+        here = err.ctx.command_path if getattr(err, "ctx", None) is not None else None
+        _fail(f"{err.format_message().rstrip('.')}. Fix: see `{here or 'catchtag'} --help`",
               code=getattr(err, "exit_code", 2) or 2)
+    except KeyboardInterrupt:
+        out = _RUN_FOLDERS[-1] if _RUN_FOLDERS else None
+        typer.secho("interrupted" + (f": {out} keeps every batch that was finished; rerun the same command to resume"
+                                     if out is not None and out.exists() else ""), fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
+    except OSError as err:  # a folder that cannot be written, a full disk: the user can fix these
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+            _fail(f"cannot write {err.filename} ({err.strerror}). Fix: give --out a folder you can write to")
+        if err.errno == errno.ENOSPC:
+            _fail(f"the disk is full{f' writing {err.filename}' if err.filename else ''}. Fix: free some space (or "
+                  f"write to another disk), then rerun the same command: a scan resumes where it stopped", code=1)
+        _unexpected(err, where())
+    except Exception as err:  # noqa: BLE001  (anything else: one line and a log, never a bare traceback)
+        if isinstance(err, _CLICK_EXITS):
+            raise
+        _unexpected(err, where())
+
+
+def _unexpected(err: BaseException, where: str | None) -> None:
+    """A failure catchtag did not foresee: one line naming the command and a log file holding the traceback, exit 1."""
+    import datetime
+    import os
+    import traceback
+
+    from catchtag.models import cache_dir
+
+    command = where or _command_path()
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    log = None
+    try:
+        folder = cache_dir() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"{command.replace(' ', '-')}-{stamp}-{os.getpid()}.log"
+        log.write_text(f"{' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+    except OSError:
+        log = None
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    where_log = f"the traceback is in {log}" if log is not None else "no log could be written"
+    _fail(f"{command} failed: {type(err).__name__}{': ' + first if first else ''} ({where_log}). Fix: if the inputs "
+          f"are right this is a bug in catchtag: please report it with that log", code=1)
 
 
 app = typer.Typer(
@@ -109,6 +171,9 @@ def _run_job(job, *args, owns: Path | None = None, **kwargs) -> dict:
     leaves no --out (``owns``) it created behind, when that holds no file yet (a folder made before the failure);
     one that holds files is kept, as a scan can resume from it."""
     created = owns is not None and not Path(owns).exists()
+    folder = owns if owns is not None else kwargs.get("out")
+    if folder is not None:
+        _RUN_FOLDERS.append(Path(folder))
     try:
         return job(*args, **kwargs)
     except (CatchtagError, ValueError) as err:
@@ -166,7 +231,8 @@ def scan(
     no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
     no_views: bool = typer.Option(False, "--no-views", help="skip the per-token pictures of the first prompt that "
                                                              "`catchtag report` shows (views/)"),
-    device_map: Optional[str] = typer.Option(None, help="split the layers over the visible GPUs (accelerate): auto, balanced, balanced_low_0 or sequential"),
+    device_map: Optional[str] = typer.Option(None, help="split the layers over the visible GPUs (accelerate): auto, "
+                                                        "balanced, balanced_low_0 or sequential"),
 ) -> None:
     """Detect sinks and decompose every head on DATA; write heads.parquet, summary.json and figures to OUT."""
     from catchtag.jobs import run_scan
@@ -345,7 +411,8 @@ def geometry(
     for kind in ("different layers", "same layer, different heads", "same head, different sinks", "tag_vs_token"):
         if kind in s:
             typer.echo(f"{kind:<30} mean {s[kind]['mean']:+.3f} · within ±0.05: "
-                       f"{100 * s[kind]['share_within_0.05']:.1f}% · 5-95%: [{s[kind]['p5']:+.3f}, {s[kind]['p95']:+.3f}]")
+                       f"{100 * s[kind]['share_within_0.05']:.1f}% · 5-95%: "
+                       f"[{s[kind]['p5']:+.3f}, {s[kind]['p95']:+.3f}]")
     typer.echo(f"wrote {s['figure']}")
 
 
@@ -642,10 +709,12 @@ def main() -> None:
 
     warnings.showwarning = _warn_in_one_line  # one clean line each, not Python's file:line report
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its tokenizer-length notices are not the user's concern
+    if not sys.stderr.isatty():  # transformers' own bars (loading, saving weights) would garble a log or a pipe
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume", err=True)
+    except KeyboardInterrupt:  # outside a command (while the CLI itself starts); inside one, _one_line_errors says it
+        typer.echo("interrupted", err=True)
         _exit_now_under_torchrun(130)
         sys.exit(130)
     except SystemExit as stop:  # typer.Exit and click's errors end here

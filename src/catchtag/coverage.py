@@ -68,7 +68,7 @@ def families(model, config) -> list[str]:
     text = config.get_text_config()
     kinds = []
     names = {type(m).__name__ for m in model.modules()}
-    if any(hasattr(m, "sinks") and isinstance(getattr(m, "sinks"), torch.nn.Parameter) for m in model.modules()):
+    if any(hasattr(m, "sinks") and isinstance(m.sinks, torch.nn.Parameter) for m in model.modules()):
         kinds.append("learned sinks")
     from catchtag.engine.arch import GATED
 

@@ -60,6 +60,10 @@ def run_scan(model: str = "smollm2-135m", data: str | None = None, out: str | Pa
     for flag, value, example in (("--chunk", chunk, 256), ("--limit", limit, 32), ("--batch-size", batch_size, 8)):
         if value is not None and value < 1:
             raise CatchtagError(f"{flag} must be a whole number >= 1, got {value}. Fix: e.g. {flag} {example}")
+    if overwrite and out is not None:  # refused before the model loads, not after
+        from catchtag.runs import check_overwrite
+
+        check_overwrite(Path(out))
     started = time.perf_counter()
     device = resolve_device(device)
     dist = init(device)
@@ -363,7 +367,8 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
         "n_prompts": len(frame), "n_train": int(train.sum()), "n_test": int(test.sum()),
         "mean_prompt_tokens": float(np.mean([len(p.input_ids) for p in inputs["prompts"]])),
         "example_prompt": inputs["texts"][0],
-        "model_accuracy": {"test": correct_test / int(test.sum()), "test_ci": list(wilson_interval(correct_test, int(test.sum()))),
+        "model_accuracy": {"test": correct_test / int(test.sum()),
+                           "test_ci": list(wilson_interval(correct_test, int(test.sum()))),
                            "share_predicting_label1": float(model_answers["predicted"].mean()),
                            "mean_answer_mass": float(mass.mean())},
         "best_test_accuracy": {k: best(k) for k in KINDS},
@@ -371,7 +376,8 @@ def run_probe(model: str = "smollm2-135m", task: str = "truth", out: str | Path 
         "selection": {"top": top, "min_tag_cv": min_tag, "max_nontag_cv": max_nontag, "on": "train-split CV accuracy"},
         "selected_heads": selected.to_dict(orient="records"),
         "published": PUBLISHED_PROBES[task],
-        "seconds": {"load": load_seconds, "scan": scan_seconds, "model_answers": answer_seconds, "probes": probe_seconds},
+        "seconds": {"load": load_seconds, "scan": scan_seconds, "model_answers": answer_seconds,
+                    "probes": probe_seconds},
         "n_probes": len(table),
     }
     write_text(out / "selected_heads.md", selected_heads_markdown(summary))
@@ -386,8 +392,9 @@ def run_steer(probes: str | Path, *, heads: Sequence[tuple[int, int]] | None = N
               out: str | Path | None = None, device: str = "auto", dtype: str = "auto",
               figures: bool = True) -> dict:
     """What ``catchtag steer`` does: read a finished probe run (``catchtag probe --out PROBES``), take its
-    selected heads (or ``heads``), steer test prompts (the first ``n_prompts``, balanced; None: all) along each head's mean tag difference, and write
-    steering.parquet, steering.json and a figure into OUT (default PROBES/steer)."""
+    selected heads (or ``heads``), steer test prompts (the first ``n_prompts``, balanced; None: all) along each
+    head's mean tag difference, and write steering.parquet, steering.json and a figure into OUT (default
+    PROBES/steer)."""
     from catchtag.interventions.steering import steering_curve, tag_direction
     from catchtag.report.analysis_figures import steering_figure
 
@@ -564,9 +571,9 @@ def _ablate(model, data, out, heads, top, group, mode, controls, settings, max_t
     def bar(total, desc, unit="batch"):
         if not progress:
             return None
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        return progress_bar(total=total, desc=desc, unit=unit)
 
     # phase 1: the first-order attribution of every head (and each head's sinks and VE on these prompts)
     t0 = time.perf_counter()

@@ -281,6 +281,10 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
             raise CatchtagError(f"GGUF file {path} does not exist")
         return _load_gguf(path, device, torch_dtype, device_map)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CatchtagError(f"{path} is a folder but not a Hugging Face model (it has no config.json). Fix: give "
+                                f"the folder that holds config.json and the weights, a .gguf file, or a name from "
+                                f"`catchtag models`")
         return _load_pretrained(str(path), device, torch_dtype, device_map=device_map)
     if "/" in name:  # a hub id: only from the local cache, never downloaded
         try:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import threading
 import zipfile
@@ -234,6 +233,33 @@ class WriterLock:
 
 
 # ---- the folder --------------------------------------------------------------------------------------------------
+def check_overwrite(folder: Path) -> bool:
+    """Refuse (CatchtagError) an --overwrite that would remove what is not a scan's: a folder that is not a catchtag
+    run, one that also holds files a scan did not write, one holding ablate's results. True: there is a run whose
+    listed files can go; False: nothing to remove (no folder, or an empty one). Cheap: the CLI calls it before the
+    model loads, RunFolder again before removing anything."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    manifest = folder / "run.json"
+    if not manifest.is_file() or not _is_run_manifest(manifest):
+        if any(not _is_lock(p.name) for p in folder.iterdir()):
+            what = "no run.json" if not manifest.is_file() else "its run.json is not one catchtag wrote"
+            raise CatchtagError(f"--overwrite refused: {folder} is not a catchtag run ({what}), so nothing "
+                                f"in it was removed. Fix: choose an empty or new --out")
+        return False
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not _is_lock(p.name))
+    if foreign:
+        raise CatchtagError(f"--overwrite refused: {folder} also holds files a scan did not write "
+                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
+                            f"removed. Fix: move them away, or choose another --out")
+    if (folder / "ablate").exists():
+        raise CatchtagError(f"--overwrite refused: {folder} also holds catchtag ablate's results (ablate/), "
+                            f"made on the run being replaced; nothing was removed. Fix: move "
+                            f"{folder / 'ablate'} away (or delete it), then --overwrite")
+    return True
+
+
 class RunFolder:
     """A scan's folder (the layout in the module docstring). Opening one checks it: a folder holding another run, or
     something that is not a run, is refused; a resumed run drops batches whose files do not read back."""
@@ -280,22 +306,8 @@ class RunFolder:
         folder that is not a catchtag run (no run.json that catchtag wrote), one that holds files of its own beside
         the run's, or one that holds another job's results (ablate/) is refused and left as it is; a file of the
         user's inside figures/, views/ or parts/ stays, with its folder."""
-        manifest = self.folder / "run.json"
-        if not manifest.is_file() or not _is_run_manifest(manifest):
-            if any(not _is_lock(p.name) for p in self.folder.iterdir()):
-                what = "no run.json" if not manifest.is_file() else "its run.json is not one catchtag wrote"
-                raise CatchtagError(f"--overwrite refused: {self.folder} is not a catchtag run ({what}), so nothing "
-                                    f"in it was removed. Fix: choose an empty or new --out")
+        if not check_overwrite(self.folder):
             return
-        foreign = sorted(p.name for p in self.folder.iterdir() if p.name not in RUN_ENTRIES and not _is_lock(p.name))
-        if foreign:
-            raise CatchtagError(f"--overwrite refused: {self.folder} also holds files a scan did not write "
-                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), so nothing was "
-                                f"removed. Fix: move them away, or choose another --out")
-        if (self.folder / "ablate").exists():
-            raise CatchtagError(f"--overwrite refused: {self.folder} also holds catchtag ablate's results (ablate/), "
-                                f"made on the run being replaced; nothing was removed. Fix: move {self.folder / 'ablate'} "
-                                f"away (or delete it), then --overwrite")
         listed = self.folder / MANIFEST
         if listed.is_file():
             names = [n for n in listed.read_text(encoding="utf-8").split("\n") if n]
@@ -416,8 +428,22 @@ def repair_command(folder: Path) -> str:
     except ValueError:
         command = None
     if command:
-        return f"run `{command}` again"
+        return f"run `{_with_out(command, folder)}` again"
     return f"run the scan that made it again, with the same arguments and --out {folder}"
+
+
+def _with_out(command: str, folder: Path) -> str:
+    """The recorded command with its --out naming where the run is now (it may have been moved since)."""
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return command
+    for i, arg in enumerate(args):
+        if arg in ("--out", "-o") and i + 1 < len(args):
+            args[i + 1] = str(folder)
+        elif arg.startswith("--out="):
+            args[i] = f"--out={folder}"
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def read_parts(folder: Path):

@@ -50,7 +50,29 @@ def _token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None =
     cache = {} if cache is None else cache
     new = list({i for i in ids if i not in cache})
     cache.update(zip(new, tokenizer.batch_decode([[i] for i in new])))
-    return [cache[i] for i in ids]
+    return _join_split_characters(tokenizer, list(ids), [cache[i] for i in ids])
+
+
+def _join_split_characters(tokenizer, ids: list[int], strings: list[str], longest: int = 8) -> list[str]:
+    """Byte-level tokenizers split a character of several UTF-8 bytes (emoji, CJK, Arabic, Hebrew, ...) over
+    tokens that each decode to U+FFFD: every token of such a run shows what the run decodes to together, so a
+    token is shown as text, never as a replacement character. A U+FFFD that no run of up to ``longest`` tokens
+    resolves (one that is in the text itself) stays."""
+    i = 0
+    while i < len(strings):
+        if "\ufffd" not in strings[i]:
+            i += 1
+            continue
+        j, joint = i + 1, strings[i]
+        while "\ufffd" in joint and j < min(len(ids), i + longest):
+            j += 1
+            joint = tokenizer.decode(ids[i:j])
+        if "\ufffd" in joint:
+            i += 1
+            continue
+        strings[i:j] = [joint] * (j - i)
+        i = j
+    return strings
 
 
 def _batch_tensors(prompts: list[Prompt], tokenizer, device):
@@ -118,8 +140,8 @@ def _records_to_tables(cap, prompts, token_strings, settings):
     cat = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
     offsets = pa.array(np.concatenate([[0], np.cumsum(cat["n_sinks"])]).astype(np.int32))
     lists = {name: pa.ListArray.from_arrays(offsets, pa.array(cat[key], type=kind))
-             for name, key, kind in (("sink_positions", "positions", pa.int64()), ("sink_tokens", "tokens", pa.string()),
-                                     ("sink_scores", "scores", pa.float64()))}
+             for name, key, kind in (("sink_positions", "positions", pa.int64()),
+                                     ("sink_tokens", "tokens", pa.string()), ("sink_scores", "scores", pa.float64()))}
     columns = {name: lists[name] if name in lists else pa.array(cat[name]) for name in HEAD_COLUMNS}
     columns["learned_sink"] = pa.array(cat["learned_sink"], mask=np.isnan(cat["learned_sink"]))  # null: no such sink
     heads = pa.table(columns)
@@ -287,10 +309,10 @@ def _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwri
     decoded: dict[int, str] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
         mine = len(dist.shard(prompts))
-        bar = tqdm(total=mine, initial=mine - len(todo), unit="prompt", dynamic_ncols=True, position=dist.rank,
+        bar = progress_bar(total=mine, initial=mine - len(todo), unit="prompt", position=dist.rank,
                    desc="scan" if dist.world == 1 else f"scan rank {dist.rank}/{dist.world}")
     # part files are written by one thread beside the loop (in order; pyarrow leaves the interpreter free meanwhile)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catchtag-parts")

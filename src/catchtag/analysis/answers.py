@@ -30,9 +30,9 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, edi
     out = np.zeros((len(prompts), len(answer_ids)), dtype=np.float64)
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
-        starts = tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True)
+        starts = progress_bar(starts, desc=desc, unit="batch")
     for start in starts:
         batch = prompts[start:start + batch_size]
         ids, mask = _batch_tensors(batch, tokenizer, device)

@@ -70,7 +70,8 @@ def sample_positions(n_tokens: int, n_positions: int, start: int = 1) -> list[in
     """Evenly spaced positions in [start, n_tokens) (the first token is its own sink: its tag is itself)."""
     if n_tokens <= start:
         raise CatchtagError(f"the prompt has {n_tokens} token(s); tag geometry needs at least {start + 1}")
-    return sorted(set(np.linspace(start, n_tokens - 1, min(n_positions, n_tokens - start)).round().astype(int).tolist()))
+    return sorted(set(np.linspace(start, n_tokens - 1,
+                                  min(n_positions, n_tokens - start)).round().astype(int).tolist()))
 
 
 def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, max_pairs: int = 20000,

@@ -223,9 +223,9 @@ class HeadProbes:
         self.cv_accuracy_ = {k: np.zeros((n_layers, n_heads)) for k in self.kinds}
         jobs = [(k, li, hi) for k in self.kinds for li in range(n_layers) for hi in range(n_heads)]
         if progress:
-            from tqdm.auto import tqdm
+            from catchtag.progress import progress_bar
 
-            jobs = tqdm(jobs, desc="probes", unit="probe", dynamic_ncols=True)
+            jobs = progress_bar(jobs, desc="probes", unit="probe")
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1):  # hundreds of tiny fits: threaded BLAS only adds overhead (30x on 2 cores)
@@ -274,7 +274,8 @@ def selected_heads_markdown(summary: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in summary["selected_heads"]:
         def cell(kind):
-            return f"{100 * r[f'{kind}_test_accuracy']:.1f}% [{100 * r[f'{kind}_ci_low']:.0f}, {100 * r[f'{kind}_ci_high']:.0f}]"
+            return (f"{100 * r[f'{kind}_test_accuracy']:.1f}% "
+                    f"[{100 * r[f'{kind}_ci_low']:.0f}, {100 * r[f'{kind}_ci_high']:.0f}]")
         lines.append(f"| {r['layer']}.{r['head']} | {cell('tag')} | {cell('nontag')} | {cell('full')} | "
                      f"{100 * r['tag_cv_accuracy']:.1f}% | {100 * r['nontag_cv_accuracy']:.1f}% | "
                      f"{'yes' if r['passes'] else 'no'} |")

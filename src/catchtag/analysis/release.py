@@ -91,9 +91,9 @@ def decode_by_depth(groups: list[np.ndarray], features: dict[int, list[np.ndarra
     jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_decode_layer)(layer, features[layer], groups, control, folds) for layer in layers)
     if progress:
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
-        jobs = tqdm(jobs, total=len(layers), desc=progress, unit="layer", dynamic_ncols=True)
+        jobs = progress_bar(jobs, total=len(layers), desc=progress, unit="layer")
     return pd.DataFrame(list(jobs))
 
 

@@ -85,6 +85,8 @@ PROMPT_SETS: dict[str, tuple[str, Callable[[], list[str]]]] = {
                 "(seeded)", _toy_set("average")),
     "average-all": ("256 texts of toy:average-all's task: as builtin:average, the answer the mean of every digit",
                     _toy_set("average-all")),
+    "average-two-sink": ("256 texts of toy:average-two-sink's task: digits, [SEP], digits, [SEP2], digits, '?' and "
+                         "the mean of two means (after [SEP], between [SEP] and [SEP2])", _toy_set("average-two-sink")),
 }
 KNOWN = [*BUILTINS, *LABELLED, *PROMPT_SETS]
 

@@ -67,7 +67,8 @@ def sentiment_pool() -> pd.DataFrame:
     # Deflategate / Super Bowl tweets are mostly news about the scandal labelled "negative": not sentiment
     raw = raw[~raw["text"].str.contains(OFF_TOPIC, case=False, regex=True)]
     raw = raw.assign(key=raw["text"].str.lower()).drop_duplicates("key")
-    return pd.DataFrame({"text": raw["text"].to_numpy(), "label": (raw["sentiment"] == "positive").astype(int).to_numpy(),
+    return pd.DataFrame({"text": raw["text"].to_numpy(),
+                         "label": (raw["sentiment"] == "positive").astype(int).to_numpy(),
                          "entity": ["tweet-" + str(r) for r in raw["row"]]})
 
 

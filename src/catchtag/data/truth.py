@@ -38,8 +38,8 @@ def _the(name: str) -> str:
 @lru_cache(maxsize=1)
 def country_capitals() -> tuple[tuple[str, str], ...]:
     """(country, capital) pairs from countryinfo, cleaned: one capital per country, no capital shared by two
-    entries (nor two spellings of one: George Town / Georgetown), no capital equal to its country's name (e.g. Singapore), no names with commas, slashes or
-    parentheses. Sorted by country."""
+    entries (nor two spellings of one: George Town / Georgetown), no capital equal to its country's name (e.g.
+    Singapore), no names with commas, slashes or parentheses. Sorted by country."""
     try:
         from countryinfo import all_countries
     except ImportError:

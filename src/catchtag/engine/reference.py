@@ -159,8 +159,8 @@ def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, posit
                 # the head's write of any head-space vector at the last token (the projection and the gate of
                 # this pass): checks a write path apart from how far an MoE's routing drifted the layer's input
                 write = (lambda vec, module=module, h=h, H=H, g=g: _through_output_projection(module, h, H, g * vec))
-                rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2, ve_uncentred=ve_unc,
-                                 learned_sink=learned, write=write,
+                rows.append(dict(prompt=b, layer=layer, head=h, scores=scores, sinks=sinks, ve=ve, r2=r2,
+                                 ve_uncentred=ve_unc, learned_sink=learned, write=write,
                                  conditioning=conditioning,
                                  result=full_r, result_tag=tag_r, result_nontag=full_r - tag_r, last=int(last)))
     return rows, logits

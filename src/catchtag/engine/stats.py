@@ -212,9 +212,9 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         zeros = torch.zeros(B, H, device=dev)
         empty_idx = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
         stats = HeadStats(col_scores, row_counts, token_valid, empty_idx, empty_idx.bool(), zeros, zeros.clone(),
-                          zeros.clone(), torch.zeros(B, H, E, dtype=torch.long, device=dev), torch.zeros(B, H, E, device=dev),
+                          zeros.clone(), torch.zeros(B, H, E, dtype=torch.long, device=dev),
                           torch.zeros(B, H, E, device=dev), torch.zeros(B, H, E, device=dev),
-                          torch.zeros(B, H, T, 0, device=dev))
+                          torch.zeros(B, H, E, device=dev), torch.zeros(B, H, T, 0, device=dev))
         return torch.zeros_like(out), stats
 
     # The K highest-scoring columns per head hold every sink at the lowest eps (sink sets are nested).
@@ -272,8 +272,9 @@ def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, 
         ve_raw[..., e_i] = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj_raw)).float()
     main_ok = top_scores > float(settings.eps)
     main_tag = torch.matmul(a_s * main_ok[:, :, None, :], v_s)  # (B,H,T,Dv)
-    stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(), r2[..., main_e].clone(),
-                      ve_raw[..., main_e].clone(), n_sinks, ve, r2, ve_raw, a_s * main_ok[:, :, None, :])
+    stats = HeadStats(col_scores, row_counts, token_valid, idx, main_ok, ve[..., main_e].clone(),
+                      r2[..., main_e].clone(), ve_raw[..., main_e].clone(), n_sinks, ve, r2, ve_raw,
+                      a_s * main_ok[:, :, None, :])
     return main_tag, stats
 
 

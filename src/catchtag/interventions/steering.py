@@ -76,9 +76,9 @@ def steering_curve(model, tokenizer, prompts, labels, answer_ids, layer: int, he
     total = len(kinds) * sum(1 for s in scales if s != 0)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
-        bar = tqdm(total=total, desc=f"steer L{layer}H{head}", unit="run", dynamic_ncols=True)
+        bar = progress_bar(total=total, desc=f"steer L{layer}H{head}", unit="run")
     for kind, index, vec in kinds:
         for scale in scales:
             if scale == 0:
@@ -93,7 +93,8 @@ def steering_curve(model, tokenizer, prompts, labels, answer_ids, layer: int, he
             rows.append({"layer": layer, "head": head, "direction": kind, "index": index, "scale": float(scale),
                          "norm": norm * abs(scale), "mean_log_odds": float(odds.mean()),
                          "shift": float((odds - base_odds).mean()),
-                         "shift_sem": float((odds - base_odds).std(ddof=1) / np.sqrt(len(odds))) if len(odds) > 1 else 0.0,
+                         "shift_sem": (float((odds - base_odds).std(ddof=1) / np.sqrt(len(odds))) if len(odds) > 1
+                                       else 0.0),
                          "p_label1": float(p1.mean()), "accuracy": float(((odds > 0).astype(int) == labels).mean())})
     if bar is not None:
         bar.close()

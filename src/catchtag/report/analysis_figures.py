@@ -51,10 +51,10 @@ def draw_tokens(ax, tokens, colors, *, sinks=(), outline=None, width: int = 110,
 def pca_figure(pic, path) -> Path:
     """Figure-2 style picture of one head (see analysis.pca.PcaPicture)."""
     T = len(pic.tokens)
-    width = 120
+    width = 96  # characters per line of the token strips: at 8 pt, readable when the report scales the figure down
     n_chars = sum(max(1, len(_show_token(t))) for t in pic.tokens)
     lines = max(2, int(np.ceil(n_chars / (width * 0.92))))
-    text_h = 0.19 * lines + 0.6
+    text_h = 0.3 * lines + 0.6
     fig, _ = new_figure(figsize=(13, 2 * text_h + 4.4), subplots=False)
     gs = fig.add_gridspec(3, 3, height_ratios=[text_h, 4.0, text_h], hspace=0.55, wspace=0.3)
     sink_col = {g: SINK_COLORS[g % len(SINK_COLORS)] for g in range(len(pic.sinks))}
@@ -62,7 +62,7 @@ def pca_figure(pic, path) -> Path:
     sink_desc = ", ".join(f"{s}:{pic.tokens[s]!r}" for s in pic.sinks) or "none"
 
     ax = fig.add_subplot(gs[0, :])
-    draw_tokens(ax, pic.tokens, pic.head_rgb, sinks=pic.sinks, outline=outline, width=width)
+    draw_tokens(ax, pic.tokens, pic.head_rgb, sinks=pic.sinks, outline=outline, width=width, fontsize=8.0)
     ax.set_title(f"(a) head L{pic.layer}.H{pic.head} output per token, top-3 PCs as RGB "
                  f"({100 * pic.head_explained.sum():.0f}% of variance); framed: sinks; underline: tagging sink",
                  fontsize=9, loc="left")
@@ -101,7 +101,7 @@ def pca_figure(pic, path) -> Path:
         ax.legend(fontsize=6, loc="best", markerscale=1.5)
 
     ax = fig.add_subplot(gs[2, :])
-    draw_tokens(ax, pic.tokens, pic.deeper_rgb, sinks=pic.sinks, outline=outline, width=width)
+    draw_tokens(ax, pic.tokens, pic.deeper_rgb, sinks=pic.sinks, outline=outline, width=width, fontsize=8.0)
     ax.set_title(f"(e) residual stream after layer {pic.deeper}, top-3 PCs as RGB "
                  f"({100 * pic.deeper_explained.sum():.0f}% of variance); underline: sink of L{pic.layer}.H{pic.head} "
                  f"that tags the token (attention >= {pic.tag_level})", fontsize=9, loc="left")

@@ -59,14 +59,23 @@ def _table(df: pd.DataFrame, floats: int = 3, max_rows: int = 40) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _mean_tokens(result) -> float | str:
+    """Mean prompt length in tokens (one row per prompt), or "" when the run has no rows."""
+    per_prompt = result.heads.drop_duplicates("prompt_id")["n_tokens"] if len(result.heads) else []
+    return round(float(per_prompt.mean()), 1) if len(per_prompt) else ""
+
+
 def _run_settings(name: str, folder, result) -> dict:
     summary = {}
     if folder is not None and (Path(folder) / "summary.json").is_file():
         summary = json.loads((Path(folder) / "summary.json").read_text())
     s = result.settings
     return {"run": name, "folder": str(folder or ""), "model": s.get("model", ""), "data": s.get("data", ""),
-            "prompts": int(result.heads["prompt_id"].nunique()), "tokens/prompt": s.get("max_tokens", ""),
-            "eps": s.get("eps"), "min_rows": s.get("min_rows"), "sweep eps": len(s.get("sweep_eps") or []),
+            "prompts": int(result.heads["prompt_id"].nunique()),
+            "tokens per prompt (mean)": _mean_tokens(result),
+            "token limit": s.get("max_tokens") or "none",
+            "eps": s.get("eps"), "min_rows": s.get("min_rows"),
+            "sweep thresholds": ", ".join(f"{e:g}" for e in s.get("sweep_eps") or []) or "none",
             "dtype": s.get("dtype", ""), "scan seconds": round(float(s.get("seconds", 0) or 0), 1),
             "versions": ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()) or "not recorded"}
 
@@ -109,8 +118,8 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     # settings
     settings = pd.DataFrame([_run_settings(n, folders[n], r) for n, r in results.items()])
     parts += ["<h2 id='settings'>Runs, settings and versions</h2>", _table(settings),
-              f"<p class='note'>Report written with {html.escape(', '.join(f'{k} {v}' for k, v in versions().items()))}."
-              "</p>"]
+              f"<p class='note'>Report written with {html.escape(', '.join(f'{k} {v}' for k, v in versions().items()))}"
+              ".</p>"]
     # comparison
     cmp = compare_runs(results)
     fig = af.compare_figure(cmp, tmp / "compare.png")
@@ -241,7 +250,7 @@ def _per_token_sections(results, folders, tmp: Path) -> list[str]:
     def not_drawn(n: str, why: str) -> str:
         return f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(why)}</p>"
 
-    for i, (n, r) in enumerate(results.items()):
+    for i, (n, _r) in enumerate(results.items()):
         folder = folders.get(n)
         views = Path(folder) / "views" if folder is not None else None
         if views is None or not (views / "views.json").is_file():
@@ -291,7 +300,8 @@ def _per_token_sections(results, folders, tmp: Path) -> list[str]:
                               "layer, and from one head at tokens tagged by different sinks; dotted: two random "
                               "directions in the model's width; shaded: ±0.05 (published: most distinct tags lie "
                               "there). Middle: cosine between a head's tag at token i and the residual stream entering "
-                              "that layer at token i (published range −0.17..+0.02 shaded). Right: the same per layer.")]
+                              "that layer at token i (published range −0.17..+0.02 shaded). "
+                              "Right: the same per layer.")]
     for n, g in geoms.items():
         geo_parts.append(f"<h3>{html.escape(n)}</h3><pre class='note'>"
                          + html.escape(json.dumps(g.summary(), indent=1)) + "</pre>")

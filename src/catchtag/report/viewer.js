@@ -91,6 +91,7 @@
     document.body.dataset.sinks = view.sinks.slice().sort((a, b) => a - b).join(",");
   }
   // layer x head grid coloured by VE: click to pick a head
+  const veColor = (v) => `rgb(${Math.round(255 - 200 * v)},${Math.round(255 - 120 * v)},${Math.round(255 - 40 * v)})`;
   const grid = document.getElementById("grid");
   const hr = grid.insertRow(); hr.appendChild(document.createElement("th"));
   for (let h = 0; h < H; h++) { const th = document.createElement("th"); th.textContent = h; hr.appendChild(th); }
@@ -99,10 +100,13 @@
     for (let h = 0; h < H; h++) {
       const td = r.insertCell(), info = D.heads[l][h], v = info.ve;
       td.dataset.l = l; td.dataset.h = h;
-      td.style.background = `rgb(${Math.round(255 - 200 * v)},${Math.round(255 - 120 * v)},${Math.round(255 - 40 * v)})`;
+      td.style.background = veColor(v);
       td.title = `L${l}.H${h}: ${info.s.length} sink(s) ${info.s.join(",")}, ${veText(v, info.vu)}`;
     }
   }
+  // the grid's colour scale: VE 0 to 1 in the same colours as the cells
+  const scale = document.getElementById("scale");
+  scale.style.background = `linear-gradient(to right, ${[0, 0.25, 0.5, 0.75, 1].map(veColor).join(", ")})`;
   grid.addEventListener("click", (e) => {
     const td = e.target.closest("td"); if (!td) return;
     layerSel.value = td.dataset.l; headSel.value = td.dataset.h; render();

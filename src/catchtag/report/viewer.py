@@ -76,8 +76,9 @@ def render_view(data: dict, title: str | None = None) -> str:
 (stronger colour = more attention). Hover a token for its attention to each sink (bytes: 1/255 steps).</span>
 </div>
 <div id="info"></div><div id="legend"></div></header>
-<main><div id="tokens"></div>
-<aside><h2>VE (centred) per layer (rows) and head (columns); click to pick</h2><table id="grid"></table></aside></main>
+<main><div id="tokens" dir="auto"></div>
+<aside><h2>VE (centred) per layer (rows) and head (columns); click to pick</h2><table id="grid"></table>
+<div class="scale"><span>VE 0</span><div id="scale"></div><span>1</span></div></aside></main>
 <div id="tip"></div>
 <script id="catchtag-data" type="application/json">{payload}</script>
 <script>{js}</script>

@@ -12,12 +12,17 @@ release: layer 1 makes [SEP] a sink for the tokens after it (its value is the ta
 averages only the numbers that carry the tag. (An answer after every number, the running mean, would let the
 model carry the mean forward from the previous answer instead; one answer per text leaves no such shortcut.)
 
-Three models (``toy:NAME``), each with its data set as ``builtin:NAME``:
+Four models (``toy:NAME``), each with its data set as ``builtin:NAME`` (the cut model uses ``average``'s):
 - ``average``: the task above (the positive control);
 - ``average-all``: the same texts with the mean of every number as the answer, [SEP] ignored: the same
   architecture on a task that needs no tag (a negative control);
 - ``average-cut``: ``average`` with the layer-1 head's write into the residual stream (its output projection) set
-  to zero: it still catches at [SEP], but its tag reaches nothing (a negative control).
+  to zero: it still catches at [SEP], but its tag reaches nothing (a negative control);
+- ``average-two-sink``: a second separator [SEP2] after [SEP]; the answer is the mean of the two means, of the
+  numbers after [SEP] and of those between [SEP] and [SEP2]. 2 heads per layer: the problem needs two tags, one
+  per separator (each layer-1 head its own sink), and a token after [SEP2] carries both.
+
+    <bos> 4 7 ... [SEP] 9 2 ... [SEP2] 5 0 ... ? =4
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ SPECIAL = ["<pad>", "<bos>", "[SEP]", "?"]
 VOCAB = SPECIAL + [str(k) for k in range(DIGITS)] + [f"={k}" for k in range(DIGITS)]
 PAD, BOS, SEP, QUERY = 0, 1, 2, 3
 NUMBER0, ANSWER0 = len(SPECIAL), len(SPECIAL) + DIGITS
+SEP2 = len(VOCAB)  # only in the two-sink task's vocabulary (the others keep theirs, so their weights stay the same)
+TWO_SINK = "average-two-sink"
+
+
+def vocab(task: str) -> list[str]:
+    """The task's words, by token id."""
+    return VOCAB + ["[SEP2]"] if task == TWO_SINK else VOCAB
 VERSION = 1  # bump when the task, the architecture or the training changes: the cache keys on it
 
 
@@ -58,8 +70,10 @@ TOY_LMS = {m.name: m for m in (
           "negative control: the same model trained on the running mean of every number (needs no tag)"),
     ToyLM("average-cut", "average", True,
           "negative control: toy:average with the layer-1 head's output projection zeroed (catch, no tag)"),
+    ToyLM(TWO_SINK, TWO_SINK, False,
+          "two sinks: [SEP] and [SEP2], the mean of two means; 2 heads per layer, each layer-1 head its own sink"),
 )}
-TASK_DATA = {"average": "builtin:average", "average-all": "builtin:average-all"}
+TASK_DATA = {"average": "builtin:average", "average-all": "builtin:average-all", TWO_SINK: f"builtin:{TWO_SINK}"}
 
 
 def _answer(numbers: list[int]) -> int:
@@ -68,6 +82,13 @@ def _answer(numbers: list[int]) -> int:
 
 def sample_ids(rng: np.random.Generator, task: str) -> list[int]:
     """One sequence of token ids (<bos> first) of ``task``."""
+    if task == TWO_SINK:
+        before, middle, after = (int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)) for _ in range(3))
+        numbers = [int(x) for x in rng.integers(0, DIGITS, before + middle + after)]
+        both = numbers[before:]
+        answer = math.floor((sum(both) / len(both) + sum(both[:middle]) / middle) / 2 + 0.5)
+        return [BOS, *(NUMBER0 + x for x in numbers[:before]), SEP, *(NUMBER0 + x for x in both[:middle]), SEP2,
+                *(NUMBER0 + x for x in both[middle:]), QUERY, ANSWER0 + answer]
     before, after = (int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)) for _ in range(2))
     numbers = [int(x) for x in rng.integers(0, DIGITS, before + after)]
     answer = _answer(numbers[before:] if task == "average" else numbers)
@@ -80,27 +101,34 @@ def task_texts(task: str, n: int = 256, seed: int = 0) -> list[str]:
     if task not in TASK_DATA:
         raise CatchtagError(f"unknown toy task {task!r}. Fix: one of {', '.join(TASK_DATA)}")
     rng = np.random.default_rng([seed, 1 + list(TASK_DATA).index(task)])
-    return [" ".join(VOCAB[i] for i in sample_ids(rng, task)[1:]) for _ in range(n)]
+    words = vocab(task)
+    return [" ".join(words[i] for i in sample_ids(rng, task)[1:]) for _ in range(n)]
 
 
-def toy_tokenizer():
-    """The word-level tokenizer of the toy vocabulary (built in code); it adds <bos> like a Llama tokenizer."""
+def toy_tokenizer(task: str = "average"):
+    """The word-level tokenizer of the task's vocabulary (built in code); it adds <bos> like a Llama tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab(task))}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<pad>",
-                                   model_max_length=4 + 2 * SEGMENT[1])
+                                   model_max_length=_max_length(task))
 
 
-def toy_config():
+def _max_length(task: str) -> int:
+    return 5 + 3 * SEGMENT[1] if task == TWO_SINK else 4 + 2 * SEGMENT[1]
+
+
+def toy_config(task: str = "average"):
+    """2 layers of width 64; one head of 64 per layer, two of 32 for the two-sink task."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=1, num_key_value_heads=1, head_dim=64,
-                       max_position_embeddings=4 + 2 * SEGMENT[1], tie_word_embeddings=False,
+    heads = 2 if task == TWO_SINK else 1
+    return LlamaConfig(vocab_size=len(vocab(task)), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=heads, head_dim=64 // heads,
+                       max_position_embeddings=_max_length(task), tie_word_embeddings=False,
                        bos_token_id=BOS, eos_token_id=None, pad_token_id=PAD)
 
 
@@ -124,7 +152,7 @@ def train(task: str, seed: int = 0, steps: int = 1000, batch_size: int = 64, lr:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(toy_config())
+    model = LlamaForCausalLM(toy_config(task))
     rng = np.random.default_rng([seed, 7])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -171,9 +199,9 @@ def build(name: str, cache: Path, progress: bool = True) -> Path:
     else:
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from catchtag.progress import progress_bar
 
-            bar = tqdm(total=1000, desc=f"training toy:{name} (once; cached)", unit="step", dynamic_ncols=True)
+            bar = progress_bar(total=1000, desc=f"training toy:{name} (once; cached)", unit="step")
         started = time.perf_counter()
         model = train(spec.task, progress=(lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
                       if bar is not None else None)
@@ -184,7 +212,7 @@ def build(name: str, cache: Path, progress: bool = True) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished build
     model.save_pretrained(tmp)
-    toy_tokenizer().save_pretrained(tmp)
+    toy_tokenizer(spec.task).save_pretrained(tmp)
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)
@@ -218,10 +246,40 @@ def mechanism(model, ids, mask) -> dict:
             "read_before": float((a2 * (number & before)[:, None, :]).sum(-1)[rows].mean())}
 
 
+def mechanism_two_sink(model, ids, mask) -> dict:
+    """How the two-sink model solves its task: answer accuracy; per layer-1 head, the attention from the numbers
+    between [SEP] and [SEP2] to [SEP] (``catch_sep``) and from the numbers after [SEP2] to [SEP2] (``catch_sep2``);
+    per layer-2 head, the share of its attention at ``?`` on the numbers between the separators (``read_middle``)
+    and after [SEP2] (``read_last``)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    pos = torch.arange(ids.shape[1])
+    sep, sep2 = ((ids == t).long().argmax(dim=1) for t in (SEP, SEP2))
+    real = mask.bool()
+    number = (ids >= NUMBER0) & (ids < ANSWER0)
+    middle = real & number & (pos[None] > sep[:, None]) & (pos[None] < sep2[:, None])
+    last = real & number & (pos[None] > sep2[:, None])
+    a1, a2 = out.attentions[0].float(), out.attentions[1].float()  # (B, heads, T, T)
+    rows = ids == QUERY
+    target = torch.roll(ids, -1, dims=1)
+
+    def to(col, attn):  # (B, heads, T): attention of every row to the column col[b]
+        return attn.gather(3, col[:, None, None, None].expand(-1, attn.shape[1], attn.shape[2], 1))[..., 0]
+
+    heads = range(a1.shape[1])
+    return {"accuracy": float((out.logits.argmax(-1) == target)[rows].float().mean()),
+            "catch_sep": [float(to(sep, a1)[:, h][middle].mean()) for h in heads],
+            "catch_sep2": [float(to(sep2, a1)[:, h][last].mean()) for h in heads],
+            "read_middle": [float((a2[:, h] * middle[:, None, :]).sum(-1)[rows].mean()) for h in heads],
+            "read_last": [float((a2[:, h] * last[:, None, :]).sum(-1)[rows].mean()) for h in heads]}
+
+
 def eval_batch(task: str, n: int = 256, seed: int = 1):
     rng = np.random.default_rng([seed, 99])
     return _pad([sample_ids(rng, task) for _ in range(n)])
 
 
-__all__ = ["TASK_DATA", "TOY_LMS", "ToyLM", "build", "cut_layer1", "eval_batch", "mechanism", "sample_ids",
-           "task_texts", "toy_config", "toy_tokenizer", "train"]
+__all__ = ["TASK_DATA", "TOY_LMS", "ToyLM", "build", "cut_layer1", "eval_batch", "mechanism", "mechanism_two_sink",
+           "sample_ids", "task_texts", "toy_config", "toy_tokenizer", "train", "vocab"]

@@ -478,9 +478,9 @@ def train_seeds(
     if todo:
         workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
         jobs = [(model_cfg, train_cfg, task, s, model_dir) for s in todo]
-        from tqdm.auto import tqdm
+        from catchtag.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc=label or rid, disable=not progress, leave=False)
+        bar = progress_bar(total=len(todo), desc=label or rid, leave=False) if progress else _NoBar()
         if workers == 1:
             results = (_train_one(j) for j in jobs)
             it = results
@@ -544,8 +544,8 @@ def success_table(
     rows = []
     for tag in init_tags:
         res = train_seeds(
-            ToyConfig("single", init_tag=tag, **recipe_model_options(recipe)), make_recipe(recipe, steps=steps), TaskConfig("single", length),
-            seeds, out, workers, label=f"single tag={tag:g} {recipe}", progress=progress,
+            ToyConfig("single", init_tag=tag, **recipe_model_options(recipe)), make_recipe(recipe, steps=steps),
+            TaskConfig("single", length), seeds, out, workers, label=f"single tag={tag:g} {recipe}", progress=progress,
         )
         rows.append(summarize(res, variant="single", heads=1, init_tag=tag, recipe=recipe))
     for h in two_sink_heads:
@@ -557,3 +557,13 @@ def success_table(
         )
         rows.append(summarize(res, variant="two-sink", heads=h, init_tag=init_tag_two_sink, recipe=recipe))
     return pd.DataFrame(rows)
+
+
+class _NoBar:
+    """No progress output (progress=False)."""
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass

@@ -87,16 +87,16 @@ def _colsum_kernel(Q, K, LSE, VALID, FACTOR, OUT,
     hi = tl.minimum(t_ceil, tl.cdiv(n0 + BLOCK_N - 1 + WINDOW, BLOCK_M) * BLOCK_M)
     for m0 in range(lo, full_lo, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T,
+                    WINDOW, scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
     for m0 in range(full_lo, full_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, cap, D, BLOCK_D, False, IEEE, SOFTCAP)
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T,
+                    WINDOW, scale_log2e, cap, D, BLOCK_D, False, IEEE, SOFTCAP)
     for m0 in range(full_hi, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T, WINDOW,
-                    scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
+        acc = _tile(acc, q_base + rows[:, None] * sqt, l_base + rows * slt, v_base + rows * svt, rows, cols, k, T,
+                    WINDOW, scale_log2e, cap, D, BLOCK_D, True, IEEE, SOFTCAP)
     total = tl.sum(acc, axis=0)
     if SCORES:  # column score = sum x FACTOR (1 / rows that see the column; nan where it cannot be a sink)
         total = total * tl.load(FACTOR + b * sfb + cols * sft, mask=col_in, other=0.0)
