@@ -41,3 +41,23 @@ def test_a_terminal_gets_tqdm():
     bar = progress_bar(total=2, desc="scan", stream=Terminal())
     assert type(bar).__module__.startswith("tqdm")
     bar.close()
+
+
+
+def test_a_command_in_a_pipe_writes_no_bar(tiny_models, tmp_path):
+    """`catchtag scan` of a saved model with stderr to a pipe: plain progress lines and no carriage return. (The
+    libraries' own bars, off in a pipe through TQDM_DISABLE, show only on real models: checked by hand.)"""
+    import os
+    import subprocess
+    import sys
+
+    model, tok = tiny_models("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    cli = subprocess.run([sys.executable, "-m", "catchtag", "scan", "-m", str(tmp_path / "model"), "--data",
+                          "builtin:prose", "--limit", "2", "--max-tokens", "32", "--out", str(tmp_path / "run"),
+                          "--no-figures", "--no-views"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CATCHTAG_CACHE": str(tmp_path / "cache")})
+    assert cli.returncode == 0, cli.stderr
+    assert "\r" not in cli.stderr, cli.stderr
+    assert "scan: 0/2 prompt (0%)" in cli.stderr and "scan: 2/2 prompt (100%)" in cli.stderr

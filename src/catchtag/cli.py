@@ -709,8 +709,9 @@ def main() -> None:
 
     warnings.showwarning = _warn_in_one_line  # one clean line each, not Python's file:line report
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its tokenizer-length notices are not the user's concern
-    if not sys.stderr.isatty():  # transformers' own bars (loading, saving weights) would garble a log or a pipe
+    if not sys.stderr.isatty():  # transformers' own bars (loading, converting, saving weights) would garble a log
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # catchtag's own progress prints plain lines there instead
     try:
         app()
     except KeyboardInterrupt:  # outside a command (while the CLI itself starts); inside one, _one_line_errors says it
