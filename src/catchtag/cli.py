@@ -17,6 +17,7 @@ from catchtag.errors import CatchtagError
 from catchtag.inputs import (check_at_least, check_between, check_device, check_dtype, check_file_out,
                              check_folder_out, check_one_prompt, check_scan_numbers, check_sink_settings,
                              parse_numbers)
+from catchtag.interventions.modes import check_mode
 from catchtag.models import default_data
 
 
@@ -613,8 +614,7 @@ def ablate(
     check_at_least("--batch-size", batch_size, 1, 8)
     check_at_least("--max-tokens", max_tokens, 1, 256)
     check_at_least("--seed", seed, 0, 0)
-    if mode not in ("mean", "zero", "constant"):
-        raise CatchtagError(f"--mode must be mean, zero or constant, got {mode!r}. Fix: --mode mean")
+    check_mode(mode)
     if group not in (None, "layer", "all"):
         raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
     data = data or default_data(model)

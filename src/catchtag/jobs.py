@@ -29,6 +29,7 @@ from catchtag.data.prompts import load_prompts
 from catchtag.distributed import finish, init
 from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError
+from catchtag.interventions.modes import check_mode
 from catchtag.interventions.steering import DEFAULT_SCALES
 from catchtag.inputs import check_file_out, check_head, resolve_model, resolve_text  # noqa: F401 (re-exported)
 from catchtag.models import default_data, display_name, load_model, resolve_device
@@ -511,8 +512,7 @@ def run_ablate(model: str = "smollm2-135m", data: str | None = None, out: str | 
     tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes; a second
     process on the same --out stops at once (WriterLock)."""
     data = data or default_data(model)
-    if mode not in ("mean", "zero", "constant"):
-        raise CatchtagError(f"--mode must be mean, zero or constant, got {mode!r}. Fix: --mode mean")
+    check_mode(mode)
     if group not in (None, "layer", "all"):
         raise CatchtagError(f"--group must be layer or all, got {group!r}. Fix: --group layer")
     for flag, value, low in (("--top", top, 1), ("--controls", controls, 0), ("--batch-size", batch_size, 1)):

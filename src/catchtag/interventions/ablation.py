@@ -24,6 +24,7 @@ import torch
 
 from catchtag.errors import CatchtagError
 from catchtag.interventions.edits import HeadEdit, Intervention, first_sink, random_unit, tag_mean
+from catchtag.interventions.modes import MODES, check_mode
 
 
 @dataclass
@@ -282,7 +283,6 @@ def loss_change(base_nll, new_nll, s0) -> np.ndarray:
     return torch.where(n > 0, d / n.clamp_min(1), torch.full_like(d, float("nan"))).numpy()
 
 
-MODES = ("mean", "zero", "constant")  # --mode: what of the tag an ablation removes (docs/method.md)
 
 
 def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 0,
@@ -292,8 +292,7 @@ def edits_for(heads, mode: str, kind: str, dim: int, draw: int = 0, seed: int = 
     from (seed, draw, layer, head, prompt id) so that a resumed run, or another batch size, draws the same ones.
     Over the prompts the mean control change is then an average over as many directions as prompts x draws, and
     its interval over prompts includes the spread between directions."""
-    if mode not in MODES:
-        raise CatchtagError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {mode!r}")
+    check_mode(mode)
     edits = {}
     for layer, head in heads:
         if kind == "ablation":
