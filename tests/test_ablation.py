@@ -229,7 +229,8 @@ def test_replaying_the_layers_below_an_edit_changes_nothing(tiny_models, arch):
 
 def test_decoding_finds_a_planted_grouping_and_the_control_does_not():
     """decode_by_depth reads groups that one layer's features carry linearly (and not those of another layer); the
-    control, which takes each token's group from another prompt at the same position, stays near chance."""
+    control, which takes each token's group from another prompt at the same position, reads only what position
+    gives, well below the real grouping, and stays at its chance where the features carry nothing."""
     from catchtag.analysis.release import decode_by_depth, sink_groups
 
     rng = np.random.default_rng(random.randrange(1 << 30))
@@ -246,7 +247,9 @@ def test_decoding_finds_a_planted_grouping_and_the_control_does_not():
     t = decode_by_depth(groups, {1: carries, 2: blind}, folds=4, seed=1).set_index("layer")
     assert t.loc[1, "accuracy"] > 0.9 and t.loc[1, "ci_low"] > t.loc[1, "control_ci_high"]
     assert abs(t.loc[2, "accuracy"] - t.loc[2, "chance"]) < 0.2
-    assert t.loc[1, "control_accuracy"] < 0.85
+    # the control keeps position, which tells the groups apart in part (one split per prompt): over 200 seeds it read
+    # 0.87 at most, never closer than 0.11 to the real accuracy (an absolute bound of 0.85 failed about 1 seed in 40)
+    assert t.loc[1, "control_accuracy"] < t.loc[1, "accuracy"] - 0.05
     # each label set has its own chance: the control's tokens are those in play at the same position in both prompts
     assert (t["control_n_tokens"] <= t["n_tokens"]).all() and (t["control_n_tokens"] < t["n_tokens"]).any()
     assert abs(t.loc[2, "control_accuracy"] - t.loc[2, "control_chance"]) < 0.2
