@@ -2,6 +2,7 @@
 folders that are not (only) catchtag's, another model's ablation into a scan, a write that fails part-way, and input
 that is odd but valid (a byte-order mark, a run where no head has a sink)."""
 
+import re
 import subprocess
 import sys
 
@@ -271,3 +272,24 @@ def test_a_folder_that_is_not_a_model_says_so(tmp_path):
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
     assert "is a folder but not a Hugging Face model (it has no config.json)" in cli.stderr
     assert "sentencepiece" not in cli.stderr and not (tmp_path / "run").exists()
+
+
+
+def test_a_request_for_what_the_model_lacks_is_refused(tiny_models):
+    """ActivationRequest(layers=[99]) used to keep nothing without a word: a layer, head or hidden state the model
+    does not have is refused in one line; what it has is kept."""
+    from catchtag.engine.request import ActivationRequest
+
+    model, tok = tiny_models("llama")
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    for request_kw, says in (({"layers": [99]}, f"layers [99] out of range: the model has {L}"),
+                             ({"heads": [0, H]}, f"heads [{H}] out of range"),
+                             ({"attention_maps": [(1, 0), (L, 0)]}, f"attention_maps layers [{L}] out of range"),
+                             ({"hidden_states": [L, L + 1]}, f"hidden_states [{L + 1}] out of range: the model has "
+                                                             f"{L + 1}")):
+        with pytest.raises(CatchtagError, match=re.escape(says)):
+            catchtag.scan(model, tok, TEXTS[:1], request=ActivationRequest(**request_kw), eps=EPS, min_rows=MIN_ROWS,
+                          progress=False)
+    kept = catchtag.scan(model, tok, TEXTS[:1], request=ActivationRequest(layers=[L - 1], hidden_states=[L]),
+                         eps=EPS, min_rows=MIN_ROWS, progress=False)
+    assert kept.cache is not None

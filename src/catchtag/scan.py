@@ -257,6 +257,8 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     n_layers = model.config.get_text_config().num_hidden_layers
     if n_layers is None:
         raise CatchtagError("the model config does not say how many layers it has")
+    if request is not None:
+        request.check(n_layers, getattr(model.config.get_text_config(), "num_attention_heads", None))
     with using_catchtag(model):
         return _scan(model, tokenizer, prompts, settings, batch_size, request, out, overwrite, progress, backend,
                      model_name, data_name, dist, device, n_layers, max_tokens)

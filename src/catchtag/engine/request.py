@@ -73,3 +73,20 @@ class ActivationRequest:
 
     def wants_layer(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
+
+    def check(self, n_layers: int, n_heads: int | None) -> None:
+        """Refuse, in one line, a layer, head or hidden state the model does not have (else nothing would be kept,
+        without a word)."""
+        def bad(name, values, top):
+            wrong = sorted({int(v) for v in values if not 0 <= int(v) < top})
+            if wrong:
+                raise CatchtagError(f"ActivationRequest {name} {wrong} out of range: the model has {top} "
+                                    f"({', '.join(map(str, range(min(top, 3))))}, ... {top - 1}). Fix: give "
+                                    f"{name} from 0 to {top - 1}")
+
+        bad("layers", self.layers or (), n_layers)
+        bad("hidden_states", self.hidden_states, n_layers + 1)
+        bad("attention_maps layers", [lay for lay, _ in self.attention_maps], n_layers)
+        if n_heads:
+            bad("heads", self.heads or (), n_heads)
+            bad("attention_maps heads", [h for _, h in self.attention_maps], n_heads)
