@@ -21,35 +21,21 @@ from catchtag.interventions.modes import check_mode
 from catchtag.models import default_data
 
 
-def _click_errors() -> tuple[type, ...]:
-    """Click's error class (usage errors: a bad number, an unknown option, a missing argument): typer >= 0.2x
-    carries its own copy of click, older typers use click itself."""
-    found = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
-        except ImportError:
-            pass
-    return tuple(found)
-
-
-_CLICK_ERRORS = _click_errors()
-
-
-def _click_exits() -> tuple[type, ...]:
-    """Click's own ways out (typer.Exit, Abort, wherever this typer keeps them): raised on purpose, never reported as
-    a failure."""
-    found = {typer.Exit}
+def _click_classes(*names: str) -> tuple[type, ...]:
+    """Click's classes of these names wherever this typer keeps them: typer >= 0.2x carries its own copy of click
+    (and its own Exit and Abort), older typers use click itself."""
+    found: list[type] = []
     for module in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
         try:
-            mod = __import__(module, fromlist=["Exit", "Abort"])
+            mod = __import__(module, fromlist=list(names))
         except ImportError:
             continue
-        found.update(getattr(mod, name) for name in ("Exit", "Abort") if hasattr(mod, name))
+        found += [cls for cls in (getattr(mod, n, None) for n in names) if cls is not None and cls not in found]
     return tuple(found)
 
 
-_CLICK_EXITS = _click_exits()
+_CLICK_ERRORS = _click_classes("ClickException")  # usage errors: a bad number, an unknown option, a missing argument
+_CLICK_EXITS = _click_classes("Exit", "Abort")  # ways out raised on purpose, never reported as a failure
 _RUN_FOLDERS: list[Path] = []  # the --out of the job that is running, for the interrupt and failure lines
 
 

@@ -14,8 +14,13 @@ LINE_SECONDS = 30.0
 
 
 def progress_bar(iterable=None, *, total=None, desc="", unit="it", initial=0, position=None, leave=True,
-                 stream=None):
-    """A progress bar over ``iterable`` (or updated by hand with ``total``): tqdm on a terminal, else _Lines."""
+                 stream=None, disable=False):
+    """A progress bar over ``iterable`` (or updated by hand with ``total``): tqdm on a terminal, else _Lines;
+    ``disable``: one that shows nothing (tqdm's own no-op)."""
+    if disable:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, disable=True)
     stream = stream if stream is not None else sys.stderr
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)

@@ -221,6 +221,17 @@ def build(name: str, cache: Path, progress: bool = True) -> Path:
     return folder
 
 
+def _attend(model, ids, mask):
+    """One pass of a toy model with its attention kept: (attentions, accuracy of the answer predicted at ``?``)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    rows = ids == QUERY
+    target = torch.roll(ids, -1, dims=1)
+    return [a.float() for a in out.attentions], float((out.logits.argmax(-1) == target)[rows].float().mean())
+
+
 def mechanism(model, ids, mask) -> dict:
     """How the model solves its task on a batch (eager attention, no catchtag): answer accuracy, the layer-1
     head's attention from tokens after [SEP] to [SEP] (``catch``) and from tokens before [SEP] to <bos>, and the
@@ -228,19 +239,17 @@ def mechanism(model, ids, mask) -> dict:
     numbers before it (``read_before``)."""
     import torch
 
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    attentions, accuracy = _attend(model, ids, mask)
     pos = torch.arange(ids.shape[1])
     sep = (ids == SEP).long().argmax(dim=1)
     real = mask.bool()
     after = real & (pos[None] > sep[:, None])
     before = real & (pos[None] < sep[:, None]) & (pos[None] > 0)
     number = (ids >= NUMBER0) & (ids < ANSWER0)
-    a1, a2 = out.attentions[0][:, 0].float(), out.attentions[1][:, 0].float()
+    a1, a2 = attentions[0][:, 0], attentions[1][:, 0]
     to_sep = a1.gather(2, sep[:, None, None].expand(-1, ids.shape[1], 1))[..., 0]
     rows = ids == QUERY
-    target = torch.roll(ids, -1, dims=1)
-    return {"accuracy": float((out.logits.argmax(-1) == target)[rows].float().mean()),
+    return {"accuracy": accuracy,
             "catch": float(to_sep[after].mean()), "before_to_bos": float(a1[:, :, 0][before].mean()),
             "read": float((a2 * (number & after)[:, None, :]).sum(-1)[rows].mean()),
             "read_before": float((a2 * (number & before)[:, None, :]).sum(-1)[rows].mean())}
@@ -253,23 +262,21 @@ def mechanism_two_sink(model, ids, mask) -> dict:
     and after [SEP2] (``read_last``)."""
     import torch
 
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    attentions, accuracy = _attend(model, ids, mask)
     pos = torch.arange(ids.shape[1])
     sep, sep2 = ((ids == t).long().argmax(dim=1) for t in (SEP, SEP2))
     real = mask.bool()
     number = (ids >= NUMBER0) & (ids < ANSWER0)
     middle = real & number & (pos[None] > sep[:, None]) & (pos[None] < sep2[:, None])
     last = real & number & (pos[None] > sep2[:, None])
-    a1, a2 = out.attentions[0].float(), out.attentions[1].float()  # (B, heads, T, T)
+    a1, a2 = attentions  # (B, heads, T, T)
     rows = ids == QUERY
-    target = torch.roll(ids, -1, dims=1)
 
     def to(col, attn):  # (B, heads, T): attention of every row to the column col[b]
         return attn.gather(3, col[:, None, None, None].expand(-1, attn.shape[1], attn.shape[2], 1))[..., 0]
 
     heads = range(a1.shape[1])
-    return {"accuracy": float((out.logits.argmax(-1) == target)[rows].float().mean()),
+    return {"accuracy": accuracy,
             "catch_sep": [float(to(sep, a1)[:, h][middle].mean()) for h in heads],
             "catch_sep2": [float(to(sep2, a1)[:, h][last].mean()) for h in heads],
             "read_middle": [float((a2[:, h] * middle[:, None, :]).sum(-1)[rows].mean()) for h in heads],

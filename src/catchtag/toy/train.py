@@ -480,7 +480,7 @@ def train_seeds(
         jobs = [(model_cfg, train_cfg, task, s, model_dir) for s in todo]
         from catchtag.progress import progress_bar
 
-        bar = progress_bar(total=len(todo), desc=label or rid, leave=False) if progress else _NoBar()
+        bar = progress_bar(total=len(todo), desc=label or rid, leave=False, disable=not progress)
         if workers == 1:
             results = (_train_one(j) for j in jobs)
             it = results
@@ -557,13 +557,3 @@ def success_table(
         )
         rows.append(summarize(res, variant="two-sink", heads=h, init_tag=init_tag_two_sink, recipe=recipe))
     return pd.DataFrame(rows)
-
-
-class _NoBar:
-    """No progress output (progress=False)."""
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
