@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 import catchtag
 from catchtag import ActivationRequest, CatchtagError, scan
 from catchtag.analysis.compare import compare_runs
-from catchtag.analysis.geometry import tag_geometry
-from catchtag.analysis.pca import choose_head, pca_picture, to_rgb, top_components
+from catchtag.measure import tag_geometry
+from catchtag.analysis.pca import choose_head, to_rgb, top_components
+from catchtag.measure import pca_picture
 from catchtag.analysis.sweep import SWEEP_EPS, sweep_table
 from catchtag.analysis.taxonomy import kind_shares, sink_rows, sink_taxonomy, token_kind
 from catchtag.scan import _decoder

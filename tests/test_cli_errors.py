@@ -148,6 +148,9 @@ CASES = [
     (["sweep", *M, "--out", "{new}", "--max-tokens", "-1"], "--max-tokens must be >= 0"),
     (["sweep", *M, "--out", "{new}", "--limit", "0"], "--limit must be"),
     (["sweep", *M, "--out", "{new}", "--batch-size", "0"], "--batch-size must be"),
+    (["sweep", *M, "--out", "{new}", "--eps", "1.5"], "--eps must lie in (0, 1)"),
+    (["sweep", *M, "--out", "{new}", "--min-rows", "0"], "--min-rows must be >= 1"),
+    (["sweep", *M, "--out", "{new}", "--dtype", "float8"], "--dtype"),
     *[(["sweep", *M, "--out", "{new}", "--data", d], msg) for d, msg in BAD_DATA[:6]],
     # ---- pca, geometry, view: one prompt through a model
     (["pca", *M, *LOW, *TEXT, "--layer", "99", "--head", "0", "--out", "{new}"], "--layer 99 is out of range"),

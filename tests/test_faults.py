@@ -163,15 +163,15 @@ def _cli_with_failing_scan(monkeypatch, tmp_path, error):
     """`catchtag scan` in this process with its job replaced by one that raises ``error`` after creating --out."""
     from typer.testing import CliRunner
 
-    import catchtag.jobs as jobs
     from catchtag.cli import app
+    from catchtag.jobs.options import Job
 
-    def failing(out, **kwargs):
+    def failing(job, config):
         (tmp_path / "run").mkdir(exist_ok=True)
         (tmp_path / "run" / "run.json").write_text("{}")
         raise error
 
-    monkeypatch.setattr(jobs, "run_scan", failing)
+    monkeypatch.setattr(Job, "execute", failing)
     monkeypatch.setenv("CATCHTAG_CACHE", str(tmp_path / "cache"))
     return CliRunner().invoke(app, ["scan", "-m", "tiny:llama", "--data", "builtin:prose", "--limit", "2",
                                     "--out", str(tmp_path / "run")])
@@ -235,6 +235,7 @@ def test_overwrite_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """`scan --overwrite` on a folder that is not a catchtag run stops before loading the model (which can take
     minutes), with the same line as after it, and nothing removed."""
     import catchtag.jobs as jobs
+    import catchtag.models
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -243,7 +244,7 @@ def test_overwrite_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(jobs, "load_model", no_load)
+    monkeypatch.setattr(catchtag.models, "load_model", no_load)
     with pytest.raises(CatchtagError, match="--overwrite refused: .* is not a catchtag run"):
         jobs.run_scan(model="tiny:llama", data="builtin:prose", out=theirs, overwrite=True, limit=2)
     assert (theirs / "thesis.tex").read_text() == "years of work"

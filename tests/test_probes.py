@@ -12,7 +12,7 @@ import torch
 from catchtag import CatchtagError, load_model
 from catchtag.analysis.probes import (HeadProbes, TagProbe, answer_token_ids, few_shot_prompts, get_task,
                                       select_heads, wide_table, wilson_interval)
-from catchtag.analysis.answers import answer_logprobs
+from catchtag.measure import answer_logprobs
 from catchtag.interventions.steering import random_directions, steered_logprobs, steering_curve, tag_direction
 from catchtag.data.prompts import Prompt, load_prompts, read_texts, tokenize_prompts
 from catchtag.data.truth import country_capitals, statement, truth_demonstrations, truth_statements

@@ -405,6 +405,49 @@ class RunFolder:
         return read_parts(self.folder)
 
 
+class PhaseParts:
+    """The resumable folder of a job that works batch by batch in phases (ablate: the attribution of every head,
+    then the ablations): FOLDER/run.json holds the job's settings and a folder holding other settings is refused;
+    each finished batch of a phase is one table per kind in FOLDER/parts (KIND-<n>.parquet, written atomically), and
+    a batch counts as done only when every table of its phase is there and reads back, so an interruption at any
+    point loses at most the batch that was running and never doubles a row."""
+
+    def __init__(self, folder: Path, manifest: dict, what: str = "a run"):
+        self.folder = Path(folder)
+        self.parts = self.folder / "parts"
+        run_json = self.folder / "run.json"
+        if run_json.is_file():
+            try:
+                old = json.loads(run_json.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise CatchtagError(f"{run_json} is corrupt. Fix: move {self.folder} away and run again") from None
+            if old != _json(manifest):
+                changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != _json(manifest).get(k))
+                raise CatchtagError(f"{self.folder} holds {what} with other settings ({', '.join(changed)} differ). "
+                                    f"Fix: another --out, or move it away")
+        write_json(run_json, manifest)
+
+    def run(self, kinds, batches: list, compute, desc: str, progress: bool = True):
+        """compute(batch) -> a table per kind for each batch not yet done; the tables of all batches, concatenated
+        (one table when ``kinds`` is one name, else a tuple in the order of ``kinds``)."""
+        from catchtag.progress import progress_bar
+
+        single = isinstance(kinds, str)
+        kinds = (kinds,) if single else tuple(kinds)
+        bar = progress_bar(total=len(batches), desc=desc, unit="batch", disable=not progress)
+        for k, batch in enumerate(batches):
+            paths = [self.parts / f"{kind}-{k:05d}.parquet" for kind in kinds]
+            if not all(p.is_file() and _readable(p) for p in paths):
+                tables = compute(batch)
+                for table, path in zip((tables,) if single else tables, paths):
+                    write_table(table, path)
+            bar.update(1)
+        bar.close()
+        tables = tuple(pd.concat([pd.read_parquet(self.parts / f"{kind}-{k:05d}.parquet") for k in range(len(batches))],
+                                 ignore_index=True) for kind in kinds)
+        return tables[0] if single else tables
+
+
 def _readable(path: Path) -> bool:
     try:
         if path.suffix == ".parquet":

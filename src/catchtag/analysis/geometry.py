@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from catchtag.analysis.common import one_prompt
 from catchtag.engine.request import ActivationRequest
 from catchtag.errors import CatchtagError
-from catchtag.models import display_name
 
 PAIR_KINDS = ("different layers", "same layer, different heads", "same head, different sinks")
 
@@ -74,35 +72,31 @@ def sample_positions(n_tokens: int, n_positions: int, start: int = 1) -> list[in
                                   min(n_positions, n_tokens - start)).round().astype(int).tolist()))
 
 
-def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, max_pairs: int = 20000,
-                 eps: float = 0.2, min_rows: int = 16, min_norm_ratio: float = 1e-3, max_condition: float = 1e3,
-                 seed: int = 0,
-                 name: str | None = None) -> TagGeometry:
-    """Cosines between distinct residual-stream tags, and between each tag and the token it is added to.
-
-    layers: which layers (default all); n_positions: tokens sampled evenly from position 1 on (memory is
-    O(layers x heads x n_positions x hidden)); max_pairs: pairs sampled per kind; tags with a norm below
-    ``min_norm_ratio`` x the median tag norm (tokens that barely look at a sink) are left out of tag-vs-token.
-    Distinct tags are per-sink directions W_O^h v_s, recovered exactly from the sampled tags and the attention
-    to each sink by least squares (heads whose sink attentions are collinear, condition > max_condition, and
-    sinks no sampled token sees are skipped).
-    """
-    from catchtag.scan import scan
-
-    prompts = one_prompt(text)
-    n_layers = model.config.num_hidden_layers
+def geometry_request(n_layers: int, n_tokens: int, *, layers=None, n_positions: int = 64):
+    """(what the geometry needs from one pass over its prompt, the sampled positions): every chosen layer's
+    residual-stream tags and the residual stream entering it at ``n_positions`` tokens sampled evenly from position
+    1 on (memory O(layers x heads x n_positions x hidden)), and each token's attention to each sink."""
     layers = list(range(n_layers)) if layers is None else sorted(int(x) for x in layers)
     if not layers or min(layers) < 0 or max(layers) >= n_layers:
         raise CatchtagError(f"layers must lie in 0..{n_layers - 1}, got {layers}")
-    if isinstance(prompts[0], str):
-        from catchtag.data.prompts import model_context, tokenize_prompts
+    positions = sample_positions(n_tokens, n_positions)
+    return ActivationRequest(layers=layers, positions=positions, space="residual", hidden_states=layers,
+                             sink_attention=True), positions
 
-        prompts = tokenize_prompts(prompts, tokenizer, context=model_context(model))
-    T = len(prompts[0].input_ids)
-    positions = sample_positions(T, n_positions)
-    request = ActivationRequest(layers=layers, positions=positions, space="residual", hidden_states=layers,
-                                sink_attention=True)
-    result = scan(model, tokenizer, prompts, eps=eps, min_rows=min_rows, request=request, progress=False)
+
+def geometry_from_result(result, positions: list[int], *, max_pairs: int = 20000, min_norm_ratio: float = 1e-3,
+                         max_condition: float = 1e3, seed: int = 0, model: str = "",
+                         n_positions: int | None = None) -> TagGeometry:
+    """Cosines between distinct residual-stream tags, and between each tag and the token it is added to, on the
+    first prompt of ``result`` (a scan made with ``geometry_request``; ``positions`` are its sampled tokens).
+
+    max_pairs: pairs sampled per kind; tags with a norm below ``min_norm_ratio`` x the median tag norm (tokens that
+    barely look at a sink) are left out of tag-vs-token. Distinct tags are per-sink directions W_O^h v_s, recovered
+    exactly from the sampled tags and the attention to each sink by least squares (heads whose sink attentions are
+    collinear, condition > max_condition, and sinks no sampled token sees are skipped).
+    """
+    eps, min_rows = result.settings.get("eps"), result.settings.get("min_rows")
+    T = int(result.prompts["n_tokens"].iloc[0])
     pid = int(result.prompts["prompt_id"].iloc[0])
     tags = np.stack([result.cache["result_tag", layer][0] for layer in result.cache.layers])  # (L, H, P, hidden)
     L, H, P, D = tags.shape
@@ -164,7 +158,7 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
                             f"with min_rows {min_rows}), so there is no geometry to measure. Fix: a longer prompt, or "
                             f"a lower --eps / --min-rows")
     tag_vs_token = pd.concat(tv, ignore_index=True)
-    return TagGeometry(model=display_name(model, name), hidden=D, positions=positions, pairs=pairs,
+    return TagGeometry(model=model or result.settings.get("model", ""), hidden=D, positions=positions, pairs=pairs,
                        tag_vs_token=tag_vs_token, n_tags=len(directions),
-                       settings={"eps": eps, "min_rows": min_rows, "n_positions": n_positions,
+                       settings={"eps": eps, "min_rows": min_rows, "n_positions": n_positions or len(positions),
                                  "max_pairs": max_pairs, "min_norm_ratio": min_norm_ratio, "seed": seed})

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from catchtag.analysis.common import head_row, one_prompt
+from catchtag.analysis.common import head_row
 from catchtag.engine.request import ActivationRequest
 from catchtag.errors import CatchtagError
-from catchtag.models import display_name
 
 UNTAGGED = -1
 
@@ -117,35 +116,33 @@ def choose_head(result, min_position: int = 1) -> tuple[int, int]:
     return int(best["layer"]), int(best["head"])
 
 
-def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int | None = None,
-                deeper: int | None = None, eps: float = 0.2, min_rows: int = 16, tag_level: float = 0.1,
-                exclude_first: bool = True, name: str | None = None) -> PcaPicture:
-    """Compute the Figure-2 picture of one head on one prompt.
+def pca_request(layer: int, head: int, deeper: int) -> ActivationRequest:
+    """What the picture needs from one pass over its prompt: the head's output at every position (head space), its
+    attention map and each token's attention to its sinks, and the residual stream after layer ``deeper``."""
+    return ActivationRequest(layers=[layer], heads=[head], positions="all", space="head",
+                             attention_maps=[(layer, head)], hidden_states=[deeper + 1], sink_attention=True)
 
-    layer/head: the head (default: ``choose_head``: highest VE with a sink beyond the first token).
-    deeper: residual stream after this layer (default layer + 4, capped at the last layer).
-    tag_level: a token counts as tagged by its strongest sink when it pays it at least this much attention.
-    exclude_first: fit the PCA without position 0 (its output is the first value vector itself, an outlier
-    that would take a whole component); position 0 is still projected and drawn.
-    """
-    from catchtag.scan import scan
 
-    prompts = one_prompt(text)
-    n_layers = model.config.num_hidden_layers
-    if (layer is None) != (head is None):
-        raise CatchtagError("give both --layer and --head, or neither (then the highest-VE head with a sink "
-                            "beyond the first token is picked)")
-    if layer is None:
-        first = scan(model, tokenizer, prompts, eps=eps, min_rows=min_rows, progress=False)
-        layer, head = choose_head(first)
+def pca_layers(n_layers: int, layer: int, deeper: int | None) -> int:
+    """The residual stream the picture shows (default ``layer`` + 4, capped at the last layer), after checking
+    that ``layer`` and ``deeper`` are layers of the model and ``deeper`` is not above ``layer``."""
     if not 0 <= layer < n_layers:
         raise CatchtagError(f"--layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     deeper = min(n_layers - 1, layer + 4) if deeper is None else deeper
     if not layer <= deeper < n_layers:
         raise CatchtagError(f"--deeper {deeper} must lie between --layer {layer} and the last layer ({n_layers - 1})")
-    request = ActivationRequest(layers=[layer], heads=[head], positions="all", space="head",
-                                attention_maps=[(layer, head)], hidden_states=[deeper + 1], sink_attention=True)
-    result = scan(model, tokenizer, prompts, eps=eps, min_rows=min_rows, request=request, progress=False)
+    return deeper
+
+
+def pca_from_result(result, layer: int, head: int, deeper: int, *, tag_level: float = 0.1,
+                    exclude_first: bool = True, model: str = "") -> PcaPicture:
+    """The Figure-2 picture of head (layer, head) on the first prompt of ``result``, a scan made with
+    ``pca_request(layer, head, deeper)``.
+
+    tag_level: a token counts as tagged by its strongest sink when it pays it at least this much attention.
+    exclude_first: fit the PCA without position 0 (its output is the first value vector itself, an outlier
+    that would take a whole component); position 0 is still projected and drawn.
+    """
     row = head_row(result, layer, head)
     T = int(row["n_tokens"])
     tokens = list(result.prompts["tokens"].iloc[0])
@@ -161,8 +158,8 @@ def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int |
     else:
         tagged = np.full(T, UNTAGGED)
     return PcaPicture(
-        model=display_name(model, name), layer=layer, head=head, deeper=deeper, tokens=tokens, sinks=sinks,
-        sink_scores=[float(s) for s in row["sink_scores"]], ve=float(row["ve"]),
+        model=model or result.settings.get("model", ""), layer=layer, head=head, deeper=deeper, tokens=tokens,
+        sinks=sinks, sink_scores=[float(s) for s in row["sink_scores"]], ve=float(row["ve"]),
         head_pcs=head_pcs, head_rgb=to_rgb(head_pcs, fit), head_explained=head_var,
         deeper_pcs=deep_pcs, deeper_rgb=to_rgb(deep_pcs, fit), deeper_explained=deep_var,
         attention=result.cache.get("pattern", layer=layer, head=head, prompt=int(row["prompt_id"])),
@@ -170,4 +167,5 @@ def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int |
         tagged_by=tagged, tag_level=tag_level,
         separation_head=_silhouette(head_pcs[fit], tagged[fit]),
         separation_deeper=_silhouette(deep_pcs[fit], tagged[fit]),
-        settings={"eps": eps, "min_rows": min_rows, "tag_level": tag_level, "exclude_first": exclude_first})
+        settings={"eps": result.settings.get("eps"), "min_rows": result.settings.get("min_rows"),
+                  "tag_level": tag_level, "exclude_first": exclude_first})

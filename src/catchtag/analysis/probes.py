@@ -285,3 +285,60 @@ def selected_heads_markdown(summary: dict) -> str:
                  f"[{100 * m['test_ci'][0]:.0f}, {100 * m['test_ci'][1]:.0f}]; {summary['n_test']} test prompts.")
     lines.append(f"Published: {summary['published']}.")
     return "\n".join(lines) + "\n"
+
+
+def probe_table(cache, heads: pd.DataFrame, frame: pd.DataFrame, cv: int = 5, seed: int = 0):
+    """Fit the three probes of every head on the train split's last-token activations and score them on the test
+    split: (the long table, one row per head and kind; the wide table, one row per head), each with the head's mean
+    sinks and its tag's mean share of the output norm."""
+    labels = frame["label"].to_numpy()
+    train = (frame["split"] == "train").to_numpy()
+    test = ~train
+    acts = {k: np.stack([cache.get(CACHE_NAME[k], layer=l, pos=-1) for l in cache.layers], axis=1) for k in KINDS}
+    probes = HeadProbes(KINDS, cv=cv, seed=seed).fit({k: a[train] for k, a in acts.items()}, labels[train],
+                                                     layers=cache.layers, heads=cache.heads)
+    table = probes.score_table({k: a[test] for k, a in acts.items()}, labels[test])
+    sinks = heads.groupby(["layer", "head"]).agg(mean_sinks=("n_sinks", "mean")).reset_index()
+    tag_norm = np.linalg.norm(np.stack([cache.get("z_tag", layer=l, pos=-1) for l in cache.layers], 1), axis=-1)
+    full_norm = np.linalg.norm(np.stack([cache.get("z", layer=l, pos=-1) for l in cache.layers], 1), axis=-1)
+    share = pd.DataFrame([{"layer": l, "head": h, "tag_share_of_output_norm": float(
+        (tag_norm[:, li, hi] / np.maximum(full_norm[:, li, hi], 1e-12)).mean())}
+        for li, l in enumerate(cache.layers) for hi, h in enumerate(cache.heads)])
+    table = table.merge(sinks, on=["layer", "head"], how="left").merge(share, on=["layer", "head"], how="left")
+    wide = wide_table(table).merge(sinks, on=["layer", "head"]).merge(share, on=["layer", "head"])
+    return table, wide
+
+
+def probe_summary(settings: dict, inputs: dict, table: pd.DataFrame, selected: pd.DataFrame,
+                  model_answers: pd.DataFrame, answer_mass: np.ndarray, seconds: dict, *, top: int, min_tag: float,
+                  max_nontag: float) -> dict:
+    """What a probe run found, as its summary.json holds it: the model's own few-shot accuracy, the best and mean
+    probe of each kind, the selected heads and the published numbers to set beside them."""
+    from catchtag.published import PROBES
+
+    frame = inputs["frame"]
+    test = (frame["split"] != "train").to_numpy()
+    n_test = int(test.sum())
+    correct = int((model_answers["predicted"].to_numpy() == frame["label"].to_numpy()[test]).sum())
+
+    def best(kind):
+        row = table[table["kind"] == kind].sort_values("test_accuracy", ascending=False).iloc[0]
+        return {"layer": int(row["layer"]), "head": int(row["head"]), "test_accuracy": float(row["test_accuracy"]),
+                "ci": [float(row["ci_low"]), float(row["ci_high"])]}
+
+    return {
+        **settings, "labels": list(inputs["task"].labels), "answer_token_ids": inputs["answer_ids"],
+        "n_prompts": len(frame), "n_train": len(frame) - n_test, "n_test": n_test,
+        "mean_prompt_tokens": float(np.mean([len(p.input_ids) for p in inputs["prompts"]])),
+        "example_prompt": inputs["texts"][0],
+        "model_accuracy": {"test": correct / n_test, "test_ci": list(wilson_interval(correct, n_test)),
+                           "share_predicting_label1": float(model_answers["predicted"].mean()),
+                           "mean_answer_mass": float(answer_mass.mean())},
+        "best_test_accuracy": {k: best(k) for k in KINDS},
+        "mean_test_accuracy": {k: float(table[table["kind"] == k]["test_accuracy"].mean()) for k in KINDS},
+        "selection": {"top": top, "min_tag_cv": min_tag, "max_nontag_cv": max_nontag, "on": "train-split CV accuracy"},
+        "selected_heads": selected.to_dict(orient="records"),
+        "published": PROBES[settings["task"]],
+        "seconds": seconds,
+        "n_probes": len(table),
+    }

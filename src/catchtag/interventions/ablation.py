@@ -409,5 +409,67 @@ def attribution(model, ids, mask, settings, mode: str):
     return hook.estimate(mode, nll), nll, cap, hook.shares()
 
 
-__all__ = ["MODES", "Attribution", "Baseline", "attribution", "baseline", "edits_for", "forward_nll", "head_nll",
-           "intervened", "loss_change", "patched_forward", "release_rows", "sample_positions", "tag_split"]
+def _device_tensors(model, tokenizer, batch):
+    from catchtag.scan import _batch_tensors
+
+    return _batch_tensors(batch, tokenizer, next(model.parameters()).device)
+
+
+ATTRIBUTION_COLUMNS = ["prompt_id", "layer", "head", "estimate", "n_sinks", "n_sinks_after_first", "ve",
+                       "ve_uncentred", "constant_share", "varying_share"]
+
+
+def attribution_rows(model, tokenizer, batch, settings, mode: str):
+    """One batch of prompts' attribution table: per prompt, layer and head the first-order loss change of ablating
+    its tag, its sinks (all, and those after the first real token), VE and the tag's constant / token-dependent
+    energy shares."""
+    import pandas as pd
+
+    ids, mask = _device_tensors(model, tokenizer, batch)
+    est, _, cap, shares = attribution(model, ids, mask, settings, mode)
+    rows = []
+    for b, p in enumerate(batch):
+        for l, layer in sorted(cap.layers.items()):
+            st = layer.stats
+            first_real = int(st.token_valid[b].long().argmax())
+            for h in range(st.sink_ok.shape[1]):
+                ok = st.sink_ok[b, h]
+                rows.append((p.prompt_id, l, h, float(est[b, l, h]), int(ok.sum()),
+                             int((ok & (st.sink_idx[b, h] != first_real)).sum()), float(st.ve[b, h]),
+                             float(st.ve_uncentred[b, h]), float(shares[b, l, h, 0]), float(shares[b, l, h, 1])))
+    return pd.DataFrame(rows, columns=ATTRIBUTION_COLUMNS)
+
+
+def ablation_rows(model, tokenizer, batch, settings, positions, targets, mode: str, controls: int, seed: int):
+    """One batch of prompts' ablation tables: (the loss change of each target's ablation and of its controls, per
+    prompt; the release map of each ablation: how much every later head's attention and output move)."""
+    import pandas as pd
+
+    n_layers = len(decoder_layers(model))
+    ids, mask = _device_tensors(model, tokenizer, batch)
+    base = baseline(model, ids, mask, settings, positions)
+    dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    prompt_ids = [p.prompt_id for p in batch]
+    rows, release = [], []
+    for name, group_heads in targets:
+        l0 = min(l for l, _ in group_heads)
+        s0 = base.first_sink[:, [l for l, _ in group_heads], [h for _, h in group_heads]].amin(dim=1)
+        for kind, draw in [("ablation", 0)] + [("control", d) for d in range(controls)]:
+            edit = edits_for(group_heads, mode, kind, dim, draw, seed, prompt_ids)
+            nll, mean_row, z = intervened(model, ids, mask, settings, positions, edit, base,
+                                          release=kind == "ablation")
+            delta = loss_change(base.nll, nll, s0)
+            rows += [(pid, name, kind, draw, float(delta[b])) for b, pid in enumerate(prompt_ids)]
+            if kind == "ablation":
+                rel = release_rows(base, mean_row, z, group_heads, n_layers)
+                n_heads = rel["attention_tv"].shape[2]
+                release += [(pid, name, l, h, float(rel["attention_tv"][b, l, h]), float(rel["output_change"][b, l, h]))
+                            for b, pid in enumerate(prompt_ids) for l in range(l0 + 1, n_layers)
+                            for h in range(n_heads)]
+    return (pd.DataFrame(rows, columns=["prompt_id", "target", "kind", "draw", "delta_nll"]),
+            pd.DataFrame(release, columns=["prompt_id", "target", "layer", "head", "attention_tv", "output_change"]))
+
+
+__all__ = ["MODES", "Attribution", "Baseline", "ablation_rows", "attribution", "attribution_rows", "baseline",
+           "edits_for", "forward_nll", "head_nll", "intervened", "loss_change", "patched_forward", "release_rows",
+           "sample_positions", "tag_split"]

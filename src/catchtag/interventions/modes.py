@@ -13,3 +13,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise CatchtagError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {mode!r}. Fix: --mode mean")
     return mode
+
+
+DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)  # steering: multiples of a head's mean tag difference to add

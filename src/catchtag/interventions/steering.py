@@ -13,12 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from catchtag.analysis.answers import answer_logprobs
+from catchtag.measure import answer_logprobs
 from catchtag.errors import CatchtagError
+from catchtag.interventions.modes import DEFAULT_SCALES
 
 __all__ = ["random_directions", "steered_logprobs", "steering_curve", "tag_direction"]
-
-DEFAULT_SCALES = (-8.0, -4.0, 0.0, 4.0, 8.0)
 
 
 def steered_logprobs(model, tokenizer, prompts, answer_ids, *, steer: dict, batch_size: int = 8,

@@ -1,0 +1,82 @@
+"""`catchtag view`: the interactive token viewer of one prompt (an offline HTML page), and its notebook form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from catchtag.jobs.options import (Job, JobConfig, check_layer_and_head, check_one_prompt_settings, data_setting,
+                                   device_setting, dtype_setting, eps_setting, file_out, min_rows_setting,
+                                   model_setting, prompt_setting, setting, text_file_setting, text_setting)
+from catchtag.jobs.pca import ONE_PROMPT_DATA
+
+if TYPE_CHECKING:
+    from catchtag.report.viewer import TokenView
+
+
+@dataclass(frozen=True)
+class ViewConfig(JobConfig):
+    """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
+
+    command = "view"
+    positional = ("model", "out")
+
+    model: str = model_setting()
+    text: Optional[str] = text_setting()
+    text_file: Optional[str] = text_file_setting()
+    data: Optional[str] = data_setting(ONE_PROMPT_DATA)
+    prompt: int = prompt_setting()
+    max_tokens: Optional[int] = setting(256, "cut the prompt to this many tokens")
+    eps: float = eps_setting()
+    min_rows: int = min_rows_setting()
+    layer: Optional[int] = setting(None, "layer to open on (with --head)", "--layer", "-l")
+    head: Optional[int] = setting(None, "head to open on", "--head")
+    out: Path = file_out("view.html")
+    device: str = device_setting()
+    dtype: str = dtype_setting()
+
+    def check_together(self) -> None:
+        check_layer_and_head(self.layer, self.head)
+        check_one_prompt_settings(self)
+
+
+def run(c: ViewConfig) -> dict:
+    """Write the interactive token viewer for one prompt (opens on --layer/--head if given)."""
+    from catchtag.inputs import check_head, resolve_model, resolve_text
+
+    name, net, tok = resolve_model(c.model, c.device, c.dtype)
+    check_head(net, c.layer, c.head)
+    p = resolve_text(tok, net, c.text, c.text_file, c.data, c.prompt, c.max_tokens)
+    path = token_view(net, tok, p, c.out, eps=c.eps, min_rows=c.min_rows, name=name,
+                      start=None if c.layer is None else (c.layer, c.head))
+    return {"out": str(path), "n_tokens": len(p.input_ids), "bytes": Path(path).stat().st_size}
+
+
+def show_tokens(model, tokenizer, text, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
+                name: str | None = None, start: tuple[int, int] | None = None, height: int = 640) -> TokenView:
+    """The token viewer for one prompt as an object a notebook displays inline (``token_view`` writes a file)."""
+    from catchtag.analysis.common import one_prompt
+    from catchtag.engine.request import ActivationRequest
+    from catchtag.models import display_name
+    from catchtag.report.viewer import TokenView, render_view, view_data
+    from catchtag.scan import scan
+
+    result = scan(model, tokenizer, one_prompt(text), eps=eps, min_rows=min_rows, max_tokens=max_tokens,
+                  request=ActivationRequest(layers=[], sink_attention=True), progress=False)
+    result.settings["model"] = display_name(model, name)
+    return TokenView(render_view(view_data(result, start=start)), height=height)
+
+
+def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
+               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
+    """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
+    return show_tokens(model, tokenizer, text, eps=eps, min_rows=min_rows, max_tokens=max_tokens, name=name,
+                       start=start).save(out)
+
+
+def lines(s: dict, config: ViewConfig) -> list[str]:
+    return [f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)"]
+
+
+JOB = Job(ViewConfig, run, lines)
