@@ -75,8 +75,18 @@ def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, edi
     """
     from catchtag.scan import _batch_tensors
 
+    answer_ids = list(answer_ids) if isinstance(answer_ids, (list, tuple, range, np.ndarray)) else answer_ids
+    if not isinstance(answer_ids, list) or not answer_ids or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in answer_ids):
+        raise CatchtagError(f"answer_ids must be a list of token ids, got {answer_ids!r}. Fix: e.g. answer_ids="
+                            f"[tokenizer.encode(' FALSE')[0], tokenizer.encode(' TRUE')[0]]")
     if not prompts:
         raise CatchtagError("no prompts to read answers from")
+    if isinstance(prompts, str) or all(isinstance(p, str) for p in prompts):  # text: tokenised as a scan would
+        from catchtag.data.prompts import model_context, tokenize_prompts
+
+        prompts = tokenize_prompts(one_prompt(prompts) if isinstance(prompts, str) else list(prompts), tokenizer,
+                                   context=model_context(model))
     device = next(model.parameters()).device
     ids_t = torch.as_tensor(list(answer_ids), dtype=torch.long)
     out = np.zeros((len(prompts), len(answer_ids)), dtype=np.float64)

@@ -244,8 +244,10 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", dtype: str | to
 
     from transformers import AutoModelForCausalLM
 
-    if not name or not isinstance(name, str):
-        raise CatchtagError("no model name given. Run `catchtag models` to see what is available")
+    if not name or not isinstance(name, (str, os.PathLike)):
+        raise CatchtagError(f"a model is a name or a path, got {name!r}. Fix: e.g. load_model('smollm2-135m'); "
+                            f"`catchtag models` lists what is available")
+    name = os.fspath(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
 

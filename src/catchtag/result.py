@@ -51,6 +51,12 @@ class ScanResult:
 
     def head_means(self, column: str) -> pd.DataFrame:
         """Layer x head table of the mean of ``column`` over prompts."""
+        numeric = [c for c in self.heads.columns if c not in ("prompt_id", "layer", "head")
+                   and pd.api.types.is_numeric_dtype(self.heads[c])]
+        if column not in numeric:
+            from catchtag.errors import CatchtagError
+
+            raise CatchtagError(f"no numeric column {column!r} in the heads table. Fix: one of {', '.join(numeric)}")
         return self.heads.pivot_table(index="layer", columns="head", values=column, aggfunc="mean")
 
     def sink_token_counts(self, skip_first: bool = False) -> pd.DataFrame:

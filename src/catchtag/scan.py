@@ -25,7 +25,7 @@ from catchtag.distributed import Dist
 from catchtag.engine.attention import DEFAULT_SINK_CAP, captured_forward, request_positions
 from catchtag.engine.positions import first_real
 from catchtag.engine.request import ActivationRequest, SinkSettings
-from catchtag.errors import CatchtagError
+from catchtag.errors import CatchtagError, check_type
 from catchtag.models import display_name
 from catchtag.result import HEAD_COLUMNS, ScanResult
 from catchtag.runs import RunFolder, cache_from_batches, fingerprint, repair_command, save_result
@@ -34,9 +34,14 @@ SWEEP_COLUMNS = ["prompt_id", "layer", "head", "eps", "n_sinks", "ve", "r2", "ve
 
 
 def _as_prompts(texts, tokenizer, model, max_tokens, truncate) -> list[Prompt]:
-    if isinstance(texts, str):
+    if isinstance(texts, (str, Prompt)):
         texts = [texts]
+    check_type("texts", texts, (list, tuple), "a string, a list of strings or a list of Prompts",
+               ["The cat sat on the mat."])
     texts = list(texts)
+    for t in texts:
+        check_type("texts", t, (str, Prompt), "a string, a list of strings or a list of Prompts",
+                   ["The cat sat on the mat."])
     if texts and all(isinstance(t, Prompt) for t in texts):
         for p in texts:
             if not p.input_ids:
@@ -245,9 +250,24 @@ def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep
     ``out`` and every rank returns the whole result once all are done.
     Returns a ScanResult whose ``heads`` has one row per (prompt, layer, head).
     """
+    check_type("sweep_eps", sweep_eps, (tuple, list), "a tuple of numbers in (0, 1)", (0.1, 0.3))
     settings = SinkSettings(eps=eps, min_rows=min_rows, sweep_eps=tuple(sweep_eps), chunk_rows=chunk_rows)
+    check_type("batch_size", batch_size, (int,), "a whole number >= 1", 8)
     if batch_size < 1:
         raise CatchtagError(f"batch size must be >= 1, got {batch_size}")
+    if max_tokens is not None:
+        check_type("max_tokens", max_tokens, (int,), "a whole number >= 0 (0: no limit) or None", 256)
+        if max_tokens < 0:
+            raise CatchtagError(f"max_tokens must be >= 0 (0: no limit), got {max_tokens}. Fix: e.g. max_tokens=256")
+    if request is not None:
+        check_type("request", request, (ActivationRequest,), "an ActivationRequest", ActivationRequest())
+    if not hasattr(model, "config") or not callable(model):
+        raise CatchtagError(f"model must be a loaded model (catchtag.load_model(...)[0], or one loaded with "
+                            f"transformers), got {type(model).__name__}. Fix: model, tokenizer = "
+                            f"catchtag.load_model('smollm2-135m')")
+    if not callable(tokenizer):
+        raise CatchtagError(f"tokenizer must be the model's tokenizer, got {type(tokenizer).__name__}. Fix: model, "
+                            f"tokenizer = catchtag.load_model(...)")
     prompts = _as_prompts(texts, tokenizer, model, max_tokens, truncate)
     dist = dist or Dist()
     if dist.world > 1 and out is None:

@@ -32,8 +32,13 @@ def load_runs(runs) -> dict[str, ScanResult]:
     """Run folders / ScanResults -> {name: ScanResult}; names are the scanned model (folder name on clashes)."""
     if isinstance(runs, dict):
         return {str(k): (v if isinstance(v, ScanResult) else ScanResult.load(v)) for k, v in runs.items()}
+    if isinstance(runs, (str, Path, ScanResult)):
+        runs = [runs]
     out: dict[str, ScanResult] = {}
     for run in runs:
+        if not isinstance(run, (str, Path, ScanResult)):
+            raise CatchtagError(f"a run is a folder written by `catchtag scan` (a str or Path) or a ScanResult, got "
+                                f"{run!r} ({type(run).__name__}). Fix: e.g. compare_runs(['runs/a', 'runs/b'])")
         result = run if isinstance(run, ScanResult) else ScanResult.load(run)
         name = str(result.settings.get("model") or (Path(run).name if not isinstance(run, ScanResult) else "run"))
         if name in out and not isinstance(run, ScanResult):  # the same model twice: the folder tells them apart,

@@ -45,6 +45,11 @@ def token_kind(token: str, position: int | None = None) -> str:
 
 def sink_rows(result) -> pd.DataFrame:
     """One row per (prompt, layer, head, sink): position, token, kind, column score, the head's VE."""
+    from catchtag.errors import CatchtagError
+
+    if not isinstance(getattr(result, "heads", None), pd.DataFrame):
+        raise CatchtagError(f"expected a ScanResult (catchtag.scan(...) or ScanResult.load(RUN)), got "
+                            f"{type(result).__name__}. Fix: pass the result of a scan")
     h = result.heads[result.heads["n_sinks"] > 0]
     rows = h.explode(["sink_positions", "sink_tokens", "sink_scores"]).rename(
         columns={"sink_positions": "position", "sink_tokens": "token", "sink_scores": "score"})

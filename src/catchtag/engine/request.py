@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 
-from catchtag.errors import CatchtagError
+from catchtag.errors import CatchtagError, check_type
 
 Positions = Union[str, Sequence[int]]  # "last", "all", or prompt positions (0-based, padding excluded)
 
@@ -32,6 +32,13 @@ class SinkSettings:
     chunk_rows: int | None = None
 
     def __post_init__(self):
+        check_type("eps", self.eps, (int, float), "a number in (0, 1)", 0.2)
+        check_type("min_rows", self.min_rows, (int,), "a whole number >= 1", 16)
+        check_type("sweep_eps", self.sweep_eps, (tuple, list), "a tuple of numbers in (0, 1)", (0.1, 0.3))
+        for e in self.sweep_eps:
+            check_type("sweep_eps", e, (int, float), "a tuple of numbers in (0, 1)", (0.1, 0.3))
+        if self.chunk_rows is not None:
+            check_type("chunk_rows", self.chunk_rows, (int,), "a whole number >= 1 or None", 256)
         for e in (self.eps, *self.sweep_eps):
             if not 0.0 < float(e) < 1.0:
                 raise CatchtagError(f"eps must lie in (0, 1), got {e}. Fix: pass e.g. --eps 0.2")
@@ -66,6 +73,25 @@ class ActivationRequest:
     sink_attention: bool = False
 
     def __post_init__(self):
+        def ints(name, values, example):
+            check_type(name, values, (list, tuple, range), "a list of whole numbers", example)
+            for v in values:
+                check_type(name, v, (int,), "a list of whole numbers", example)
+
+        for name in ("layers", "heads"):
+            if getattr(self, name) is not None:
+                ints(name, getattr(self, name), [0, 1])
+        ints("hidden_states", self.hidden_states, [1, 2])
+        if not isinstance(self.positions, str):
+            ints("positions", self.positions, [0, 5, 9])
+        check_type("attention_maps", self.attention_maps, (list, tuple), "a list of (layer, head) pairs", [(0, 1)])
+        for pair in self.attention_maps:
+            check_type("attention_maps", pair, (list, tuple), "a list of (layer, head) pairs", [(0, 1)])
+            if len(pair) != 2:
+                raise CatchtagError(f"attention_maps must be (layer, head) pairs, got {pair!r}. Fix: e.g. "
+                                    f"attention_maps=[(0, 1)]")
+            ints("attention_maps", pair, [(0, 1)])
+        check_type("sink_attention", self.sink_attention, (bool,), "True or False", True)
         if self.space not in ("residual", "head", "both"):
             raise CatchtagError(f"space must be residual, head or both, got {self.space!r}")
         if isinstance(self.positions, str) and self.positions not in ("last", "all"):

@@ -23,7 +23,7 @@ class GeometryConfig(JobConfig):
 
     model: str = model_setting()
     text: Optional[str] = text_setting()
-    text_file: Optional[str] = text_file_setting()
+    text_file: Optional[Path] = text_file_setting()
     data: Optional[str] = data_setting(ONE_PROMPT_DATA)
     prompt: int = prompt_setting()
     max_tokens: int = setting(256, "cut the prompt to this many tokens")

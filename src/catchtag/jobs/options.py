@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from catchtag.errors import CatchtagError
+from catchtag.errors import CatchtagError, check_type
 from catchtag.inputs import (check_at_least, check_between, check_device, check_dtype, check_file_out,
                              check_folder_out, parse_numbers)
 
@@ -181,6 +183,23 @@ def check_layer_and_head(layer, head) -> None:
         raise CatchtagError("give both --layer and --head, or neither. Fix: e.g. --layer 3 --head 0")
 
 
+_KINDS = {int: ((int,), "a whole number"), float: ((int, float), "a number"), bool: ((bool,), "True or False"),
+          str: ((str,), "text"), Path: ((str, os.PathLike), "a path")}
+
+
+def _check_kind(f: dataclasses.Field, value, hint) -> None:
+    """A setting of the wrong type from Python (eps="x", limit=1.5) refused in one line; settings that take a
+    model object as well as a name, and those parsed from text, are checked where they are used."""
+    if value is None or value is REQUIRED or f.metadata.get("parse") is not None or f.name == "model":
+        return
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    known = [_KINDS[k] for k in kinds if k in _KINDS]
+    if known:
+        example = f.default if f.default not in (None, REQUIRED) else {int: 8, float: 0.1}.get(kinds[0], "...")
+        check_type(f.name, value, tuple(t for types, _ in known for t in types), " or ".join(w for _, w in known),
+                   example)
+
+
 # ---- the base of every job's settings -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobConfig:
@@ -205,10 +224,13 @@ class JobConfig:
             object.__setattr__(self, "data", default_data(model))
 
     def check(self) -> None:
-        """Every check that needs no model: each setting's own, then those across settings."""
+        """Every check that needs no model: each setting's type (a Python caller can pass anything), its own check,
+        then those across settings."""
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
             if getattr(self, f.name) is REQUIRED:
                 raise CatchtagError(f"{self.command} needs {f.name}. Fix: give {f.name}=...")
+            _check_kind(f, getattr(self, f.name), hints[f.name])
             check = f.metadata.get("check")
             if check is not None:
                 check(flag_of(f), getattr(self, f.name))
