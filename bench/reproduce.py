@@ -96,12 +96,12 @@ def run_entry(name: str, entry: dict, store: bool) -> list[str]:
         for stored, produced in entry["files"].items():
             new_file = out / produced
             ref = RESULTS / name / stored
+            if not new_file.is_file():
+                lines.append(f"{produced}: not written")
+                continue
             if store:
                 ref.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(new_file, ref)
-                continue
-            if not new_file.is_file():
-                lines.append(f"{produced}: not written")
                 continue
             lines += [f"{stored}: {line}" for line in moved(read_numbers(ref), read_numbers(new_file),
                                                              entry.get("rel", 1e-3), entry.get("abs", 1e-4))]
@@ -132,8 +132,8 @@ def main() -> int:
     report = {name: run_entry(name, manifest[name], a.store) for name in names}
     for name, lines in report.items():
         doc = manifest[name]["doc"]
-        print(f"{name} ({doc}): " + ("stored" if a.store else "no number moved" if not lines else
-                                      f"{len(lines)} number(s) moved"))
+        print(f"{name} ({doc}): " + (("stored" if not lines else f"{len(lines)} problem(s)") if a.store else
+                                      "no number moved" if not lines else f"{len(lines)} number(s) moved"))
         for line in lines[:40]:
             print(f"    {line}")
     return 1 if any(report.values()) and not a.store else 0

@@ -216,6 +216,11 @@ def test_cli_analyses(runs, tmp_path):
                            "--n-positions", "8", "--out", str(tmp_path / "geo")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "geo" / "geometry.json").read_text())["n_positions"] == 8
+    from catchtag.runs import unlisted_files
+
+    for job, folder in (("compare", "cmp"), ("sweep", "sweep"), ("taxonomy", "tax"), ("pca", "pca"),
+                        ("geometry", "geo")):  # each writes only what runs.ARTIFACTS lists for it
+        assert not unlisted_files(tmp_path / folder, job), (job, unlisted_files(tmp_path / folder, job))
     res = cli.invoke(app, ["pca", "--model", "tiny:llama", "--text", TEXT, "--layer", "7", "--head", "0"])
     assert res.exit_code == 2 and "out of range" in res.output
     res = cli.invoke(app, ["sweep", "--out", str(tmp_path / "x")])
@@ -228,3 +233,6 @@ def test_sweep_cli_scans_in_one_pass(tmp_path):
     assert res.exit_code == 0, res.output
     r = catchtag.ScanResult.load(tmp_path / "sw" / "scan-tiny_llama")
     assert sorted(r.sweep["eps"].unique()) == list(SWEEP_EPS)
+    from catchtag.runs import unlisted_files
+
+    assert not unlisted_files(tmp_path / "sw", "sweep")

@@ -294,3 +294,43 @@ def test_a_request_for_what_the_model_lacks_is_refused(tiny_models):
     kept = catchtag.scan(model, tok, TEXTS[:1], request=ActivationRequest(layers=[L - 1], hidden_states=[L]),
                          eps=EPS, min_rows=MIN_ROWS, progress=False)
     assert kept.cache is not None
+
+
+def test_every_job_writes_only_its_artifacts_and_one_writer_at_a_time(tmp_path):
+    """scan, ablate, release, probe and steer on a tiny model write nothing but what runs.ARTIFACTS lists for them;
+    a second writer of a job's --out is refused in one line before any model loads."""
+    from typer.testing import CliRunner
+
+    from catchtag.cli import app
+    from catchtag.runs import unlisted_files
+
+    cli = CliRunner()
+    low = ["--eps", str(EPS), "--min-rows", str(MIN_ROWS)]
+    run = tmp_path / "run"
+    commands = {
+        "scan": ["scan", "-m", "tiny:llama", "--limit", "2", "--max-tokens", "48", *low, "--out", str(run)],
+        "ablate": ["ablate", "-m", "tiny:llama", "--limit", "2", "--max-tokens", "48", "--top", "1", "--controls", "1",
+                   *low, "--out", str(run)],
+        "release": ["release", "-m", "tiny:llama", "--limit", "4", "--max-tokens", "48", "--heads", "0.1", "--folds",
+                    "2", *low, "--out", str(tmp_path / "release")],
+        "probe": ["probe", "-m", "tiny:llama", "--limit", "8", "--cv", "2", "--top", "1", *low, "--out",
+                  str(tmp_path / "probe")],
+        "steer": ["steer", "--probes", str(tmp_path / "probe"), "--heads", "1.0", "--n-prompts", "2", "--n-random",
+                  "1", "--scales", "-1,0,1"],
+    }
+    folders = {"scan": run, "ablate": run, "release": tmp_path / "release", "probe": tmp_path / "probe",
+               "steer": tmp_path / "probe" / "steer"}
+    for job, args in commands.items():
+        res = cli.invoke(app, args)
+        assert res.exit_code == 0, (job, res.output[-2000:])
+        jobs = ("scan", "ablate") if job == "ablate" else (job,)
+        assert not unlisted_files(folders[job], *jobs), (job, unlisted_files(folders[job], *jobs))
+    lock = WriterLock(tmp_path / "release", "release")  # another writer holds the release folder
+    try:
+        before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "release").rglob("*") if p.is_file())
+        res = cli.invoke(app, commands["release"])
+        assert res.exit_code == 2 and "being written by another catchtag process" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "release").rglob("*") if p.is_file()) == before
+    finally:
+        lock.release()

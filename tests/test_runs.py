@@ -113,3 +113,27 @@ def test_run_json_keeps_the_command_and_ignores_it_for_resume(llama, tmp_path, m
     monkeypatch.setattr("sys.argv", ["catchtag", "scan", "--out", "./" + str(tmp_path / "run")])
     _scan(model, tok, out=tmp_path / "run")  # another spelling of the command: the same run, resumed
     assert json.loads((tmp_path / "run" / "run.json").read_text())["command"] == manifest["command"]
+
+
+def test_a_summary_owns_its_file(tmp_path):
+    """A job's summary is typed: written to its own file under --out, read back as the same object (keys another
+    version wrote are kept), a mapping for callers (a field the job did not fill is absent, None stays None), and a
+    missing or broken file is one line naming the command that makes it."""
+    from catchtag.summaries import AblateSummary, ScanSummary, SteerSummary
+
+    s = AblateSummary(model="tiny:llama", mode="mean", group=None, targets=[{"target": "1.0"}])
+    assert s.write(tmp_path) == tmp_path / "ablate" / "summary.json"
+    back = AblateSummary.read(tmp_path)
+    assert back == s and back["group"] is None and "figures" not in back and back.get("figures") is None
+    assert list(json.loads((tmp_path / "ablate" / "summary.json").read_text())) == ["model", "mode", "group",
+                                                                                      "targets"]
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "m", "from_the_future": 1}))
+    old = ScanSummary.read(tmp_path)
+    assert old["model"] == "m" and old["from_the_future"] == 1 and dict(old) == {"model": "m", "from_the_future": 1}
+    with pytest.raises(KeyError):
+        old["result"]
+    with pytest.raises(CatchtagError, match="has no steering.json.*Fix: run `catchtag steer"):
+        SteerSummary.read(tmp_path)
+    (tmp_path / "steering.json").write_bytes(b"\xff not json")
+    with pytest.raises(CatchtagError, match="not readable JSON"):
+        SteerSummary.read(tmp_path)

@@ -34,9 +34,39 @@ from catchtag.cache import ActivationCache
 from catchtag.distributed import Dist
 from catchtag.errors import CatchtagError
 
-# What a scan writes into its folder (--overwrite removes these and nothing else).
-RUN_ENTRIES = ("run.json", "parts", "heads.parquet", "prompts.parquet", "sweep.parquet", "activations.npz",
-               "summary.json", "figures", "views", "ablate", "catchtag.lock", "catchtag.files")
+# Every file each job writes under its --out (glob patterns, relative to --out): a job writes nothing else there
+# (tests/test_analyses.py holds every command to it). catchtag.lock is the writer lock (WriterLock).
+ARTIFACTS = {
+    "scan": ("run.json", "parts/*", "heads.parquet", "prompts.parquet", "sweep.parquet", "activations.npz",
+             "summary.json", "figures/*.png", "views/*", "catchtag.lock", "catchtag-r*.lock", "catchtag.files"),
+    "ablate": ("ablate/run.json", "ablate/parts/*.parquet", "ablate/attribution.parquet", "ablate/ablation.parquet",
+               "ablate/release.parquet", "ablate/tag_or_bias.csv", "ablate/summary.json", "ablate/ablation.png",
+               "ablate/release.png", "ablate/catchtag.lock", "ablate/catchtag.files"),
+    "release": ("release_decoding.csv", "summary.json", "release_decoding.png", "catchtag.lock"),
+    "probe": ("scan/*", "scan/*/*", "model_answers.parquet", "probes.parquet", "heads.csv", "selected_heads.md",
+              "summary.json", "probe_heatmap.png", "catchtag.lock"),
+    "steer": ("steering.parquet", "steering.json", "steering.png", "catchtag.lock"),
+    "pca": ("pca_L*H*.png", "pca_L*H*.json", "catchtag.lock"),
+    "geometry": ("geometry_pairs.csv", "geometry_tag_vs_token.csv", "geometry.png", "geometry.json", "catchtag.lock"),
+    "compare": ("compare_summary.csv", "compare_per_layer.csv", "compare_per_head.csv", "compare.png", "compare.json",
+                "catchtag.lock"),
+    "sweep": ("sweep.csv", "sweep.png", "sweep.json", "scan-*/*", "scan-*/*/*", "catchtag.lock"),
+    "taxonomy": ("taxonomy_tokens_*.csv", "taxonomy_kinds_*.csv", "taxonomy.png", "taxonomy.json", "catchtag.lock"),
+}
+# What a scan writes into its folder, by top-level name (--overwrite removes these and nothing else).
+RUN_ENTRIES = tuple(dict.fromkeys(p.split("/")[0] for p in ARTIFACTS["scan"] if "*" not in p.split("/")[0])) + (
+    "ablate",)
+
+
+def unlisted_files(folder: Path, *jobs: str) -> list[str]:
+    """Files under ``folder`` that none of ``jobs`` lists in ARTIFACTS (relative paths): what they must never
+    write (a scan's folder may also hold ablate's results: unlisted_files(run, "scan", "ablate"))."""
+    import fnmatch
+
+    folder = Path(folder)
+    patterns = [pat for job in jobs for pat in ARTIFACTS[job]]
+    return sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                  if not any(fnmatch.fnmatchcase(rel, pat) and rel.count("/") == pat.count("/") for pat in patterns))
 # run.json keys that do not define the run: the same prompts (prompts_sha1) are the same run however the data file
 # is spelled and whatever command line asked for it, so these never block a resume.
 NOT_COMPARED = ("data", "command")

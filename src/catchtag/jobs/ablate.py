@@ -48,6 +48,9 @@ class AblateConfig(JobConfig):
     figures: bool = figures_setting()
     progress: bool = setting(True, "progress bars", python_only=True)
 
+    def lock_folder(self) -> Path:
+        return Path(self.out) / "ablate"  # a scan may be resuming in OUT itself
+
     def check_together(self) -> None:
         scan_manifest = Path(self.out) / "run.json"
         if scan_manifest.is_file():  # ablating into a scan's folder: the same model, or the report would mix them
@@ -65,29 +68,17 @@ def run(c: AblateConfig) -> dict:
     one backward pass per batch), real ablations of the chosen heads or groups with random-direction controls
     (loss change over the tagged tokens, 95% interval over prompts), the release map (which later heads change),
     tables, figures and summary.json. Resumable: each finished batch of each phase is saved as it goes; a second
-    process on the same --out stops at once (WriterLock)."""
-    from catchtag.runs import WriterLock
-
-    started = time.perf_counter()
-    lock = WriterLock(Path(c.out) / "ablate", "catchtag ablate")
-    done = False
-    try:
-        summary = _ablate(c, started)
-        done = True
-        return summary
-    finally:
-        lock.release(undo=not done and not any(p.name != lock.path.name for p in lock.path.parent.iterdir()))
-
-
-def _ablate(c: AblateConfig, started: float) -> dict:
+    process on the same --out stops at once (the job's lock on OUT/ablate)."""
     from catchtag.analysis.ablation import ablation_rows, ablation_targets, per_head
     from catchtag.analysis.release import tag_or_bias
     from catchtag.data.prompts import load_prompts
     from catchtag.engine.request import SinkSettings
     from catchtag.interventions import ablation as ab
     from catchtag.models import load_model, resolve_device
-    from catchtag.runs import PhaseParts, prompts_sha1, versions, write_csv, write_json, write_table
+    from catchtag.runs import PhaseParts, prompts_sha1, versions, write_csv, write_table
+    from catchtag.summaries import AblateSummary
 
+    started = time.perf_counter()
     settings = SinkSettings(eps=c.eps, min_rows=c.min_rows)
     net, tokenizer = load_model(c.model, device=resolve_device(c.device), dtype=c.dtype)
     n_layers, n_heads = net.config.num_hidden_layers, net.config.num_attention_heads
@@ -131,17 +122,17 @@ def _ablate(c: AblateConfig, started: float) -> dict:
     write_table(release_map, folder / "release.parquet")
     write_csv(tag_or_bias(attrib), folder / "tag_or_bias.csv", float_format="%.4f")
     rows, rank = ablation_rows(attrib, table, targets)
-    summary = {"model": c.model, "data": c.data, "n_prompts": len(prompts), "mode": c.mode, "controls": c.controls,
-               "eps": c.eps, "min_rows": c.min_rows, "group": c.group, "targets": rows,
-               "attribution_vs_real_rank_correlation": rank,
-               "seconds": {"attribution": attribution_seconds, "ablation": ablation_seconds,
-                           "total": time.perf_counter() - started}, "versions": versions()}
+    summary = AblateSummary(model=c.model, data=c.data, n_prompts=len(prompts), mode=c.mode, controls=c.controls,
+                            eps=c.eps, min_rows=c.min_rows, group=c.group, targets=rows,
+                            attribution_vs_real_rank_correlation=rank,
+                            seconds={"attribution": attribution_seconds, "ablation": ablation_seconds,
+                                     "total": time.perf_counter() - started}, versions=versions())
     if c.figures:
         from catchtag.report.analysis_figures import ablation_figure, release_figure
 
-        summary["figures"] = [str(ablation_figure(per_head(attrib), summary, folder / "ablation.png")),
-                              str(release_figure(release_map, summary, n_layers, n_heads, folder / "release.png"))]
-    write_json(folder / "summary.json", summary)
+        summary.figures = [str(ablation_figure(per_head(attrib), summary, folder / "ablation.png")),
+                           str(release_figure(release_map, summary, n_layers, n_heads, folder / "release.png"))]
+    summary.write(c.out)
     return summary
 
 

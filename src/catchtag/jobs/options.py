@@ -244,6 +244,12 @@ class JobConfig:
         out = getattr(self, "out", None)
         return Path(out) if out is not None else None
 
+    def lock_folder(self) -> Path | None:
+        """The folder one writer at a time may write (runs.WriterLock): the job's --out folder; None for a job that
+        writes one file (report, view) or locks its own folder (a scan's run folder)."""
+        out = self.owns()
+        return out if out is not None and out.suffix != ".html" else None
+
     @classmethod
     def from_call(cls, args: tuple, kwargs: dict) -> "JobConfig":
         """The settings from a Python call: the first arguments by position (``positional``), the rest by name;
@@ -278,8 +284,23 @@ class Job:
         return self.config.command
 
     def execute(self, config: JobConfig):
+        """Check the settings, then run the job with its output folder locked against a second writer (one line
+        and exit 2 for the second, instead of two jobs interleaving their files); a job that fails before writing
+        anything leaves no folder behind."""
         config.check()
-        return self.run(config)
+        folder = config.lock_folder()
+        if folder is None:
+            return self.run(config)
+        from catchtag.runs import WriterLock
+
+        lock = WriterLock(Path(folder), f"catchtag {self.name}")
+        done = False
+        try:
+            result = self.run(config)
+            done = True
+            return result
+        finally:
+            lock.release(undo=not done and not any(p.name != lock.path.name for p in lock.path.parent.iterdir()))
 
     def api(self) -> Callable[..., Any]:
         """The Python function of this job (``run_scan`` ...): the same settings by name, checked the same way."""

@@ -92,7 +92,8 @@ def run(c: ProbeConfig) -> dict:
     from catchtag.analysis.probes import get_task, probe_summary, probe_table, select_heads, selected_heads_markdown
     from catchtag.models import load_model
     from catchtag.report.analysis_figures import probe_heatmap
-    from catchtag.runs import write_csv, write_json, write_table, write_text
+    from catchtag.runs import write_csv, write_table, write_text
+    from catchtag.summaries import ProbeSummary
 
     probe_task = get_task(c.task, c.template)
     out = Path(c.out)
@@ -125,12 +126,13 @@ def run(c: ProbeConfig) -> dict:
     write_table(table, out / "probes.parquet")
     write_csv(wide, out / "heads.csv", float_format="%.4f")
     selected = select_heads(wide, top=c.top, min_tag=c.min_tag, max_nontag=c.max_nontag)
-    summary = probe_summary(settings, inputs, table, selected, model_answers, np.exp(logp).sum(axis=1), seconds,
-                            top=c.top, min_tag=c.min_tag, max_nontag=c.max_nontag)
+    summary = ProbeSummary.from_json(probe_summary(settings, inputs, table, selected, model_answers,
+                                                   np.exp(logp).sum(axis=1), seconds, top=c.top, min_tag=c.min_tag,
+                                                   max_nontag=c.max_nontag))
     write_text(out / "selected_heads.md", selected_heads_markdown(summary))
     if c.figures:
-        summary["figures"] = [str(probe_heatmap(table, summary, out / "probe_heatmap.png"))]
-    write_json(out / "summary.json", summary)
+        summary.figures = [str(probe_heatmap(table, summary, out / "probe_heatmap.png"))]
+    summary.write(out)
     return summary
 
 

@@ -67,8 +67,9 @@ def run(c: ReleaseConfig) -> dict:
     from catchtag.data.prompts import load_prompts
     from catchtag.engine.request import ActivationRequest
     from catchtag.models import load_model, resolve_device
-    from catchtag.runs import versions, write_csv, write_json
+    from catchtag.runs import versions, write_csv
     from catchtag.scan import scan
+    from catchtag.summaries import ReleaseSummary
 
     started = time.perf_counter()
     net, tokenizer = load_model(c.model, device=resolve_device(c.device), dtype=c.dtype)
@@ -105,15 +106,15 @@ def run(c: ReleaseConfig) -> dict:
     decoding = pd.concat(tables, ignore_index=True)
     out = Path(c.out)
     write_csv(decoding, out / "release_decoding.csv", float_format="%.4f")
-    summary = {"model": c.model, "data": c.data, "n_prompts": len(prompts), "level": c.level, "eps": c.eps,
-               "min_rows": c.min_rows, "folds": c.folds, "heads": [list(x) for x in chosen],
-               "rows": decoding.to_dict(orient="records"), "seconds": time.perf_counter() - started,
-               "versions": versions()}
+    summary = ReleaseSummary(model=c.model, data=c.data, n_prompts=len(prompts), level=c.level, eps=c.eps,
+                             min_rows=c.min_rows, folds=c.folds, heads=[list(x) for x in chosen],
+                             rows=decoding.to_dict(orient="records"), seconds=time.perf_counter() - started,
+                             versions=versions())
     if c.figures:
         from catchtag.report.analysis_figures import release_decoding_figure
 
-        summary["figure"] = str(release_decoding_figure(decoding, summary, out / "release_decoding.png"))
-    write_json(out / "summary.json", summary)
+        summary.figure = str(release_decoding_figure(decoding, summary, out / "release_decoding.png"))
+    summary.write(out)
     return summary
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from catchtag.errors import CatchtagError
+from catchtag.summaries import ScanSummary
 from catchtag.inputs import check_between
 from catchtag.jobs.options import (Job, JobConfig, at_least, batch_size_setting, data_setting, device_setting,
                                    dtype_setting,
@@ -58,10 +59,10 @@ class ScanConfig(JobConfig):
             check_overwrite(Path(self.out))
 
     def owns(self) -> Path | None:
-        return None  # a scan's folder resumes: the run folder itself keeps or removes what it wrote
+        return None  # a scan's folder resumes: the run folder itself keeps or removes what it wrote (and locks it)
 
 
-def run(config: ScanConfig) -> dict | None:
+def run(config: ScanConfig) -> ScanSummary | None:
     """Load MODEL, scan DATA, write heads.parquet, summary.json and figures into OUT; return the summary.
 
     views: also keep the per-token pictures of the first prompt (pca picture, tag geometry, token viewer) in
@@ -73,7 +74,7 @@ def run(config: ScanConfig) -> dict | None:
     from catchtag.data.prompts import load_prompts
     from catchtag.distributed import finish, init
     from catchtag.models import load_model, resolve_device
-    from catchtag.runs import versions, write_json
+    from catchtag.runs import versions
     from catchtag.scan import scan
 
     c = config
@@ -93,21 +94,22 @@ def run(config: ScanConfig) -> dict | None:
     if not dist.is_main:
         return None
     out = Path(c.out)
-    summary = {"model": c.model, "model_class": type(net).__name__, "data": c.data,
-               "settings": result.settings, "versions": versions(), "result": result.summary(),
-               "seconds": result.settings["seconds"], "load_seconds": load_seconds,
-               "truncated": {"prompts": sum(1 for p in prompts if p.n_cut), "tokens_cut": sum(p.n_cut for p in prompts),
-                             "max_tokens": c.max_tokens, "chunk": c.chunk}}
+    summary = ScanSummary(model=c.model, model_class=type(net).__name__, data=c.data, settings=result.settings,
+                          versions=versions(), result=result.summary(), seconds=result.settings["seconds"],
+                          load_seconds=load_seconds,
+                          truncated={"prompts": sum(1 for p in prompts if p.n_cut),
+                                     "tokens_cut": sum(p.n_cut for p in prompts), "max_tokens": c.max_tokens,
+                                     "chunk": c.chunk})
     if c.figures:
         from catchtag.report.figures import scan_figures
 
-        summary["figures"] = [str(p) for p in scan_figures(result, out / "figures")]
+        summary.figures = [str(p) for p in scan_figures(result, out / "figures")]
     if c.views and not (out / "views" / "views.json").is_file():
         first = min(prompts, key=lambda p: p.prompt_id)
-        summary["views"] = write_views(net, tokenizer, first, out / "views", eps=c.eps, min_rows=c.min_rows,
-                                       name=c.model)
-    summary["wall_seconds"] = time.perf_counter() - started
-    write_json(out / "summary.json", summary)
+        summary.views = write_views(net, tokenizer, first, out / "views", eps=c.eps, min_rows=c.min_rows,
+                                    name=c.model)
+    summary.wall_seconds = time.perf_counter() - started
+    summary.write(out)
     return summary
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +46,13 @@ class SteerConfig(JobConfig):
         return Path(self.out) if self.out is not None else Path(self.probes) / "steer"
 
 
-def _probe_summary(probes: Path) -> dict:
-    summary = {}
-    if (probes / "summary.json").is_file():
-        try:
-            summary = json.loads((probes / "summary.json").read_text())
-        except ValueError:
-            summary = {}
+def _probe_summary(probes: Path):
+    from catchtag.summaries import ProbeSummary
+
+    try:
+        summary = ProbeSummary.read(probes)
+    except CatchtagError:
+        summary = {}
     if not {"selected_heads", "task", "model"} <= set(summary):
         raise CatchtagError(f"{probes} is not a finished probe run (no probe summary.json). Fix: run `catchtag "
                             f"probe --out {probes}` first")
@@ -72,7 +71,8 @@ def run(c: SteerConfig) -> dict:
     from catchtag.jobs.probe import load_probe_inputs
     from catchtag.models import load_model
     from catchtag.report.analysis_figures import steering_figure
-    from catchtag.runs import write_json, write_table
+    from catchtag.runs import write_table
+    from catchtag.summaries import SteerSummary
 
     probes = Path(c.probes)
     summary = _probe_summary(probes)
@@ -111,14 +111,14 @@ def run(c: SteerConfig) -> dict:
                                      scales=scales, n_random=c.n_random, seed=c.seed, batch_size=c.batch_size))
     table = pd.concat(curves, ignore_index=True)
     write_table(table, out / "steering.parquet")
-    report = {"model": summary["model"], "task": summary["task"], "probes": str(probes), "heads": chosen,
-              "scales": [float(s) for s in scales], "n_random": c.n_random, "n_test_prompts": int(test.sum()),
-              "directions": directions, "seconds": time.perf_counter() - started,
-              "rows": table.to_dict(orient="records")}
+    report = SteerSummary(model=summary["model"], task=summary["task"], probes=str(probes), heads=chosen,
+                          scales=[float(s) for s in scales], n_random=c.n_random, n_test_prompts=int(test.sum()),
+                          directions=directions, seconds=time.perf_counter() - started,
+                          rows=table.to_dict(orient="records"))
     if c.figures:
-        report["figures"] = [str(steering_figure(table, summary, out / "steering.png", int(test.sum())))]
-    report["out"] = str(out) + "/"
-    write_json(out / "steering.json", report)
+        report.figures = [str(steering_figure(table, summary, out / "steering.png", int(test.sum())))]
+    report.out = str(out) + "/"
+    report.write(out)
     return report
 
 

@@ -66,9 +66,11 @@ def _mean_tokens(result) -> float | str:
 
 
 def _run_settings(name: str, folder, result) -> dict:
+    from catchtag.summaries import ScanSummary
+
     summary = {}
-    if folder is not None and (Path(folder) / "summary.json").is_file():
-        summary = json.loads((Path(folder) / "summary.json").read_text())
+    if folder is not None and (Path(folder) / ScanSummary.file).is_file():
+        summary = ScanSummary.read(folder)
     s = result.settings
     return {"run": name, "folder": str(folder or ""), "model": s.get("model", ""), "data": s.get("data", ""),
             "prompts": int(result.heads["prompt_id"].nunique()),
@@ -188,14 +190,15 @@ def _ablation_sections(results, folders, tmp: Path) -> list[str]:
     from catchtag.analysis.release import tag_or_bias
     from catchtag.report import analysis_figures as af
 
-    found = {n: Path(f) / "ablate" for n, f in folders.items() if f is not None and
-             (Path(f) / "ablate" / "summary.json").is_file()}
+    from catchtag.summaries import AblateSummary
+
+    found = {n: Path(f) for n, f in folders.items() if f is not None and (Path(f) / AblateSummary.file).is_file()}
     parts = ["<h2 id='release'>Release, causally</h2>"]
     if not found:
         return parts + ["<p class='note'>No run holds interventions. <code>catchtag ablate --model M --data D --out "
                         "RUN</code> adds them to a run folder.</p>"]
-    for i, (n, folder) in enumerate(found.items()):
-        summary = json.loads((folder / "summary.json").read_text())
+    for i, (n, run) in enumerate(found.items()):
+        summary, folder = AblateSummary.read(run), run / "ablate"
         attrib = pd.read_parquet(folder / "attribution.parquet")
         per_head = attrib.assign(estimate=attrib["estimate"].fillna(0.0)).groupby(["layer", "head"]) \
             .agg(estimate=("estimate", "mean"), ve=("ve", "mean")).reset_index()
