@@ -15,13 +15,15 @@ from catchtag.analysis.common import one_prompt
 from catchtag.analysis.geometry import TagGeometry, geometry_from_result, geometry_request
 from catchtag.analysis.pca import PcaPicture, choose_head, pca_from_result, pca_layers, pca_request
 from catchtag.engine.positions import last_real
+from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError
 from catchtag.models import display_name
 
 
 def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int | None = None,
-                deeper: int | None = None, eps: float = 0.2, min_rows: int = 16, tag_level: float = 0.1,
-                exclude_first: bool = True, name: str | None = None, chosen_from=None) -> PcaPicture:
+                deeper: int | None = None, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
+                tag_level: float = 0.1, exclude_first: bool = True, name: str | None = None,
+                chosen_from=None) -> PcaPicture:
     """The Figure-2 picture of one head on one prompt (analysis/pca.py): one pass with ``pca_request``.
 
     layer/head: the head (default: ``choose_head`` on ``chosen_from``, a scan that holds this prompt's rows, else
@@ -46,8 +48,8 @@ def pca_picture(model, tokenizer, text, *, layer: int | None = None, head: int |
 
 
 def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, max_pairs: int = 20000,
-                 eps: float = 0.2, min_rows: int = 16, min_norm_ratio: float = 1e-3, max_condition: float = 1e3,
-                 seed: int = 0, name: str | None = None) -> TagGeometry:
+                 eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows, min_norm_ratio: float = 1e-3,
+                 max_condition: float = 1e3, seed: int = 0, name: str | None = None) -> TagGeometry:
     """Cosines between distinct residual-stream tags, and between each tag and the token it is added to
     (analysis/geometry.py), on one prompt: one pass with ``geometry_request``. layers: which layers (default all);
     n_positions: tokens sampled evenly from position 1 on; the rest: see ``geometry_from_result``."""

@@ -176,9 +176,9 @@ def write_arrays(arrays: dict, path: Path) -> Path:
     return _atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def save_figure_file(fig, path: Path, dpi: int = 110) -> Path:
-    """A matplotlib figure as PNG, atomically."""
-    return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+def save_figure_file(fig, path: Path, dpi: int | None = None) -> Path:
+    """A matplotlib figure as PNG (at its own resolution unless ``dpi`` says otherwise), atomically."""
+    return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi or fig.dpi, format="png"))
 
 
 def versions() -> dict:

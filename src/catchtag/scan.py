@@ -235,9 +235,10 @@ def _input_device(model):
         return next(model.parameters()).device
 
 
-def scan(model, tokenizer, texts, *, eps: float = 0.2, min_rows: int = 16, sweep_eps: Sequence[float] = (),
-         max_tokens: int | None = None, batch_size: int = 8, request: ActivationRequest | None = None,
-         out: str | Path | RunFolder | None = None, overwrite: bool = False, truncate: bool = True,
+def scan(model, tokenizer, texts, *, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
+         sweep_eps: Sequence[float] = (), max_tokens: int | None = None, batch_size: int = 8,
+         request: ActivationRequest | None = None, out: str | Path | RunFolder | None = None, overwrite: bool = False,
+         truncate: bool = True,
          progress: bool = True, backend: str = "auto", chunk_rows: int | None = None, model_name: str | None = None,
          data_name: str | None = None, dist: Dist | None = None) -> ScanResult:
     """Detect sinks and decompose every head of ``model`` on ``texts``.

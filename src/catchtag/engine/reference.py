@@ -17,6 +17,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from catchtag.engine.request import SinkSettings
+
 REF_NAME = "catchtag_reference"
 
 
@@ -98,7 +100,8 @@ def _allowed(mask) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def reference_scan(model, input_ids, attention_mask, eps=0.2, min_rows=16, positions="last"):
+def reference_scan(model, input_ids, attention_mask, eps=SinkSettings.eps, min_rows=SinkSettings.min_rows,
+                   positions="last"):
     """Per (prompt, layer, head): column scores, sinks, VE, R^2, and residual-stream full/tag/non-tag
     activations (result, result_tag, result_nontag) at the last real token of every prompt. Also returns the logits."""
     records: list = []
@@ -179,7 +182,8 @@ def _through_output_projection(module, h, H, vec):
 
 
 @torch.no_grad()
-def reference_edited_logits(model, input_ids, attention_mask, edits: dict, eps=0.2, min_rows=16):
+def reference_edited_logits(model, input_ids, attention_mask, edits: dict, eps=SinkSettings.eps,
+                            min_rows=SinkSettings.min_rows):
     """Logits of ``model`` in float64 with chosen heads' outputs changed by hand, for the interventions' tests.
 
     edits: {(layer, head): (kind, unit vector or None)} with kind zero_tag, mean_tag, control_zero or control_mean

@@ -75,7 +75,7 @@ def run(c: AblateConfig) -> dict:
     from catchtag.engine.request import SinkSettings
     from catchtag.interventions import ablation as ab
     from catchtag.models import load_model, resolve_device
-    from catchtag.runs import PhaseParts, prompts_sha1, versions, write_csv, write_table
+    from catchtag.runs import PhaseParts, prompts_sha1, save_figure_file, versions, write_csv, write_table
     from catchtag.summaries import AblateSummary
 
     started = time.perf_counter()
@@ -130,8 +130,9 @@ def run(c: AblateConfig) -> dict:
     if c.figures:
         from catchtag.report.analysis_figures import ablation_figure, release_figure
 
-        summary.figures = [str(ablation_figure(per_head(attrib), summary, folder / "ablation.png")),
-                           str(release_figure(release_map, summary, n_layers, n_heads, folder / "release.png"))]
+        summary.figures = [str(save_figure_file(ablation_figure(per_head(attrib), summary), folder / "ablation.png")),
+                           str(save_figure_file(release_figure(release_map, summary, n_layers, n_heads),
+                                                folder / "release.png"))]
     summary.write(c.out)
     return summary
 

@@ -29,7 +29,7 @@ def run(c: CompareConfig) -> dict:
     """Compare finished scans: compare.png, per-model, per-layer and per-head CSVs and compare.json in OUT."""
     from catchtag.analysis.compare import compare_runs
     from catchtag.report.analysis_figures import compare_figure
-    from catchtag.runs import write_csv, write_json
+    from catchtag.runs import save_figure_file, write_csv, write_json
 
     cmp = compare_runs(c.runs, ve_level=c.ve_level)
     out = Path(c.out)
@@ -37,7 +37,7 @@ def run(c: CompareConfig) -> dict:
     write_csv(cmp.summary, out / "compare_summary.csv")
     write_csv(cmp.per_layer, out / "compare_per_layer.csv")
     write_csv(cmp.per_head, out / "compare_per_head.csv")
-    figure = compare_figure(cmp, out / "compare.png")
+    figure = save_figure_file(compare_figure(cmp), out / "compare.png")
     summary = {"runs": cmp.summary.to_dict(orient="records"), "figure": str(figure)}
     write_json(out / "compare.json", summary)
     return summary

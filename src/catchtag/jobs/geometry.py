@@ -45,7 +45,7 @@ def run(c: GeometryConfig) -> dict:
     from catchtag.measure import tag_geometry
     from catchtag.inputs import resolve_model, resolve_text
     from catchtag.report.analysis_figures import geometry_figure
-    from catchtag.runs import write_csv, write_json
+    from catchtag.runs import save_figure_file, write_csv, write_json
 
     name, net, tok = resolve_model(c.model, c.device, c.dtype)
     p = resolve_text(tok, net, c.text, c.text_file, c.data, c.prompt, c.max_tokens)
@@ -55,7 +55,7 @@ def run(c: GeometryConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(geom.pairs, out / "geometry_pairs.csv")
     write_csv(geom.tag_vs_token, out / "geometry_tag_vs_token.csv")
-    figure = geometry_figure({name: geom}, out / "geometry.png")
+    figure = save_figure_file(geometry_figure({name: geom}), out / "geometry.png")
     summary = {**geom.summary(), "settings": geom.settings, "figure": str(figure)}
     write_json(out / "geometry.json", summary)
     return summary

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
+from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError, check_type
 from catchtag.inputs import (check_at_least, check_between, check_device, check_dtype, check_file_out,
                              check_folder_out, parse_numbers)
@@ -131,11 +132,12 @@ def file_out(default, help: str = "the HTML file to write"):
 
 
 def eps_setting():
-    return setting(0.2, "sink threshold on the column score", check=between(0, 1, 0.2))
+    return setting(SinkSettings.eps, "sink threshold on the column score", check=between(0, 1, 0.2))
 
 
 def min_rows_setting():
-    return setting(16, "a column needs this many rows that see it to be a sink", check=at_least(1, 16))
+    return setting(SinkSettings.min_rows, "a column needs this many rows that see it to be a sink",
+                   check=at_least(1, 16))
 
 
 def batch_size_setting():

@@ -50,7 +50,7 @@ def run(c: PcaConfig) -> dict:
     from catchtag.measure import pca_picture
     from catchtag.inputs import check_head, resolve_model, resolve_text
     from catchtag.report.analysis_figures import pca_figure
-    from catchtag.runs import write_json
+    from catchtag.runs import save_figure_file, write_json
 
     name, net, tok = resolve_model(c.model, c.device, c.dtype)
     check_head(net, c.layer, c.head)
@@ -60,7 +60,7 @@ def run(c: PcaConfig) -> dict:
     pic = pca_picture(net, tok, p, layer=c.layer, head=c.head, deeper=c.deeper, eps=c.eps, min_rows=c.min_rows,
                       tag_level=c.tag_level, name=name)
     out = Path(c.out)
-    figure = pca_figure(pic, out / f"pca_L{pic.layer}H{pic.head}.png")
+    figure = save_figure_file(pca_figure(pic), out / f"pca_L{pic.layer}H{pic.head}.png")
     summary = {**pic.summary(), "settings": pic.settings, "figure": str(figure)}
     write_json(out / f"pca_L{pic.layer}H{pic.head}.json", summary)
     return summary

@@ -92,7 +92,7 @@ def run(c: ProbeConfig) -> dict:
     from catchtag.analysis.probes import get_task, probe_summary, probe_table, select_heads, selected_heads_markdown
     from catchtag.models import load_model
     from catchtag.report.analysis_figures import probe_heatmap
-    from catchtag.runs import write_csv, write_table, write_text
+    from catchtag.runs import save_figure_file, write_csv, write_table, write_text
     from catchtag.summaries import ProbeSummary
 
     probe_task = get_task(c.task, c.template)
@@ -131,7 +131,7 @@ def run(c: ProbeConfig) -> dict:
                                                    max_nontag=c.max_nontag))
     write_text(out / "selected_heads.md", selected_heads_markdown(summary))
     if c.figures:
-        summary.figures = [str(probe_heatmap(table, summary, out / "probe_heatmap.png"))]
+        summary.figures = [str(save_figure_file(probe_heatmap(table, summary), out / "probe_heatmap.png"))]
     summary.write(out)
     return summary
 

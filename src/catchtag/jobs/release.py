@@ -67,7 +67,7 @@ def run(c: ReleaseConfig) -> dict:
     from catchtag.data.prompts import load_prompts
     from catchtag.engine.request import ActivationRequest
     from catchtag.models import load_model, resolve_device
-    from catchtag.runs import versions, write_csv
+    from catchtag.runs import save_figure_file, versions, write_csv
     from catchtag.scan import scan
     from catchtag.summaries import ReleaseSummary
 
@@ -113,7 +113,7 @@ def run(c: ReleaseConfig) -> dict:
     if c.figures:
         from catchtag.report.analysis_figures import release_decoding_figure
 
-        summary.figure = str(release_decoding_figure(decoding, summary, out / "release_decoding.png"))
+        summary.figure = str(save_figure_file(release_decoding_figure(decoding, summary), out / "release_decoding.png"))
     summary.write(out)
     return summary
 

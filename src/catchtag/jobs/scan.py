@@ -102,8 +102,10 @@ def run(config: ScanConfig) -> ScanSummary | None:
                                      "chunk": c.chunk})
     if c.figures:
         from catchtag.report.figures import scan_figures
+        from catchtag.runs import save_figure_file
 
-        summary.figures = [str(p) for p in scan_figures(result, out / "figures")]
+        summary.figures = [str(save_figure_file(fig, out / "figures" / f"{name}.png"))
+                           for name, fig in scan_figures(result).items()]
     if c.views and not (out / "views" / "views.json").is_file():
         first = min(prompts, key=lambda p: p.prompt_id)
         summary.views = write_views(net, tokenizer, first, out / "views", eps=c.eps, min_rows=c.min_rows,

@@ -71,7 +71,7 @@ def run(c: SteerConfig) -> dict:
     from catchtag.jobs.probe import load_probe_inputs
     from catchtag.models import load_model
     from catchtag.report.analysis_figures import steering_figure
-    from catchtag.runs import write_table
+    from catchtag.runs import save_figure_file, write_table
     from catchtag.summaries import SteerSummary
 
     probes = Path(c.probes)
@@ -116,7 +116,7 @@ def run(c: SteerConfig) -> dict:
                           directions=directions, seconds=time.perf_counter() - started,
                           rows=table.to_dict(orient="records"))
     if c.figures:
-        report.figures = [str(steering_figure(table, summary, out / "steering.png", int(test.sum())))]
+        report.figures = [str(save_figure_file(steering_figure(table, summary, int(test.sum())), out / "steering.png"))]
     report.out = str(out) + "/"
     report.write(out)
     return report

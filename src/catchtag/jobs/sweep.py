@@ -50,7 +50,7 @@ def run(c: SweepConfig) -> dict:
     from catchtag.analysis.sweep import SWEEP_EPS, sweep_runs
     from catchtag.jobs.scan import JOB as SCAN, ScanConfig
     from catchtag.report.analysis_figures import sweep_figure
-    from catchtag.runs import write_csv, write_json
+    from catchtag.runs import save_figure_file, write_csv, write_json
 
     out = Path(c.out)
     runs = list(c.runs or [])
@@ -63,7 +63,7 @@ def run(c: SweepConfig) -> dict:
     table = sweep_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(table, out / "sweep.csv")
-    figure = sweep_figure(table, out / "sweep.png")
+    figure = save_figure_file(sweep_figure(table), out / "sweep.png")
     summary = {"table": table.to_dict(orient="records"), "figure": str(figure)}
     write_json(out / "sweep.json", summary)
     return summary

@@ -26,7 +26,7 @@ def run(c: TaxonomyConfig) -> dict:
     from catchtag.analysis.compare import load_runs
     from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
     from catchtag.report.analysis_figures import taxonomy_figure
-    from catchtag.runs import write_csv, write_json
+    from catchtag.runs import save_figure_file, write_csv, write_json
 
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def run(c: TaxonomyConfig) -> dict:
         write_csv(kinds, out / f"taxonomy_kinds_{safe}.csv")
         summary["runs"][name] = {"top_tokens": tokens.head(c.top).to_dict(orient="records"),
                                  "kinds": kinds.to_dict(orient="records")}
-    summary["figure"] = str(taxonomy_figure(tables, out / "taxonomy.png", top=c.top))
+    summary["figure"] = str(save_figure_file(taxonomy_figure(tables, top=c.top), out / "taxonomy.png"))
     write_json(out / "taxonomy.json", summary)
     return summary
 

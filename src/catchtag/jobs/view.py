@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from catchtag.engine.request import SinkSettings
 from catchtag.jobs.options import (Job, JobConfig, check_layer_and_head, check_one_prompt_settings, data_setting,
                                    device_setting, dtype_setting, eps_setting, file_out, min_rows_setting,
                                    model_setting, prompt_setting, setting, text_file_setting, text_setting)
@@ -53,8 +54,9 @@ def run(c: ViewConfig) -> dict:
     return {"out": str(path), "n_tokens": len(p.input_ids), "bytes": Path(path).stat().st_size}
 
 
-def show_tokens(model, tokenizer, text, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
-                name: str | None = None, start: tuple[int, int] | None = None, height: int = 640) -> TokenView:
+def show_tokens(model, tokenizer, text, *, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
+                max_tokens: int | None = None, name: str | None = None, start: tuple[int, int] | None = None,
+                height: int = 640) -> TokenView:
     """The token viewer for one prompt as an object a notebook displays inline (``token_view`` writes a file)."""
     from catchtag.analysis.common import one_prompt
     from catchtag.engine.request import ActivationRequest
@@ -68,8 +70,8 @@ def show_tokens(model, tokenizer, text, *, eps: float = 0.2, min_rows: int = 16,
     return TokenView(render_view(view_data(result, start=start)), height=height)
 
 
-def token_view(model, tokenizer, text, out, *, eps: float = 0.2, min_rows: int = 16, max_tokens: int | None = None,
-               name: str | None = None, start: tuple[int, int] | None = None) -> Path:
+def token_view(model, tokenizer, text, out, *, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
+               max_tokens: int | None = None, name: str | None = None, start: tuple[int, int] | None = None) -> Path:
     """Scan one prompt keeping every head's attention to its sinks, and write the viewer page to ``out``."""
     return show_tokens(model, tokenizer, text, eps=eps, min_rows=min_rows, max_tokens=max_tokens, name=name,
                        start=start).save(out)

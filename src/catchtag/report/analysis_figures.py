@@ -1,15 +1,17 @@
-"""Figures of the analyses (pca, compare, sweep, taxonomy, geometry): one PNG each, drawn outside pyplot."""
+"""Figures of the analyses (pca, compare, sweep, taxonomy, geometry, probes, steering, ablation, release): each
+function returns one matplotlib Figure, drawn outside pyplot; the job that wants a file saves it (runs), the report
+embeds it."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
 from catchtag.published import TAG_COSINE_BAND, TAG_TOKEN_COSINE_RANGE
-from catchtag.report.figures import new_figure, save_figure
+from catchtag.report.figures import new_figure
 
 SINK_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 RUN_COLORS = ["#3b6ea8", "#c0504d", "#6a9f58", "#8064a2", "#f79646", "#4bacc6"]
@@ -48,7 +50,7 @@ def draw_tokens(ax, tokens, colors, *, sinks=(), outline=None, width: int = 110,
     return n_lines
 
 
-def pca_figure(pic, path) -> Path:
+def pca_figure(pic) -> Figure:
     """Figure-2 style picture of one head (see analysis.pca.PcaPicture)."""
     T = len(pic.tokens)
     width = 96  # characters per line of the token strips: at 8 pt, readable when the report scales the figure down
@@ -107,10 +109,10 @@ def pca_figure(pic, path) -> Path:
                  f"that tags the token (attention >= {pic.tag_level})", fontsize=9, loc="left")
     fig.suptitle(f"{pic.model}: catch, tag, release in head L{pic.layer}.H{pic.head} on one {T}-token prompt; "
                  f"sinks {sink_desc}", fontsize=10)
-    return save_figure(fig, path)
+    return fig
 
 
-def compare_figure(cmp, path) -> Path:
+def compare_figure(cmp) -> Figure:
     """Sinks per head (violin), VE per head (box), share of heads with VE above the level, per-layer means."""
     runs = list(cmp.summary["run"])
     ph, pl = cmp.per_head, cmp.per_layer
@@ -158,10 +160,10 @@ def compare_figure(cmp, path) -> Path:
     fig.suptitle(f"Models side by side (eps={', '.join(map(str, eps))}; "
                  + "; ".join(f"{r}: {n} prompts" for r, n in zip(runs, cmp.summary["n_prompts"])) + ")", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def sweep_figure(table, path, published: dict | None = None) -> Path:
+def sweep_figure(table, published: dict | None = None) -> Figure:
     """Mean sinks per head vs mean VE (all heads) as eps varies, one pair of curves per run: the uncentred share
     (solid; the form of the published curve beside it) and the centred one (dashed); eps written at the points."""
     from catchtag.published import SWEEP_8B
@@ -203,10 +205,10 @@ def sweep_figure(table, path, published: dict | None = None) -> Path:
     ax2.legend(fontsize=7)
     fig.suptitle("Threshold sweep: all eps from one forward pass per prompt", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
+def taxonomy_figure(tables: dict, top: int = 15) -> Figure:
     """Per run: the most frequent sink tokens (count, heads, mean VE) and the share of each kind of sink."""
     from catchtag.analysis.taxonomy import KINDS
 
@@ -250,10 +252,10 @@ def taxonomy_figure(tables: dict, path, top: int = 15) -> Path:
         ax.set_title(f"{run}: kinds of sinks beyond the first token\n(position 0 is {100 * first:.1f}% of all sinks)",
                      fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def geometry_figure(geoms: dict, path) -> Path:
+def geometry_figure(geoms: dict) -> Figure:
     """Histograms of cosine between distinct tags (by kind of pair) and between each tag and its token."""
     from catchtag.analysis.geometry import PAIR_KINDS
 
@@ -298,10 +300,10 @@ def geometry_figure(geoms: dict, path) -> Path:
         ax.legend(fontsize=6)
     fig.suptitle("Tag geometry: are tags orthogonal to each other and to the tokens they tag?", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+def probe_heatmap(table: pd.DataFrame, summary: dict) -> Figure:
     """Layer x head heat maps of test accuracy for the tag, non-tag and full probes (selected heads boxed)."""
     from matplotlib.patches import Rectangle
 
@@ -331,10 +333,11 @@ def probe_heatmap(table: pd.DataFrame, summary: dict, path: str | Path) -> Path:
     fig.suptitle(f"{summary['model']}, {summary['task']}: last-token probe test accuracy\n{summary['n_train']} train / "
                  f"{summary['n_test']} test prompts; model's own {summary['shots']}-shot accuracy {100 * m:.0f}%"
                  f" (red box: selected head)", fontsize=9)
-    return save_figure(fig, path, dpi=100)
+    fig.set_dpi(100)  # many small panels: a little smaller than the others
+    return fig
 
 
-def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prompts: int | str = "?") -> Path:
+def steering_figure(table: pd.DataFrame, summary: dict, n_prompts: int | str = "?") -> Figure:
     """One panel per steered head: mean shift of the answer log-odds against the steering scale, for the
     tag direction and for each random direction of the same norm (error bars: standard error over prompts)."""
     heads = table[["layer", "head"]].drop_duplicates().to_numpy().tolist()
@@ -355,10 +358,10 @@ def steering_figure(table: pd.DataFrame, summary: dict, path: str | Path, n_prom
     fig.suptitle(f"{summary['model']}, {summary['task']}: steering one head at the last token\n"
                  f"({n_prompts} test prompts; shift of the mean log-odds vs no steering)", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+def ablation_figure(per_head: pd.DataFrame, summary: dict) -> Figure:
     """(a) First-order loss change of ablating each head's tag (layer x head) next to (b) its VE; (c) the real
     loss change of each ablated target with its 95% interval, beside the control's (random direction, same energy)
     and the first-order estimate."""
@@ -404,11 +407,11 @@ def ablation_figure(per_head: pd.DataFrame, summary: dict, path: str | Path) -> 
                       fontsize=9)
     fig.suptitle(f"{summary['model']}: release, causally ({summary['n_prompts']} prompts, eps {summary['eps']})",
                  fontsize=10)
-    return save_figure(fig, path)
+    return fig
 
 
-def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_heads: int, path: str | Path,
-                   most: int = 8) -> Path:
+def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_heads: int,
+                   most: int = 8) -> Figure:
     """The release map: for each ablated target (up to ``most``), how much each later head's output changes
     (relative change at sampled tokens, layer x head; the target's own layer and those before it are blank)."""
     targets = [r["target"] for r in summary["targets"]][:most]
@@ -433,10 +436,10 @@ def release_figure(release_map: pd.DataFrame, summary: dict, n_layers: int, n_he
         fig.colorbar(im, ax=list(axes.ravel()), shrink=0.8, label="relative change of a later head's output")
     fig.suptitle(f"{summary['model']}: which later heads change when a tag is {summary['mode']}-ablated",
                  fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
-def release_decoding_figure(decoding: pd.DataFrame, summary: dict, path: str | Path) -> Path:
+def release_decoding_figure(decoding: pd.DataFrame, summary: dict) -> Figure:
     """Held-out accuracy of decoding each head's sink groups from the residual stream entering each deeper layer
     (solid, 95% interval over prompts) against the control with other prompts' groups (dashed), each with its own
     chance (dotted: the control's labels are another set, with another largest group)."""
@@ -457,4 +460,4 @@ def release_decoding_figure(decoding: pd.DataFrame, summary: dict, path: str | P
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{summary['model']}: is a head's sink grouping readable deeper? ({summary['n_prompts']} prompts, "
                  f"level {summary['level']})", fontsize=9)
-    return save_figure(fig, path)
+    return fig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,24 +14,13 @@ if TYPE_CHECKING:  # only for annotations: result.py draws its notebook view wit
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, subplots: bool = True, **subplot_kw):
     """(figure, axes) as ``pyplot.subplots`` makes them, but outside pyplot: no backend is chosen or switched
     (importing catchtag leaves a notebook's inline backend alone), and no global figure list holds them."""
-    fig = Figure(figsize=figsize, layout=layout)
+    fig = Figure(figsize=figsize, layout=layout, dpi=110)  # the resolution it is saved and embedded at
     return (fig, fig.subplots(nrows, ncols, **subplot_kw)) if subplots else (fig, None)
-
-
-def save_figure(fig, path, dpi: int = 110) -> Path:
-    """Write a figure as PNG (creating its folder): the one way every figure is saved."""
-    from catchtag.runs import save_figure_file
-
-    return save_figure_file(fig, path, dpi=dpi)
 
 
 def _title(result: ScanResult, what: str) -> str:
     s = result.settings
     return f"{what}\n{s.get('model', '')} · eps={s.get('eps')} · {result.heads['prompt_id'].nunique()} prompts"
-
-
-def heatmap(result: ScanResult, column: str, label: str, path: Path, cmap: str = "viridis", vmax=None) -> Path:
-    return save_figure(heatmap_figure(result, column, label, cmap, vmax), path)
 
 
 def ve_heatmap_figure(result: ScanResult):
@@ -55,7 +43,7 @@ def heatmap_figure(result: ScanResult, column: str, label: str, cmap: str = "vir
     return fig
 
 
-def ve_distribution(result: ScanResult, path: Path) -> Path:
+def ve_distribution_figure(result: ScanResult) -> Figure:
     h = result.heads
     with_sinks = h.loc[h["n_sinks"] > 0, "ve"].to_numpy()
     fig, (ax1, ax2) = new_figure(1, 2, figsize=(10, 3.8))
@@ -74,10 +62,10 @@ def ve_distribution(result: ScanResult, path: Path) -> Path:
     ax2.set_title("per-layer means", fontsize=9)
     fig.suptitle(_title(result, "Variance explained by tags"), fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
+def sink_tokens_figure(result: ScanResult, top: int = 20) -> Figure:
     counts = result.sink_token_counts().head(top)
     fig, ax = new_figure(figsize=(7, max(3, 0.28 * len(counts) + 1)))
     labels = [repr(t) for t in counts["token"]]
@@ -90,16 +78,11 @@ def sink_tokens(result: ScanResult, path: Path, top: int = 20) -> Path:
         ax.text(ax.get_xlim()[1] * 0.99, i, f"VE {ve:.2f}", va="center", ha="right", fontsize=7)
     ax.set_title(_title(result, f"Most frequent sink tokens (top {top})"), fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def scan_figures(result: ScanResult, folder: str | Path) -> list[Path]:
-    """The four standard figures of a scan, written as PNGs into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return [
-        heatmap(result, "n_sinks", "mean sinks", folder / "sinks_heatmap.png", cmap="magma"),
-        save_figure(ve_heatmap_figure(result), folder / "ve_heatmap.png"),
-        ve_distribution(result, folder / "ve_distribution.png"),
-        sink_tokens(result, folder / "sink_tokens.png"),
-    ]
+def scan_figures(result: ScanResult) -> dict[str, Figure]:
+    """The four standard figures of a scan, by the name its job saves each under (figures/NAME.png)."""
+    return {"sinks_heatmap": heatmap_figure(result, "n_sinks", "mean sinks", cmap="magma"),
+            "ve_heatmap": ve_heatmap_figure(result), "ve_distribution": ve_distribution_figure(result),
+            "sink_tokens": sink_tokens_figure(result)}

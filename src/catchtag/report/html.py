@@ -12,7 +12,7 @@ import base64
 import html
 import json
 import re
-import tempfile
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -21,13 +21,16 @@ import pandas as pd
 _HERE = Path(__file__).parent
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def _img(fig, alt: str) -> str:
+    """A matplotlib figure as an <img> with the PNG inline (rendered in memory at the figure's own resolution)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _figure(path: Path, caption: str) -> str:
-    return f"<figure>{_img(path, caption)}<figcaption>{caption}</figcaption></figure>"
+def _figure(fig, caption: str) -> str:
+    return f"<figure>{_img(fig, caption)}<figcaption>{caption}</figcaption></figure>"
 
 
 def _header(column) -> str:
@@ -88,17 +91,16 @@ def write_report(runs, out="report.html", *, per_token: bool = True, title: str 
     per_token: also the per-token sections, drawn from each run folder's views/ (a ScanResult held in memory has
     none: the page says so).
     """
-    with tempfile.TemporaryDirectory(prefix="catchtag-report-") as tmp:  # figures live only until embedded
-        return _write_report(runs, out, Path(tmp), per_token=per_token, title=title)
+    return _write_report(runs, out, per_token=per_token, title=title)
 
 
-def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
+def _write_report(runs, out, *, per_token, title) -> Path:
     from catchtag.analysis.compare import compare_runs, load_runs
     from catchtag.analysis.sweep import sweep_runs
     from catchtag.published import SWEEP_8B
     from catchtag.analysis.taxonomy import kind_shares, sink_taxonomy
     from catchtag.report import analysis_figures as af
-    from catchtag.report.figures import heatmap
+    from catchtag.report.figures import heatmap_figure
     from catchtag.runs import versions
 
     run_list = list(runs.values()) if isinstance(runs, dict) else list(runs)
@@ -124,7 +126,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
               ".</p>"]
     # comparison
     cmp = compare_runs(results)
-    fig = af.compare_figure(cmp, tmp / "compare.png")
+    fig = af.compare_figure(cmp)
     parts += ["<h2 id='compare'>Models side by side</h2>",
               _figure(fig, "(a) Distribution over heads of the mean number of sinks per head (mean over prompts); "
                            "(b) the same for the variance explained by tags (VE; heads without a sink count as 0); "
@@ -137,7 +139,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     parts.append("<h2 id='sweep'>Threshold sweep</h2>")
     if with_sweep:
         table = sweep_runs(with_sweep)
-        fig = af.sweep_figure(table, tmp / "sweep.png")
+        fig = af.sweep_figure(table)
         pub = ", ".join(f"eps {e:g}: {s:g} sinks, VE {v:g}" for e, (s, v) in SWEEP_8B.items())
         parts += [_figure(fig, "(a) Mean sinks per head against mean VE as the threshold eps varies (labels): "
                                "lower eps finds more sinks, whose span explains more variance. Solid: VE "
@@ -150,7 +152,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
                      "<code>catchtag sweep</code>.</p>")
     # taxonomy
     tax = {n: (sink_taxonomy(r), kind_shares(r)) for n, r in results.items()}
-    fig = af.taxonomy_figure(tax, tmp / "taxonomy.png")
+    fig = af.taxonomy_figure(tax)
     parts += ["<h2 id='taxonomy'>Which tokens are sinks</h2>",
               _figure(fig, "Left: the sink token strings seen most often over prompts, layers and heads, coloured "
                            "by kind, with the number of distinct heads and the mean VE of those heads. Right: kinds of "
@@ -164,19 +166,19 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
         parts += [f"<h3>{html.escape(n)}</h3>", _table(kinds), _table(tokens.drop(columns=["share"]), max_rows=15)]
     # per-run heatmaps
     parts.append("<h2 id='heads'>Per layer and head</h2>")
-    for i, (n, r) in enumerate(results.items()):
-        a = heatmap(r, "n_sinks", "mean sinks", tmp / f"sinks_{i}.png", cmap="magma")
-        b = heatmap(r, "ve", "mean VE centred", tmp / f"ve_{i}.png", vmax=1)
+    for n, r in results.items():
+        a = heatmap_figure(r, "n_sinks", "mean sinks", cmap="magma")
+        b = heatmap_figure(r, "ve", "mean VE centred", vmax=1)
         parts += [f"<h3>{html.escape(n)}</h3>",
                   _figure(a, f"{html.escape(n)}: mean number of sinks of each head over the prompts."),
                   _figure(b, f"{html.escape(n)}: mean VE (centred) of each head over the prompts.")]
         if "ve_uncentred" in r.heads:
-            c = heatmap(r, "ve_uncentred", "mean VE uncentred", tmp / f"ve_uncentred_{i}.png", vmax=1)
+            c = heatmap_figure(r, "ve_uncentred", "mean VE uncentred", vmax=1)
             parts.append(_figure(c, f"{html.escape(n)}: mean VE (uncentred: the share of the output's energy, the "
                                     "shared mean direction included) of each head over the prompts."))
     if per_token:
-        parts += _per_token_sections(results, folders, tmp)
-    parts += _ablation_sections(results, folders, tmp)
+        parts += _per_token_sections(results, folders)
+    parts += _ablation_sections(results, folders)
     css = (_HERE / "report.css").read_text()
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{css}</style></head><body>" + "\n".join(parts) + "</body></html>")
@@ -185,7 +187,7 @@ def _write_report(runs, out, tmp: Path, *, per_token, title) -> Path:
     return write_text(out, page)
 
 
-def _ablation_sections(results, folders, tmp: Path) -> list[str]:
+def _ablation_sections(results, folders) -> list[str]:
     """Release, causally: the tables `catchtag ablate` left in each run's ablate/ folder, drawn again here."""
     from catchtag.analysis.release import tag_or_bias
     from catchtag.report import analysis_figures as af
@@ -197,15 +199,15 @@ def _ablation_sections(results, folders, tmp: Path) -> list[str]:
     if not found:
         return parts + ["<p class='note'>No run holds interventions. <code>catchtag ablate --model M --data D --out "
                         "RUN</code> adds them to a run folder.</p>"]
-    for i, (n, run) in enumerate(found.items()):
+    for n, run in found.items():
         summary, folder = AblateSummary.read(run), run / "ablate"
         attrib = pd.read_parquet(folder / "attribution.parquet")
         per_head = attrib.assign(estimate=attrib["estimate"].fillna(0.0)).groupby(["layer", "head"]) \
             .agg(estimate=("estimate", "mean"), ve=("ve", "mean")).reset_index()
         release = pd.read_parquet(folder / "release.parquet")
         L, H = int(attrib["layer"].max()) + 1, int(attrib["head"].max()) + 1
-        a = af.ablation_figure(per_head, summary, tmp / f"ablation_{i}.png")
-        b = af.release_figure(release, summary, L, H, tmp / f"release_{i}.png")
+        a = af.ablation_figure(per_head, summary)
+        b = af.release_figure(release, summary, L, H)
         rank = summary.get("attribution_vs_real_rank_correlation")
         table = pd.DataFrame([{"target": t["target"], "prompts tagged": t.get("n_prompts_tagged"),
                                "loss change (nats)": t["delta_nll"], "95% low": t["ci"][0],
@@ -237,7 +239,7 @@ def _ablation_sections(results, folders, tmp: Path) -> list[str]:
     return parts
 
 
-def _per_token_sections(results, folders, tmp: Path) -> list[str]:
+def _per_token_sections(results, folders) -> list[str]:
     from catchtag.analysis.geometry import TagGeometry
     from catchtag.analysis.pca import PcaPicture
     from catchtag.report import analysis_figures as af
@@ -253,7 +255,7 @@ def _per_token_sections(results, folders, tmp: Path) -> list[str]:
     def not_drawn(n: str, why: str) -> str:
         return f"<h3>{html.escape(n)}</h3><p class='note'>Not drawn: {html.escape(why)}</p>"
 
-    for i, (n, _r) in enumerate(results.items()):
+    for n in results:
         folder = folders.get(n)
         views = Path(folder) / "views" if folder is not None else None
         if views is None or not (views / "views.json").is_file():
@@ -281,7 +283,7 @@ def _per_token_sections(results, folders, tmp: Path) -> list[str]:
         if pic is None:
             pca_parts.append(not_drawn(n, notes.get("pca", "not kept")))
             continue
-        fig = af.pca_figure(pic, tmp / f"pca_{i}.png")
+        fig = af.pca_figure(pic)
         summ = pic.summary()
         pca_parts += [f"<h3>{html.escape(n)}: head L{pic.layer}.H{pic.head}</h3>",
                       _figure(fig, f"(a) Output of head L{pic.layer}.H{pic.head} at every token of one prompt, its top "
@@ -296,7 +298,7 @@ def _per_token_sections(results, folders, tmp: Path) -> list[str]:
                       "<pre class='note'>" + html.escape(json.dumps(summ, indent=1, ensure_ascii=False)) + "</pre>"]
     if not geoms:
         return pca_parts + ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes] + viewer_parts
-    fig = af.geometry_figure(geoms, tmp / "geometry.png")
+    fig = af.geometry_figure(geoms)
     geo_parts = ["<h2 id='geometry'>Tag geometry</h2>", *geo_notes,
                  _figure(fig, "Left: cosine similarity between distinct residual-stream tags (W_O of each head applied "
                               "to its tag) at sampled tokens: pairs from different layers, from different heads of one "

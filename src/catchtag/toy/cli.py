@@ -64,6 +64,7 @@ def construct(
     """Explicit weights of Theorem 7.1: error vs tag value, and the two attention maps."""
     import torch
 
+    from catchtag.runs import save_figure_file
     from catchtag.toy.figures import plot_attention, plot_construct_error
     from catchtag.toy.model import construct_model
     from catchtag.toy.task import check_task, make_batch
@@ -101,13 +102,14 @@ def construct(
                 }
             )
         ex = int((batch.types.shape[1] - batch.sep).argmax()) if v == "single" else 0
-        plot_attention(construct_model(show_tag, v), batch, out / f"construct_attention_{v}.png", index=ex,
-                       title=f"construction, {v}, tag={show_tag:g}")
+        save_figure_file(plot_attention(construct_model(show_tag, v), batch, index=ex,
+                                        title=f"construction, {v}, tag={show_tag:g}"),
+                         out / f"construct_attention_{v}.png")
     import pandas as pd
 
     df = pd.DataFrame(rows)
     df.to_csv(out / "construct.csv", index=False)
-    plot_construct_error(df, out / "construct_error.png")
+    save_figure_file(plot_construct_error(df), out / "construct_error.png")
     typer.echo(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     typer.echo(f"wrote {out}/construct.csv and PNGs")
 
@@ -134,6 +136,7 @@ def train(
     out: Path = typer.Option(Path("runs/toy/train"), help="Output folder (per-seed rows are appended, resumable)."),
 ) -> None:
     """Train N seeds, report held-out R^2, success rate and the mechanism per seed."""
+    from catchtag.runs import save_figure_file
     from catchtag.toy.figures import plot_attention, plot_seeds
     from catchtag.toy.model import ToyConfig
     from catchtag.toy.train import eval_batch, load_trained, make_recipe, recipe_model_options, summarize, train_seeds
@@ -165,11 +168,11 @@ def train(
     summ = summarize(res, variant=variant, heads=mc.n_heads, init_tag=init_tag, recipe=recipe,
                      wall_seconds=round(time.time() - t0, 1))
     (out / f"summary_{tagname}.json").write_text(json.dumps(summ, indent=1))
-    plot_seeds(df, out / f"seeds_{tagname}.png", title=label)
+    save_figure_file(plot_seeds(df, title=label), out / f"seeds_{tagname}.png")
     ev = eval_batch(task, 64)
     for s in df.loc[df.success, "seed"].tolist()[:figures]:
-        plot_attention(load_trained(out, res, int(s)), ev, out / f"attention_{tagname}_seed{s}.png",
-                       title=f"trained seed {s}")
+        save_figure_file(plot_attention(load_trained(out, res, int(s)), ev, title=f"trained seed {s}"),
+                         out / f"attention_{tagname}_seed{s}.png")
     _print_rows(df)
     typer.echo(f"success {res.successes}/{res.n} (R^2 >= {threshold}); in the successes: attention check "
                f"(sinks >= {tc.sink_threshold}, release >= {tc.release_threshold}) {res.verified}/{res.successes}, "

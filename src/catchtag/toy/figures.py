@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from catchtag.toy.task import SEP, SEP2, Batch
-from catchtag.report.figures import new_figure, save_figure
+from catchtag.report.figures import new_figure
 
 
 def _labels(batch: Batch, i: int) -> list[str]:
@@ -20,7 +20,7 @@ def _labels(batch: Batch, i: int) -> list[str]:
 
 
 @torch.no_grad()
-def plot_attention(model, batch: Batch, path: str | Path, index: int = 0, title: str = "") -> Path:
+def plot_attention(model, batch: Batch, index: int = 0, title: str = "") -> Figure:
     """One row per layer, one column per head: the causal attention map of example ``index``."""
     y, aux = model(batch.values[index : index + 1], batch.types[index : index + 1], return_all=True)
     attn = [a[0].numpy() for a in aux["attn"]]  # (H, L, L) per layer
@@ -43,10 +43,11 @@ def plot_attention(model, batch: Batch, path: str | Path, index: int = 0, title:
     t = float(batch.target[index])
     fig.suptitle(f"{title}  target {t:.3f}  prediction {float(y[0]):.3f}", fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90)
+    fig.set_dpi(90)
+    return fig
 
 
-def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
+def plot_construct_error(df: pd.DataFrame) -> Figure:
     """Error of the explicit construction against the tag value (log scale)."""
     fig, ax = new_figure(figsize=(4.2, 3.0))
     for v, g in df.groupby("variant"):
@@ -56,10 +57,11 @@ def plot_construct_error(df: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("Theorem 7.1 construction", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90)
+    fig.set_dpi(90)
+    return fig
 
 
-def plot_seeds(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+def plot_seeds(df: pd.DataFrame, title: str = "") -> Figure:
     """Per seed: held-out R^2 against layer-1 sink mass (the mechanism and the success go together)."""
     fig, ax = new_figure(figsize=(4.2, 3.0))
     r2 = df["r2"].clip(lower=-0.1)
@@ -72,4 +74,5 @@ def plot_seeds(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90)
+    fig.set_dpi(90)
+    return fig
