@@ -334,3 +334,19 @@ def test_every_job_writes_only_its_artifacts_and_one_writer_at_a_time(tmp_path):
         assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "release").rglob("*") if p.is_file()) == before
     finally:
         lock.release()
+
+
+def test_a_reader_that_goes_away_is_not_a_failure():
+    """`catchtag pca --help | head -8`: the reader closes the pipe while the help is still being written; catchtag
+    stops without a word on stderr (it used to report the BrokenPipeError as a bug, with a log: 4 times in 5)."""
+    import os
+
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-m", "catchtag", "pca", "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "120"})
+        for _ in range(8):
+            proc.stdout.readline()
+        proc.stdout.close()  # the reader goes away, as head does
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+        assert "failed" not in err and "Traceback" not in err, err

@@ -63,6 +63,11 @@ def _one_line_errors(ctx=None):
         here = err.ctx.command_path if getattr(err, "ctx", None) is not None else None
         _fail(f"{err.format_message().rstrip('.')}. Fix: see `{here or 'catchtag'} --help`",
               code=getattr(err, "exit_code", 2) or 2)
+    except BrokenPipeError:  # the reader went away (`catchtag scan --help | head`): nothing is wrong, say nothing
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail again
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         out = _RUN_FOLDERS[-1] if _RUN_FOLDERS else None
         typer.secho("interrupted" + (f": {out} keeps every batch that was finished; rerun the same command to resume"
@@ -228,7 +233,7 @@ def _command(job) -> None:
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
     command.__name__ = job.name
-    command.__doc__ = job.config.__doc__
+    command.__doc__ = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(job.config.__doc__).split("\n\n"))
     app.command(job.name)(command)
 
 
