@@ -325,6 +325,8 @@ def test_every_job_writes_only_its_artifacts_and_one_writer_at_a_time(tmp_path):
         assert res.exit_code == 0, (job, res.output[-2000:])
         jobs = ("scan", "ablate") if job == "ablate" else (job,)
         assert not unlisted_files(folders[job], *jobs), (job, unlisted_files(folders[job], *jobs))
+        if job in ("release", "probe", "steer"):  # their lock goes with them (a scan's run keeps its own)
+            assert not (folders[job] / "catchtag.lock").exists(), job
     lock = WriterLock(tmp_path / "release", "release")  # another writer holds the release folder
     try:
         before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "release").rglob("*") if p.is_file())

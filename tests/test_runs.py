@@ -137,3 +137,24 @@ def test_a_summary_owns_its_file(tmp_path):
     (tmp_path / "steering.json").write_bytes(b"\xff not json")
     with pytest.raises(CatchtagError, match="not readable JSON"):
         SteerSummary.read(tmp_path)
+
+
+def test_a_writer_lock_can_leave_no_file(tmp_path):
+    """A job's lock refuses a second writer; released with remove=True it leaves the folder as the job wrote it, and
+    the next writer locks a new file. A lock on a file that a finishing writer has just removed is not a lock: the
+    next one takes the file at the path."""
+    import fcntl
+
+    from catchtag.runs import WriterLock
+
+    first = WriterLock(tmp_path / "out", "pca")
+    with pytest.raises(CatchtagError, match="being written by another catchtag process"):
+        WriterLock(tmp_path / "out", "pca")
+    stale = open(first.path, "a")  # a writer that opened the file just before the first one finished
+    first.release(remove=True)
+    assert not first.path.exists() and (tmp_path / "out").is_dir()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the old, removed file...
+    second = WriterLock(tmp_path / "out", "pca")  # ...which does not keep the next writer out of the folder
+    assert second._holds_the_path() and second.path.exists()
+    stale.close()
+    second.release(remove=True)

@@ -241,17 +241,34 @@ class WriterLock:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / ("catchtag.lock" if rank == 0 else f"catchtag-r{rank}.lock")
         self.new_file = not self.path.exists()
-        self._file = open(self.path, "a")  # never written to: the lock is the file's, not its content's
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.close()
-            raise CatchtagError(f"{folder} is being written by another catchtag process (a {what} with the same "
-                                f"--out is running). Fix: wait for it to finish, or choose another --out") from None
+        for _ in range(3):
+            self._file = open(self.path, "a")  # never written to: the lock is the file's, not its content's
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._file.close()
+                raise CatchtagError(f"{folder} is being written by another catchtag process (a {what} with the same "
+                                    f"--out is running). Fix: wait for it to finish, or choose another --out") \
+                    from None
+            if self._holds_the_path():
+                return
+            self._file.close()  # the last holder removed the file as it finished (release(remove=True)): again
+        raise CatchtagError(f"{folder} keeps changing writers. Fix: wait for the other catchtag processes to finish")
 
-    def release(self, undo: bool = False) -> None:
-        """Release the lock; ``undo`` (the job failed before writing anything): also remove the lock file and the
-        folders this lock created, where they are empty, so a refused command leaves nothing behind."""
+    def _holds_the_path(self) -> bool:
+        """The locked file is still the one at the path (not one a finishing writer has just removed)."""
+        try:
+            return os.fstat(self._file.fileno()).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self, undo: bool = False, remove: bool = False) -> None:
+        """Release the lock; ``remove``: also remove the lock file (a job's output folder is left as the job wrote
+        it; a later writer that opened the old file sees it is gone and locks a new one); ``undo`` (the job failed
+        before writing anything): also remove the lock file and the folders this lock created, where they are
+        empty, so a refused command leaves nothing behind."""
+        if remove and not self._file.closed:
+            self.path.unlink(missing_ok=True)  # while still held: nobody can take it between the two steps
         if not self._file.closed:
             self._file.close()  # closing the file releases the lock
         if undo:

@@ -302,7 +302,8 @@ class Job:
             done = True
             return result
         finally:
-            lock.release(undo=not done and not any(p.name != lock.path.name for p in lock.path.parent.iterdir()))
+            lock.release(undo=not done and not any(p.name != lock.path.name for p in lock.path.parent.iterdir()),
+                         remove=done)
 
     def api(self) -> Callable[..., Any]:
         """The Python function of this job (``run_scan`` ...): the same settings by name, checked the same way."""
