@@ -99,6 +99,9 @@ def run_entry(name: str, entry: dict, store: bool) -> list[str]:
             if not new_file.is_file():
                 lines.append(f"{produced}: not written")
                 continue
+            if not store and not ref.is_file():
+                lines.append(f"{stored}: no stored reference yet (run `python bench/reproduce.py --store {name}`)")
+                continue
             if store:
                 ref.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(new_file, ref)
