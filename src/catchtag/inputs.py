@@ -107,21 +107,6 @@ def check_dtype(dtype: str | None) -> None:
         raise CatchtagError(f"--dtype: {err}. Fix: --dtype auto (float32 on cpu, bfloat16 on cuda)") from None
 
 
-def check_sink_settings(eps: float, min_rows: int) -> None:
-    """--eps in (0, 1) and --min-rows >= 1 (what SinkSettings asks), checked before the model is loaded."""
-    check_between("--eps", eps, 0, 1, 0.2)
-    check_at_least("--min-rows", min_rows, 1, 16)
-
-
-def check_scan_numbers(*, max_tokens: int | None = None, chunk: int | None = None, limit: int | None = None,
-                       batch_size: int | None = None) -> None:
-    """The counts a scan takes: --max-tokens >= 0 (0: no limit), --chunk, --limit and --batch-size >= 1."""
-    check_at_least("--max-tokens", max_tokens, 0, 256, " (0: no limit)")
-    check_at_least("--chunk", chunk, 1, 256)
-    check_at_least("--limit", limit, 1, 32)
-    check_at_least("--batch-size", batch_size, 1, 8)
-
-
 def read_text_file(text_file) -> str:
     """The prompt in --text-file: an existing, non-empty UTF-8 file."""
     path = Path(text_file)

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from catchtag.jobs.options import (Job, JobConfig, at_least, check_one_prompt_settings, data_setting, device_setting,
-                                   dtype_setting, eps_setting, folder_out, min_rows_setting, model_setting,
-                                   prompt_setting, setting, text_file_setting, text_setting)
-from catchtag.jobs.pca import ONE_PROMPT_DATA
+from catchtag.jobs.options import (Job, OnePromptConfig, at_least, device_setting, dtype_setting, eps_setting,
+                                   folder_out, min_rows_setting, setting)
 
 KINDS = ("different layers", "same layer, different heads", "same head, different sinks", "tag_vs_token")
 
 
 @dataclass(frozen=True)
-class GeometryConfig(JobConfig):
+class GeometryConfig(OnePromptConfig):
     """Tag geometry: cosine between distinct tags, and between each tag and the token it is added to."""
 
     command = "geometry"
-    positional = ("model", "out")
 
-    model: str = model_setting()
-    text: Optional[str] = text_setting()
-    text_file: Optional[Path] = text_file_setting()
-    data: Optional[str] = data_setting(ONE_PROMPT_DATA)
-    prompt: int = prompt_setting()
-    max_tokens: int = setting(256, "cut the prompt to this many tokens")
     n_positions: int = setting(64, "token positions sampled (memory: layers x heads x positions x hidden)",
                                check=at_least(1, 64))
     max_pairs: int = setting(20000, "pairs of tags sampled per kind", check=at_least(1, 20000))
@@ -35,9 +25,6 @@ class GeometryConfig(JobConfig):
     out: Path = folder_out("runs/geometry", "folder for geometry.png and CSVs")
     device: str = device_setting()
     dtype: str = dtype_setting()
-
-    def check_together(self) -> None:
-        check_one_prompt_settings(self)
 
 
 def run(c: GeometryConfig) -> dict:

@@ -160,26 +160,6 @@ def figures_setting(help: str = "skip the figures"):
     return setting(True, help, "--no-figures", negate=True)
 
 
-# ---- one prompt (pca, geometry, view) ------------------------------------------------------------------------------
-def text_setting():
-    return setting(None, "the prompt (default: prompt --prompt of --data)", "--text", "-t")
-
-
-def text_file_setting():
-    return setting(None, "read the prompt from this file", "--text-file", cli=Optional[Path])
-
-
-def prompt_setting():
-    return setting(0, "which prompt of --data (0-based, as `catchtag scan` numbers them)", "--prompt")
-
-
-def check_one_prompt_settings(config) -> None:
-    """--text, --text-file or --data, checked before the model loads (resolve_text checks the rest)."""
-    from catchtag.inputs import check_one_prompt
-
-    check_one_prompt(config.text, config.text_file, config.data, config.prompt, config.max_tokens)
-
-
 def check_layer_and_head(layer, head) -> None:
     if (layer is None) != (head is None):
         raise CatchtagError("give both --layer and --head, or neither. Fix: e.g. --layer 3 --head 0")
@@ -322,3 +302,24 @@ class Job:
         function.__doc__ = self.run.__doc__
         function.__module__ = "catchtag.jobs"
         return function
+
+
+@dataclass(frozen=True)
+class OnePromptConfig(JobConfig):
+    """The settings of a job on one prompt (pca, geometry, view): the model, and the prompt as --text, --text-file or
+    prompt --prompt of --data, cut to --max-tokens; checked before the model loads (resolve_text checks the rest)."""
+
+    positional = ("model", "out")
+
+    model: str = model_setting()
+    text: Optional[str] = setting(None, "the prompt (default: prompt --prompt of --data)", "--text", "-t")
+    text_file: Optional[Path] = setting(None, "read the prompt from this file", "--text-file", cli=Optional[Path])
+    data: Optional[str] = data_setting("where the default prompt comes from (default: builtin:prose; a toy: model's "
+                                       "own task data)")
+    prompt: int = setting(0, "which prompt of --data (0-based, as `catchtag scan` numbers them)", "--prompt")
+    max_tokens: Optional[int] = setting(256, "cut the prompt to this many tokens")
+
+    def check_together(self) -> None:
+        from catchtag.inputs import check_one_prompt
+
+        check_one_prompt(self.text, self.text_file, self.data, self.prompt, self.max_tokens)

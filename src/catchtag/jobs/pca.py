@@ -6,29 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from catchtag.jobs.options import (Job, JobConfig, between, check_layer_and_head, check_one_prompt_settings,
-                                   data_setting, device_setting, dtype_setting, eps_setting, folder_out,
-                                   min_rows_setting, model_setting, prompt_setting, setting, text_file_setting,
-                                   text_setting)
-
-ONE_PROMPT_DATA = "where the default prompt comes from (default: builtin:prose; a toy: model's own task data)"
+from catchtag.jobs.options import (Job, OnePromptConfig, between, check_layer_and_head, device_setting, dtype_setting,
+                                   eps_setting, folder_out, min_rows_setting, setting)
 
 
 @dataclass(frozen=True)
-class PcaConfig(JobConfig):
+class PcaConfig(OnePromptConfig):
     """Figure-2 picture of one head: outputs coloured by top-3 PCs, attention with sinks, the residual stream deeper.
 
     Default head: the highest VE among heads with a sink beyond the first token."""
 
     command = "pca"
-    positional = ("model", "out")
 
-    model: str = model_setting()
-    text: Optional[str] = text_setting()
-    text_file: Optional[Path] = text_file_setting()
-    data: Optional[str] = data_setting(ONE_PROMPT_DATA)
-    prompt: int = prompt_setting()
-    max_tokens: int = setting(256, "cut the prompt to this many tokens")
     layer: Optional[int] = setting(None, "layer (default: best head, see --help)", "--layer", "-l")
     head: Optional[int] = setting(None, "head (give with --layer)", "--head")
     deeper: Optional[int] = setting(None, "residual stream after this layer (default layer + 4)")
@@ -42,7 +31,7 @@ class PcaConfig(JobConfig):
 
     def check_together(self) -> None:
         check_layer_and_head(self.layer, self.head)
-        check_one_prompt_settings(self)
+        super().check_together()
 
 
 def run(c: PcaConfig) -> dict:

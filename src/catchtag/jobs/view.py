@@ -7,28 +7,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from catchtag.engine.request import SinkSettings
-from catchtag.jobs.options import (Job, JobConfig, check_layer_and_head, check_one_prompt_settings, data_setting,
-                                   device_setting, dtype_setting, eps_setting, file_out, min_rows_setting,
-                                   model_setting, prompt_setting, setting, text_file_setting, text_setting)
-from catchtag.jobs.pca import ONE_PROMPT_DATA
+from catchtag.jobs.options import (Job, OnePromptConfig, check_layer_and_head, device_setting, dtype_setting,
+                                   eps_setting, file_out, min_rows_setting, setting)
 
 if TYPE_CHECKING:
     from catchtag.report.viewer import TokenView
 
 
 @dataclass(frozen=True)
-class ViewConfig(JobConfig):
+class ViewConfig(OnePromptConfig):
     """Interactive token viewer (offline HTML): sinks per layer/head, tokens coloured by the sink that tags them."""
 
     command = "view"
-    positional = ("model", "out")
 
-    model: str = model_setting()
-    text: Optional[str] = text_setting()
-    text_file: Optional[Path] = text_file_setting()
-    data: Optional[str] = data_setting(ONE_PROMPT_DATA)
-    prompt: int = prompt_setting()
-    max_tokens: Optional[int] = setting(256, "cut the prompt to this many tokens")
     eps: float = eps_setting()
     min_rows: int = min_rows_setting()
     layer: Optional[int] = setting(None, "layer to open on (with --head)", "--layer", "-l")
@@ -39,7 +30,7 @@ class ViewConfig(JobConfig):
 
     def check_together(self) -> None:
         check_layer_and_head(self.layer, self.head)
-        check_one_prompt_settings(self)
+        super().check_together()
 
 
 def run(c: ViewConfig) -> dict:
