@@ -158,3 +158,8 @@ def test_a_writer_lock_can_leave_no_file(tmp_path):
     assert second._holds_the_path() and second.path.exists()
     stale.close()
     second.release(remove=True)
+    mine = tmp_path / "theirs"
+    mine.mkdir()
+    (mine / "catchtag.lock").write_text("a file of the user's that happens to have this name")
+    WriterLock(mine, "pca").release(remove=True)  # a file the lock did not create is never removed
+    assert (mine / "catchtag.lock").read_text().startswith("a file of the user's")

@@ -263,11 +263,11 @@ class WriterLock:
             return False
 
     def release(self, undo: bool = False, remove: bool = False) -> None:
-        """Release the lock; ``remove``: also remove the lock file (a job's output folder is left as the job wrote
-        it; a later writer that opened the old file sees it is gone and locks a new one); ``undo`` (the job failed
-        before writing anything): also remove the lock file and the folders this lock created, where they are
-        empty, so a refused command leaves nothing behind."""
-        if remove and not self._file.closed:
+        """Release the lock; ``remove``: also remove the lock file when this lock created it (a job's output folder
+        is left as the job wrote it; a later writer that opened the old file sees it is gone and locks a new one);
+        ``undo`` (the job failed before writing anything): also remove the lock file and the folders this lock
+        created, where they are empty, so a refused command leaves nothing behind."""
+        if remove and self.new_file and not self._file.closed:  # a lock file that was there before stays
             self.path.unlink(missing_ok=True)  # while still held: nobody can take it between the two steps
         if not self._file.closed:
             self._file.close()  # closing the file releases the lock
