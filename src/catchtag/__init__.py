@@ -13,6 +13,7 @@ _LAZY = {
     "ActivationRequest": "catchtag.engine.request", "SinkSettings": "catchtag.engine.request",
     "available_models": "catchtag.models", "load_model": "catchtag.models",
     "ScanResult": "catchtag.result", "scan": "catchtag.scan", "run_scan": "catchtag.jobs",
+    "generate": "catchtag.generation", "GenerationResult": "catchtag.generation", "run_generate": "catchtag.jobs",
     "compare_runs": "catchtag.analysis.compare", "tag_geometry": "catchtag.measure",
     "pca_picture": "catchtag.measure", "HeadProbes": "catchtag.analysis.probes",
     "TagProbe": "catchtag.analysis.probes", "run_probe": "catchtag.jobs",
@@ -25,7 +26,8 @@ _LAZY = {
 }
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
-__all__ = ["ActivationRequest", "CatchtagError", "HeadProbes", "SWEEP_EPS", "ScanResult", "SinkSettings", "TagProbe",
-           "answer_logprobs", "available_models", "compare_runs", "kind_shares", "load_model", "pca_picture",
-           "run_probe", "run_scan", "run_steer", "scan", "show_tokens", "sink_taxonomy", "steering_curve",
-           "sweep_table", "tag_geometry", "token_view", "toy", "write_report"]
+__all__ = ["ActivationRequest", "CatchtagError", "GenerationResult", "HeadProbes", "SWEEP_EPS", "ScanResult",
+           "SinkSettings", "TagProbe", "answer_logprobs", "available_models", "compare_runs", "generate",
+           "kind_shares", "load_model", "pca_picture", "run_generate", "run_probe", "run_scan", "run_steer",
+           "scan", "show_tokens", "sink_taxonomy", "steering_curve", "sweep_table", "tag_geometry",
+           "token_view", "toy", "write_report"]

@@ -193,3 +193,25 @@ class SteerSummary(Summary):
     rows: list = MISSING
     figures: list = MISSING
     out: str = MISSING
+
+
+@dataclass
+class GenerateSummary(Summary):
+    """`catchtag generate`: what ran (model, data or prompt, the generation options, the sink rule), what came out
+    (prompts, new tokens, how the texts ended), the tracker's last state against a scan of the finished texts
+    (check), timings and the files written."""
+
+    job: ClassVar[str] = "generate"
+    model: str = MISSING
+    data: str | None = MISSING
+    n_prompts: int = MISSING
+    new_tokens: int = MISSING
+    ended: dict = MISSING
+    generation: dict = MISSING
+    eps: float = MISSING
+    min_rows: int = MISSING
+    check: dict = MISSING
+    result: dict = MISSING
+    seconds: dict = MISSING
+    figures: list = MISSING
+    versions: dict = MISSING

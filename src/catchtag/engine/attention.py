@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from catchtag.engine.arch import head_output_projection, is_gated, output_projection
+from catchtag.engine.decode import active_tracker
 from catchtag.engine.positions import first_real, last_real
 from catchtag.engine.request import ActivationRequest, SinkSettings
 from catchtag.engine.stats import HeadStats
@@ -268,6 +269,11 @@ def catchtag_attention(module, query, key, value, attention_mask, dropout=0.0, s
     cap = _ACTIVE.get()
     _check_kwargs(module, dict(kwargs, dropout=dropout))
     sinks = sink_logits(kwargs, query)
+    tracker = active_tracker()
+    if tracker is not None and cap is None:  # generation with a KV cache (engine.decode)
+        out = tracker.attend(module, query, key, value, attention_mask,
+                             query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, sinks)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     plain_kwargs = {k: v for k, v in kwargs.items() if k not in _TAKEN_KWARGS}
     if cap is None and softcap is None and sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

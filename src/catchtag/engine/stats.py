@@ -127,6 +127,22 @@ def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings
     exp(q k^T scale - lse) over the rows, chunk by chunk, skipping the key tiles no row of the chunk sees; with
     softcapped logits, which no fused kernel takes, the chunks compute the softmax and the output themselves.
     """
+    qf, kf, vf, out, lse, col_sum, row_counts, token_valid, bool_mask, maps = attention_and_column_sums(
+        q, k, v, mask, scaling, softcap, settings, keep_maps, sinks)
+    eligible = token_valid & (row_counts >= settings.min_rows)
+    col_scores = col_sum / row_counts.clamp_min(1)[:, None, :]
+    col_scores = col_scores.masked_fill(~eligible[:, None, :], float("nan"))
+    tag, stats = _sink_pass(qf, kf, vf, out, lse, bool_mask, token_valid, col_scores, row_counts, scaling, softcap,
+                            settings, v.dtype)
+    stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
+    return out, tag, stats, maps
+
+
+def attention_and_column_sums(q, k, v, mask, scaling, softcap, settings: SinkSettings, keep_maps=(), sinks=None):
+    """Pass 1 of ``attention_with_stats``: (qf, kf, vf float32 with the KV heads repeated, out (B,H,T,Dv) float32,
+    lse (B,H,T), col_sum (B,H,T): each column's attention summed over the rows, row_counts (B,T): how many rows see
+    each column, token_valid (B,T), the bool mask or None, maps). A decoding step (engine.decode) continues these
+    sums one row at a time."""
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
     qf = q.float().contiguous()  # one copy, not one per chunk (the model hands a transposed view)
@@ -187,14 +203,7 @@ def attention_with_stats(q, k, v, mask, scaling, softcap, settings: SinkSettings
         row_counts[:, lo:hi] += m[:, :, lo:hi].sum(dim=1)
         for h in maps:
             maps[h][:, r0:r1, lo:hi] = a[:, h]
-
-    eligible = token_valid & (row_counts >= settings.min_rows)
-    col_scores = col_sum / row_counts.clamp_min(1)[:, None, :]
-    col_scores = col_scores.masked_fill(~eligible[:, None, :], float("nan"))
-    tag, stats = _sink_pass(qf, kf, vf, out, lse, bool_mask, token_valid, col_scores, row_counts, scaling, softcap,
-                            settings, v.dtype)
-    stats.learned_sink = learned_sink_share(sinks, lse, token_valid)
-    return out, tag, stats, maps
+    return qf, kf, vf, out, lse, col_sum, row_counts, token_valid, bool_mask, maps
 
 
 def _sink_pass(qf, kf, vf, out, lse, mask, token_valid, col_scores, row_counts, scaling, softcap, settings,

@@ -6,14 +6,14 @@ jobs for Python (the settings by name, checked the same way, before any model lo
 
 from __future__ import annotations
 
-from catchtag.jobs import (ablate, compare, geometry, pca, probe, release, report, scan, steer, sweep, taxonomy,
-                           view)
+from catchtag.jobs import (ablate, compare, generate, geometry, pca, probe, release, report, scan, steer, sweep,
+                           taxonomy, view)
 from catchtag.jobs.probe import load_probe_inputs
 from catchtag.jobs.scan import write_views
 from catchtag.jobs.view import show_tokens, token_view
 
 JOBS = {m.JOB.name: m.JOB for m in (scan, pca, compare, sweep, taxonomy, geometry, report, view, probe, steer, ablate,
-                                    release)}
+                                    release, generate)}
 
 run_scan = scan.JOB.api()
 run_pca = pca.JOB.api()
@@ -27,7 +27,8 @@ run_probe = probe.JOB.api()
 run_steer = steer.JOB.api()
 run_ablate = ablate.JOB.api()
 run_release = release.JOB.api()
+run_generate = generate.JOB.api()
 
-__all__ = ["JOBS", "load_probe_inputs", "run_ablate", "run_compare", "run_geometry", "run_pca", "run_probe",
-           "run_release", "run_report", "run_scan", "run_steer", "run_sweep", "run_taxonomy", "run_view",
+__all__ = ["JOBS", "load_probe_inputs", "run_ablate", "run_compare", "run_generate", "run_geometry", "run_pca",
+           "run_probe", "run_release", "run_report", "run_scan", "run_steer", "run_sweep", "run_taxonomy", "run_view",
            "show_tokens", "token_view", "write_views"]

@@ -1,0 +1,198 @@
+"""Sinks while the model writes (engine.decode, catchtag.generation, `catchtag generate`): the tracker's state after
+the last step against the float64 reference on the final texts, a step's sinks against the reference on the prefix,
+greedy tokens against the model without catchtag, across architectures, padding, sliding windows (with sinks that
+leave the window), learned sinks, a hybrid model and a static cache; the command end to end, resumed, refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from catchtag.data.prompts import Prompt
+from catchtag.engine.reference import reference_scan
+from catchtag.engine.request import SinkSettings
+from catchtag.generation import _left_padded, generate, generation_config, track_generation
+from catchtag.tiny import tiny_config, tiny_tokenizer
+
+from conftest import EPS, MIN_ROWS
+
+SETTINGS = SinkSettings(eps=EPS, min_rows=MIN_ROWS, sweep_eps=(0.1,))
+TEXTS = ["The quick brown fox jumps over the lazy dog, again and again.", "Hello there"]
+
+
+def _model(arch: str, **overrides):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).eval()
+
+
+def _prompts(tok, texts=TEXTS):
+    return [Prompt(i, tok(t)["input_ids"], t) for i, t in enumerate(texts)]
+
+
+def _plain(model, prompts, new: int, pad: int, cache=None):
+    """The model's own greedy tokens (SDPA where the model has it, else eager), without catchtag."""
+    ids, mask = _left_padded(prompts, pad, "cpu")
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError:
+        model.set_attn_implementation("eager")
+    config = generation_config(model, new - 1, pad_token_id=pad)
+    if cache:
+        config.cache_implementation = cache
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch,cache", [("llama", None), ("gemma3", None), ("gpt_oss", None), ("qwen2", None),
+                                        ("gpt2", None), ("qwen3_next", None), ("llama", "static"),
+                                        ("gemma3", "static")])
+def test_the_last_state_equals_the_reference_on_the_final_texts(arch, cache):
+    """After 40 greedy steps of a left-padded batch: every column score, the sinks at two thresholds and both VE forms
+    of the tracker equal the float64 eager reference run on each finished text alone; the tokens equal the model's
+    own. gemma3 and gpt_oss slide a 12/24-token window over 50-90 positions, so sinks leave the cache."""
+    tok = tiny_tokenizer()
+    model = _model(arch)
+    prompts = _prompts(tok)
+    n_new = 40
+    want_tokens = _plain(model, prompts, n_new, tok.pad_token_id, cache)
+    gen = dict(max_new_tokens=n_new, greedy=True)
+    if cache:
+        model.generation_config.cache_implementation = cache
+    tracker, seqs, pads, T0, _ = track_generation(model, tok, prompts, SETTINGS, gen)
+    assert torch.equal(seqs[:, T0:T0 + n_new], want_tokens[:, :n_new])
+    model.set_attn_implementation("eager")
+    checked = 0
+    for b in range(len(prompts)):
+        ids = seqs[b:b + 1, pads[b]:T0 + n_new]
+        for e_i, eps in enumerate(SETTINGS.all_eps):
+            rows, _ = reference_scan(model, ids, torch.ones_like(ids), eps=eps, min_rows=MIN_ROWS)
+            for r in rows:
+                got = tracker.final_stats(r["layer"])
+                scores = got["col_scores"][b, r["head"]].numpy()[pads[b]:]
+                assert np.array_equal(np.isnan(scores), np.isnan(r["scores"]))
+                np.testing.assert_allclose(scores, r["scores"], atol=2e-6, equal_nan=True)
+                score_order = np.argsort(-np.nan_to_num(scores, nan=-1))
+                sinks = sorted(int(p) for p in score_order[:int(got["n_sinks"][b, r["head"], e_i])])
+                assert sinks == r["sinks"], (arch, r["layer"], r["head"], eps)
+                assert abs(float(got["ve"][b, r["head"], e_i]) - r["ve"]) < 1e-5
+                assert abs(float(got["ve_uncentred"][b, r["head"], e_i]) - r["ve_uncentred"]) < 1e-5
+                checked += 1
+    assert checked >= 2 * len(prompts) * 2  # prompts x thresholds x at least two heads
+    if arch == "gemma3":  # the window really dropped sink columns whose values the tracker had to keep
+        assert max(int(st.evicted_n.max()) for st in tracker.layers.values()) > 0
+
+
+def test_a_steps_sinks_are_the_references_on_the_prefix():
+    """The sinks listed at step k (with their scores) are what the float64 reference finds on the text up to and
+    including the token written at step k; n_sinks counts them all."""
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    result = generate(model, tok, TEXTS, max_new_tokens=24, eps=EPS, min_rows=MIN_ROWS, keep=64, chat=False,
+                      progress=False, scan_final=False)
+    model.set_attn_implementation("eager")
+    for pid, step in ((0, 0), (0, 9), (1, 5), (1, 24)):
+        row = result.prompts.iloc[pid]
+        n_prompt = int(row["n_prompt_tokens"])
+        ids = torch.tensor([list(row["token_ids"])[:n_prompt + step]])
+        rows, _ = reference_scan(model, ids, torch.ones_like(ids), eps=EPS, min_rows=MIN_ROWS)
+        listed = result.sinks[(result.sinks["prompt_id"] == pid) & (result.sinks["step"] == step)]
+        counted = result.steps[(result.steps["prompt_id"] == pid) & (result.steps["step"] == step)]
+        assert len(counted) == len(rows)
+        for r in rows:
+            here = listed[(listed["layer"] == r["layer"]) & (listed["head"] == r["head"])]
+            assert sorted(here["position"]) == r["sinks"], (pid, step, r["layer"], r["head"])
+            np.testing.assert_allclose(here.sort_values("position")["score"], [r["scores"][p] for p in r["sinks"]],
+                                       atol=2e-6)
+            n = counted[(counted["layer"] == r["layer"]) & (counted["head"] == r["head"])]["n_sinks"]
+            assert int(n.iloc[0]) == len(r["sinks"])
+
+
+def test_a_sequence_that_ends_adds_no_rows_and_matches_its_scan():
+    """With the model's end token set to a token it writes early, that sequence ends there (the end token kept, its
+    row counted, nothing after it); the other goes on. The tracker's last state equals a scan of each finished
+    text, and the per-step tables stop where the text does."""
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    first = _plain(model, _prompts(tok), 8, tok.pad_token_id)
+    model.generation_config.eos_token_id = int(first[1, 3])  # prompt 1's 4th token (not in prompt 0's first 4)
+    result = generate(model, tok, TEXTS, max_new_tokens=30, eps=EPS, min_rows=MIN_ROWS, chat=False, progress=False)
+    ended = result.prompts.set_index("prompt_id")
+    assert ended.loc[1, "ended"] == "eos" and ended.loc[1, "n_new_tokens"] <= 4
+    assert list(ended.loc[1, "token_ids"])[-1] == int(first[1, 3])
+    assert int(result.steps[result.steps["prompt_id"] == 1]["step"].max()) == ended.loc[1, "n_new_tokens"]
+    assert result.check["same_sinks"] == 1.0 and result.check["same_lengths"]
+    assert result.check["max_abs_ve_diff"] < 1e-5
+
+
+def test_the_tracker_refuses_what_it_cannot_follow():
+    """A pass adding several tokens to a filled cache (assisted or chunked decoding) is refused in one line."""
+    from catchtag.engine.decode import SinkTracker, tracking
+    from catchtag.errors import CatchtagError
+    from catchtag.scan import using_catchtag
+
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    ids = torch.tensor([tok("Hello there, general")["input_ids"]])
+    with using_catchtag(model), torch.no_grad():
+        out = model(input_ids=ids[:, :10], use_cache=True)
+        with tracking(SinkTracker(SETTINGS, capacity=64)), pytest.raises(CatchtagError, match="one token per step|"
+                                                                          "whole prompt"):
+            model(input_ids=ids[:, 10:], past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_generate_command_end_to_end_resumes_and_refuses(tmp_path):
+    """`catchtag generate` on a tiny model: its tables, the scan of the finished texts, the page; nothing else in
+    --out; run again it redoes nothing and doubles no row; a lost batch is redone; bad input is one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from catchtag.cli import app
+    from catchtag.runs import unlisted_files
+
+    cli = CliRunner()
+    out = tmp_path / "gen"
+    args = ["generate", "-m", "tiny:llama", "--limit", "3", "--max-tokens", "24", "--max-new-tokens", "12",
+            "--batch-size", "2", "--eps", str(EPS), "--min-rows", str(MIN_ROWS), "--out", str(out)]
+    res = cli.invoke(app, args)
+    assert res.exit_code == 0, res.output[-2000:]
+    assert "same sinks in 100.0%" in res.output
+    assert not unlisted_files(out, "generate"), unlisted_files(out, "generate")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_prompts"] == 3 and summary["check"]["same_sinks"] == 1.0
+    steps = pd.read_parquet(out / "steps.parquet")
+    assert not steps.duplicated(["prompt_id", "step", "layer", "head"]).any()
+    assert "<img" in (out / "generation.html").read_text()
+    (out / "parts" / "steps-00001.parquet").unlink()  # an interrupted run lost its last batch
+    res = cli.invoke(app, args)
+    assert res.exit_code == 0, res.output[-2000:]
+    again = pd.read_parquet(out / "steps.parquet")
+    pd.testing.assert_frame_equal(again, steps)
+    for bad, words in ((["--max-new-tokens", "0"], "--max-new-tokens"), (["--chat", "maybe"], "--chat"),
+                       (["--prompt", " "], "--prompt is empty"), (["--top-p", "1.5"], "--top-p")):
+        res = cli.invoke(app, args[:1] + ["-m", "tiny:llama", "--out", str(tmp_path / "bad"), *bad])
+        assert res.exit_code == 2 and words in res.stderr, (bad, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
+    res = cli.invoke(app, ["generate", "-m", "tiny:llama", "--chat", "on", "--prompt", "Hi", "--out",
+                           str(tmp_path / "chat")])
+    assert res.exit_code == 2 and "no chat template" in res.stderr
+
+
+def test_generate_in_python_returns_the_text_and_samples_reproducibly():
+    """catchtag.generate returns the written texts; sampling with a seed gives the same text twice."""
+    import catchtag
+
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    one = catchtag.generate(model, tok, "Once upon a time", max_new_tokens=10, greedy=False, seed=3, chat=False,
+                            eps=EPS, min_rows=MIN_ROWS, progress=False, scan_final=False)
+    two = catchtag.generate(model, tok, "Once upon a time", max_new_tokens=10, greedy=False, seed=3, chat=False,
+                            eps=EPS, min_rows=MIN_ROWS, progress=False, scan_final=False)
+    assert one.texts == two.texts and len(one.texts[0]) > 0
+    assert set(one.steps["step"]) == set(range(0, 11))
+    with pytest.raises(catchtag.CatchtagError, match="max_new_tokens"):
+        catchtag.generate(model, tok, "Hi", max_new_tokens=0)
