@@ -54,7 +54,7 @@ def _plain(model, prompts, new: int, pad: int, cache=None):
 def test_the_last_state_equals_the_reference_on_the_final_texts(arch, cache):
     """After 40 greedy steps of a left-padded batch: every column score, the sinks at two thresholds and both VE forms
     of the tracker equal the float64 eager reference run on each finished text alone; the tokens equal the model's
-    own. gemma3 and gpt_oss slide a 12/24-token window over 50-90 positions, so sinks leave the cache."""
+    own. gemma3 and gpt_oss slide a 12/24-token window over texts of 51 and 101 positions, so sinks leave the cache."""
     tok = tiny_tokenizer()
     model = _model(arch)
     prompts = _prompts(tok)
