@@ -15,7 +15,8 @@ import torch  # noqa: E402
 # Modules collected before this one may already have imported triton.language (torch does), whose own
 # @jit helpers (tl.zeros, tl.sum, ...) were then built for the GPU; rebuild them for the interpreter.
 for _name in ("triton.language.standard", "triton.language.random", "triton.language",
-              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass", "catchtag.engine.kernels.flash"):
+              "catchtag.engine.kernels.colsum", "catchtag.engine.kernels.sinkpass", "catchtag.engine.kernels.flash",
+              "catchtag.engine.kernels.decode"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
@@ -477,3 +478,59 @@ def test_nearly_constant_heads_keep_float32_accuracy():
         tol = 2e-6 + (0 if "uncentred" in name else 1e-9) * kappa  # the uncentred share needs no centring
         err = float((diff - tol).max())
         assert err < 0, f"seed {seed}: {name} off by {float(diff.max())} (beyond the tolerance by {err})"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_oss", "qwen2"])
+def test_the_fused_decoding_step_equals_the_torch_step(arch):
+    """The tracker's fused Triton decoding step (kernels/decode.py, interpreted here) against its PyTorch ops on the
+    same generation: greedy tokens, every record (sinks now, caught, tag, the strongest sink, energies) and the last
+    state's column scores and VE, with a left-padded batch, one sequence switched off half way, softcaps (gemma2),
+    learned sink logits and sliding windows (gpt-oss), GQA (qwen2)."""
+    from transformers import AutoModelForCausalLM, StoppingCriteriaList
+
+    from catchtag.engine.decode import SinkTracker, tracking
+    from catchtag.generation import _left_padded, generation_config
+    from catchtag.scan import using_catchtag
+    from catchtag.tiny import tiny_config, tiny_tokenizer
+    from catchtag.data.prompts import Prompt
+
+    seed = _seed()
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    prompts = [Prompt(i, tok(t)["input_ids"], t) for i, t in enumerate(["The quick brown fox jumps over it.", "Hi"])]
+    ids, mask = _left_padded(prompts, tok.pad_token_id, "cpu")
+    n = 14
+
+    class SwitchOff:
+        def __init__(self, tracker):
+            self.tracker, self.calls = tracker, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            if self.calls == 6:
+                self.tracker.set_active(torch.tensor([True, False]))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    got = {}
+    for backend in ("torch", "triton"):
+        tracker = SinkTracker(SinkSettings(eps=0.03, min_rows=4, sweep_eps=(0.1,)), capacity=ids.shape[1] + n + 1,
+                              backend=backend)
+        with using_catchtag(model), tracking(tracker), torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=mask,
+                                  generation_config=generation_config(model, n, pad_token_id=tok.pad_token_id),
+                                  stopping_criteria=StoppingCriteriaList([SwitchOff(tracker)]))
+        got[backend] = (tracker, seqs)
+    (t_torch, s_torch), (t_fused, s_fused) = got["torch"], got["triton"]
+    assert torch.equal(s_torch, s_fused), seed
+    for layer in t_torch.layers:
+        a, b = t_torch.records(layer), t_fused.records(layer)
+        for name in ("row", "active", "n_sinks", "top_idx", "tagging_sink"):
+            assert torch.equal(a[name], b[name]), (seed, layer, name)
+        for name in ("top_scores", "caught", "out_sq", "tag_sq", "resid_sq"):
+            torch.testing.assert_close(a[name].double(), b[name].double(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"seed {seed} layer {layer} {name}: {m}")
+        fa, fb = t_torch.final_stats(layer), t_fused.final_stats(layer)
+        torch.testing.assert_close(fa["col_scores"], fb["col_scores"], atol=1e-6, rtol=0, equal_nan=True)
+        assert torch.equal(fa["n_sinks"], fb["n_sinks"]), (seed, layer)
+        torch.testing.assert_close(fa["ve"], fb["ve"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fa["ve_uncentred"], fb["ve_uncentred"], atol=1e-5, rtol=0)

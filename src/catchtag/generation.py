@@ -18,6 +18,7 @@ from catchtag.data.prompts import Prompt
 from catchtag.engine.request import SinkSettings
 from catchtag.errors import CatchtagError, check_type
 
+OFFLOAD_STEPS = 64  # steps between moves of the tracker's records to the host
 STEP_COLUMNS = ["prompt_id", "step", "position", "token", "layer", "head", "n_sinks", "caught", "tag_share",
                 "explained", "tagging_sink"]
 SINK_COLUMNS = ["prompt_id", "step", "layer", "head", "position", "token", "score"]
@@ -103,11 +104,15 @@ class _FollowEnds:
         self.tracker, self.prompt_len, self.bar = tracker, prompt_len, bar
         self.eos_token_id = eos  # generate() pads ended sequences when a criterion names end tokens
         self._eos = torch.tensor(eos or [-1])
+        self.steps = 0
 
     def __call__(self, input_ids, scores, **kwargs):
         new = input_ids[:, self.prompt_len:-1]
         ended = torch.isin(new, self._eos.to(new.device)).any(dim=-1)
         self.tracker.set_active(~ended)
+        self.steps += 1
+        if self.steps % OFFLOAD_STEPS == 0:
+            self.tracker.offload()
         if self.bar is not None:
             self.bar.update(1)
         return ended

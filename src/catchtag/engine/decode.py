@@ -47,6 +47,7 @@ class LayerState:
     evicted_bound: int = 0  # columns dropped so far: a bound on evicted_n known without asking the device
     records: list = field(default_factory=list)  # one dict of device tensors per row added (see SinkTracker)
     pending: list = field(default_factory=list)  # outputs (B,H,Dv) not yet in gram / out_sum (see _flush)
+    chunks: list = field(default_factory=list)  # records already moved to the host, stacked (SinkTracker.offload)
 
 
 def _flush(st: LayerState) -> None:
@@ -69,7 +70,10 @@ class SinkTracker:
     the sinks times their values) and its output's energy. ``active`` (set by the caller between steps) says which
     sequences' new rows count: a sequence that has ended adds nothing."""
 
-    def __init__(self, settings: SinkSettings, capacity: int, keep: int = 8):
+    def __init__(self, settings: SinkSettings, capacity: int, keep: int = 8, backend: str = "auto"):
+        if backend not in ("auto", "torch", "triton"):
+            raise CatchtagError(f"backend must be auto, torch or triton, got {backend!r}")
+        self.backend = backend  # a decoding step's statistics: the fused Triton kernel ("auto": on a GPU) or torch
         self.settings = settings
         self.capacity = int(capacity)
         self.keep = int(keep)
@@ -150,18 +154,17 @@ class SinkTracker:
         if p0 > st.first_key:
             self._evict(st, st.first_key, p0)
         visible = _last_row(mask)
-        a = _row_attention(q, k, visible, scaling, softcap, sinks)
         act = None if self.active is None else self.active.to(q.device)
-        if act is None:
-            st.col_sum[..., p0:t + 1] += a[:, :, 0]
-            st.row_counts[:, p0:t + 1] += 1 if visible is None else visible
-            st.token_valid[:, t] = True
-        else:
-            st.col_sum[..., p0:t + 1] += a[:, :, 0] * act[:, None, None]
-            st.row_counts[:, p0:t + 1] += act[:, None] if visible is None else visible & act[:, None]
-            st.token_valid[:, t] = act
+        st.row_counts[:, p0:t + 1] += (1 if act is None else act[:, None]) if visible is None else \
+            (visible if act is None else visible & act[:, None])
+        st.token_valid[:, t] = True if act is None else act
         st.rows = t + 1
-        o = self._record(st, a, v, p0, t, act)
+        if self._fused(q, sinks):
+            o = self._fused_step(st, q, k, v, visible, scaling, softcap, sinks, act, p0, t)
+        else:
+            a = _row_attention(q, k, visible, scaling, softcap, sinks)
+            st.col_sum[..., p0:t + 1] += a[:, :, 0] if act is None else a[:, :, 0] * act[:, None, None]
+            o = self._record(st, a, v, p0, t, act)
         st.pending.append(o if act is None else o * act[:, None, None])
         st.n_rows += 1 if act is None else act.double()
         if len(st.pending) == GRAM_BLOCK:
@@ -170,22 +173,45 @@ class SinkTracker:
         st.values, st.first_key = v, p0
         return o[:, :, None]
 
-    def _record(self, st: LayerState, a, v, p0: int, t: int, act) -> torch.Tensor:
-        """The record of the row at frame position t (attention a (B,H,1,klen) to keys p0..t): the sinks now (the
-        prefix's column scores) and the new token's catch and tag. Returns its output o (B,H,Dv)."""
+    def _fused(self, q, sinks) -> bool:
+        """Whether the step runs the fused Triton kernel (kernels/decode.py): backend "triton", or "auto" on a GPU;
+        learned sink logits per row (not per head) take the PyTorch ops."""
+        per_head = sinks is None or sinks.numel() == q.shape[1]
+        return per_head and (self.backend == "triton" or (self.backend == "auto" and q.is_cuda))
+
+    def _sinks_now(self, st: LayerState, width: int):
+        """(is_sink (B,H,width), n_sinks (B,H), top_scores and top_idx (B,H,<=keep)): the sink rule on the column
+        scores of the rows so far."""
         s = self.settings
-        width = t + 1
         rc = st.row_counts[:, :width]
         ineligible = ~st.token_valid[:, :width] | (rc < s.min_rows)
         scores = (st.col_sum[..., :width] / rc.clamp_min(1)[:, None]).masked_fill_(ineligible[:, None], -1.0)
         is_sink = scores > float(s.eps)
         top_scores, top_idx = scores.topk(min(self.keep, width), dim=-1)
+        return is_sink, is_sink.sum(dim=-1), top_scores, top_idx
+
+    def _fused_step(self, st: LayerState, q, k, v, visible, scaling, softcap, sinks, act, p0: int, t: int):
+        from catchtag.engine.kernels.decode import decode_step
+
+        s = self.settings
+        o, _, stats = decode_step(q, k, v, visible, sinks, act, st.col_sum, st.row_counts, st.token_valid, p0,
+                                  scaling, softcap, float(s.eps), int(s.min_rows))
+        _, n_sinks, top_scores, top_idx = self._sinks_now(st, t + 1)
+        st.records.append({"row": t, "active": act, "n_sinks": n_sinks, "top_idx": top_idx, "top_scores": top_scores,
+                           "caught": stats[..., 0], "strongest": stats[..., 1], "which": stats[..., 2].long(),
+                           "norms": stats[..., 3:5], "cross": stats[..., 5]})
+        return o
+
+    def _record(self, st: LayerState, a, v, p0: int, t: int, act) -> torch.Tensor:
+        """The record of the row at frame position t (attention a (B,H,1,klen) to keys p0..t): the sinks now (the
+        prefix's column scores) and the new token's catch and tag. Returns its output o (B,H,Dv)."""
+        is_sink, n_sinks, top_scores, top_idx = self._sinks_now(st, t + 1)
         a0 = a[:, :, 0]
-        a_s = a0 * is_sink[..., p0:width]
+        a_s = a0 * is_sink[..., p0:t + 1]
         both = _matmul_values(torch.stack([a0, a_s], dim=2), v)  # (B,H,2,Dv): output and tag in one pass
         o = both[:, :, 0]
         strongest, which = a_s.max(dim=-1)
-        st.records.append({"row": t, "active": act, "n_sinks": is_sink.sum(dim=-1), "top_idx": top_idx,
+        st.records.append({"row": t, "active": act, "n_sinks": n_sinks, "top_idx": top_idx,
                            "top_scores": top_scores, "caught": a_s.sum(dim=-1), "which": which + p0,
                            "strongest": strongest, "norms": both.pow(2).sum(dim=-1),
                            "cross": (o * both[:, :, 1]).sum(dim=-1)})
@@ -211,13 +237,31 @@ class SinkTracker:
         st.evicted_pos.scatter_(2, slot, torch.where(cand, pos, torch.full_like(pos, -1)))
         st.evicted_n += cand.sum(dim=-1)
 
+    def offload(self) -> None:
+        """Move every layer's records so far to the host as one block per field (between steps: on a GPU they would
+        otherwise stay on the device until the batch ends)."""
+        for st in self.layers.values():
+            if st.records:
+                st.chunks.append(self._stack(st.records))
+                st.records = []
+
     def records(self, layer: int) -> dict:
         """The layer's records stacked over rows, on the CPU: row (S,), active (S,B) and (S,B,H[,keep]): n_sinks, the
         ``keep`` highest column scores and their positions (top_scores -1: no column), caught, tagging_sink (the
         sink that takes most of the row's attention, -1: none), out_sq, tag_sq and resid_sq (|o|^2, |tag|^2,
         |o - tag|^2)."""
-        recs = self.layers[layer].records
-        B, H = recs[0]["caught"].shape
+        st = self.layers[layer]
+        blocks = st.chunks + ([self._stack(st.records)] if st.records else [])
+        got = {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
+        norms, cross = got.pop("norms").double(), got.pop("cross").double()
+        got["out_sq"], got["tag_sq"] = norms[..., 0], norms[..., 1]
+        got["resid_sq"] = (norms[..., 0] - 2 * cross + norms[..., 1]).clamp_min(0)
+        got["tagging_sink"] = torch.where(got.pop("strongest") > 0, got.pop("which"), torch.full((), -1))
+        return got
+
+    def _stack(self, recs: list) -> dict:
+        """Records of rows (dicts of device tensors) as one dict of host tensors stacked over the rows."""
+        B = recs[0]["caught"].shape[0]
         got = {"row": torch.tensor([r["row"] for r in recs])}
         for name in ("n_sinks", "caught", "which", "strongest", "norms", "cross"):
             got[name] = torch.stack([r[name] for r in recs]).cpu()
@@ -226,10 +270,6 @@ class SinkTracker:
         for name, fill in (("top_idx", -1), ("top_scores", -1.0)):
             got[name] = torch.stack([torch.nn.functional.pad(r[name], (0, self.keep - r[name].shape[-1]), value=fill)
                                      for r in recs]).cpu()
-        norms, cross = got.pop("norms").double(), got.pop("cross").double()
-        got["out_sq"], got["tag_sq"] = norms[..., 0], norms[..., 1]
-        got["resid_sq"] = (norms[..., 0] - 2 * cross + norms[..., 1]).clamp_min(0)
-        got["tagging_sink"] = torch.where(got.pop("strongest") > 0, got.pop("which"), torch.full((), -1))
         return got
 
     def final_stats(self, layer: int) -> dict:

@@ -104,6 +104,13 @@ def _write_report(runs, out, *, per_token, title) -> Path:
     from catchtag.runs import versions
 
     run_list = list(runs.values()) if isinstance(runs, dict) else list(runs)
+    generations = {}  # a `catchtag generate` folder stands for the scan of its finished texts, plus its steps
+    for i, run in enumerate(run_list):
+        if isinstance(run, (str, Path)) and is_generation(Path(run)):
+            generations[len(generations)] = Path(run)
+            run_list[i] = Path(run) / "scan"
+    if isinstance(runs, dict):
+        runs = dict(zip(runs, run_list))
     results = load_runs(runs if isinstance(runs, dict) else run_list)
     folders = {name: (r if not hasattr(r, "heads") else None) for name, r in zip(results, run_list)}
     out = Path(out)
@@ -118,7 +125,7 @@ def _write_report(runs, out, *, per_token, title) -> Path:
              "sweep</a><a href='#taxonomy'>sink tokens</a><a href='#heads'>per head</a>"
              + ("<a href='#pca'>release pictures</a><a href='#geometry'>tag geometry</a><a href='#viewer'>token "
                 "viewer</a>" if per_token else "") + "<a href='#release'>release, causally</a>"
-             + "</nav>"]
+             + ("<a href='#writing'>while writing</a>" if generations else "") + "</nav>"]
     # settings
     settings = pd.DataFrame([_run_settings(n, folders[n], r) for n, r in results.items()])
     parts += ["<h2 id='settings'>Runs, settings and versions</h2>", _table(settings),
@@ -179,12 +186,52 @@ def _write_report(runs, out, *, per_token, title) -> Path:
     if per_token:
         parts += _per_token_sections(results, folders)
     parts += _ablation_sections(results, folders)
+    if generations:
+        parts += _generation_sections(list(generations.values()))
     css = (_HERE / "report.css").read_text()
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{css}</style></head><body>" + "\n".join(parts) + "</body></html>")
     from catchtag.runs import write_text
 
     return write_text(out, page)
+
+
+def is_generation(folder: Path) -> bool:
+    """Whether ``folder`` was written by `catchtag generate` (its step tables and the scan of its texts)."""
+    return (folder / "steps.parquet").is_file() and (folder / "scan" / "run.json").is_file()
+
+
+def _generation_sections(folders: list[Path]) -> list[str]:
+    """Sinks while the model writes: for each `catchtag generate` folder, the sink timelines of the heads whose sinks
+    move most and the written text coloured by the sink that tags each token (its first prompt)."""
+    from catchtag.report.generation import coloured_tokens_html, moving_heads, sink_timeline_figure
+    from catchtag.summaries import GenerateSummary
+
+    parts = ["<h2 id='writing'>While the model writes</h2>",
+             "<p class='note'>From <code>catchtag generate</code>: the sinks after every written token (a scan of the "
+             "text so far would find the same), and each written token's attention to them. A written token can "
+             "become a sink once min_rows later tokens have seen it.</p>"]
+    for folder in folders:
+        summary = GenerateSummary.read(folder)
+        prompts = pd.read_parquet(folder / "prompts.parquet")
+        steps = pd.read_parquet(folder / "steps.parquet")
+        sinks = pd.read_parquet(folder / "sinks.parquet")
+        tokens = pd.read_parquet(folder / "scan" / "prompts.parquet").set_index("prompt_id")["tokens"]
+        heads = moving_heads(sinks, steps)
+        first = prompts.iloc[0]
+        pid, n_prompt = int(first["prompt_id"]), int(first["n_prompt_tokens"])
+        check = summary["check"]
+        parts += [f"<h3>{html.escape(str(summary['model']))}: {html.escape(folder.name)}</h3>",
+                  f"<p>{summary['n_prompts']} prompt(s), {summary['new_tokens']} tokens written; the step-by-step "
+                  f"state against a scan of the finished texts: the same sinks in {check['same_sinks']:.1%} of "
+                  f"{check['heads_compared']} (prompt, layer, head), VE within {check['max_abs_ve_diff']:.1e}.</p>",
+                  _figure(sink_timeline_figure(sinks, steps, pid, heads, n_prompt),
+                          f"Prompt {pid}: at each step (x), the positions of the sinks then (y), coloured by their "
+                          f"score, for the {len(heads)} heads whose sinks move most; dashed: where the prompt ends.")]
+        strings = list(tokens.loc[pid])
+        for layer, head in heads[:3]:
+            parts.append(coloured_tokens_html(steps, pid, layer, head, strings[:n_prompt]))
+    return parts
 
 
 def _ablation_sections(results, folders) -> list[str]:
