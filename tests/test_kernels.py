@@ -526,8 +526,8 @@ def test_the_fused_decoding_step_equals_the_torch_step(arch):
         a, b = t_torch.records(layer), t_fused.records(layer)
         for name in ("row", "active", "n_sinks", "top_idx", "tagging_sink"):
             assert torch.equal(a[name], b[name]), (seed, layer, name)
-        for name in ("top_scores", "caught", "out_sq", "tag_sq", "resid_sq"):
-            torch.testing.assert_close(a[name].double(), b[name].double(), atol=2e-5, rtol=1e-4,
+        for name in ("top_scores", "caught", "out_sq", "tag_sq", "resid_sq"):  # resid_sq: |o|^2 - 2<o,t> + |t|^2
+            torch.testing.assert_close(a[name].double(), b[name].double(), atol=1e-4, rtol=1e-4,
                                        msg=lambda m: f"seed {seed} layer {layer} {name}: {m}")
         fa, fb = t_torch.final_stats(layer), t_fused.final_stats(layer)
         torch.testing.assert_close(fa["col_scores"], fb["col_scores"], atol=1e-6, rtol=0, equal_nan=True)

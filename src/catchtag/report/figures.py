@@ -18,6 +18,23 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, sub
     return (fig, fig.subplots(nrows, ncols, **subplot_kw)) if subplots else (fig, None)
 
 
+def figure_img(fig, alt: str) -> str:
+    """A matplotlib figure as an <img> with the PNG inline (rendered in memory at the figure's own resolution)."""
+    import base64
+    import html
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def figure_html(fig, caption: str) -> str:
+    """A figure with its caption, for an HTML page."""
+    return f"<figure>{figure_img(fig, caption)}<figcaption>{caption}</figcaption></figure>"
+
+
 def _title(result: ScanResult, what: str) -> str:
     s = result.settings
     return f"{what}\n{s.get('model', '')} · eps={s.get('eps')} · {result.heads['prompt_id'].nunique()} prompts"

@@ -8,7 +8,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from catchtag.report.figures import new_figure
+from catchtag.report.figures import figure_html, new_figure
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac"]
@@ -87,8 +87,6 @@ def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFr
                     token_strings: dict[int, list[str]], heads=None, max_prompts: int = 4) -> str:
     """A self-contained HTML page: per prompt, the sink timelines of the heads whose sinks move most, and the written
     text coloured by the sink that tags each token in those heads."""
-    from catchtag.report.html import _figure
-
     heads = heads or moving_heads(sinks, steps)
     parts = [f"<h1>catchtag generate: {html.escape(str(summary.get('model', '')))}</h1>",
              f"<p>{summary.get('n_prompts')} prompt(s), {summary.get('new_tokens')} tokens written; sinks at eps "
@@ -103,7 +101,7 @@ def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFr
         strings = token_strings[int(r.prompt_id)]
         fig = sink_timeline_figure(sinks, steps, int(r.prompt_id), heads, int(r.n_prompt_tokens))
         parts.append(f"<h2>prompt {r.prompt_id}</h2>")
-        parts.append(_figure(fig, f"sinks of these heads while prompt {r.prompt_id} is written"))
+        parts.append(figure_html(fig, f"sinks of these heads while prompt {r.prompt_id} is written"))
         for layer, head in heads[:3]:
             parts.append(coloured_tokens_html(steps, int(r.prompt_id), layer, head,
                                               strings[:int(r.n_prompt_tokens)]))

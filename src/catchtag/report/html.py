@@ -8,29 +8,17 @@ drawn for a run says why in the page; the report itself succeeds on any finished
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import re
-import io
 from pathlib import Path
 
 import pandas as pd
 
+from catchtag.report.figures import figure_html as _figure
+
 
 _HERE = Path(__file__).parent
-
-
-def _img(fig, alt: str) -> str:
-    """A matplotlib figure as an <img> with the PNG inline (rendered in memory at the figure's own resolution)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _figure(fig, caption: str) -> str:
-    return f"<figure>{_img(fig, caption)}<figcaption>{caption}</figcaption></figure>"
 
 
 def _header(column) -> str:
