@@ -92,8 +92,16 @@ def test_a_steps_sinks_are_the_references_on_the_prefix(monkeypatch):
     including the token written at step k; n_sinks counts them all (the records moved to the host every 5 steps on
     the way, as a long generation on a GPU moves them)."""
     import catchtag.generation
+    from catchtag.engine.decode import SinkTracker
 
     monkeypatch.setattr(catchtag.generation, "OFFLOAD_STEPS", 5)
+    init = SinkTracker.__init__
+
+    def on_a_device(self, *args, **kwargs):  # move the records in blocks as on a GPU
+        init(self, *args, **kwargs)
+        self.host_devices = ()
+
+    monkeypatch.setattr(SinkTracker, "__init__", on_a_device)
     tok = tiny_tokenizer()
     model = _model("llama")
     result = generate(model, tok, TEXTS, max_new_tokens=24, eps=EPS, min_rows=MIN_ROWS, keep=64, chat=False,

@@ -74,6 +74,7 @@ class SinkTracker:
         if backend not in ("auto", "torch", "triton"):
             raise CatchtagError(f"backend must be auto, torch or triton, got {backend!r}")
         self.backend = backend  # a decoding step's statistics: the fused Triton kernel ("auto": on a GPU) or torch
+        self.host_devices = ("cpu",)  # records made here are on the host already: offload leaves them
         self.settings = settings
         self.capacity = int(capacity)
         self.keep = int(keep)
@@ -241,7 +242,7 @@ class SinkTracker:
         """Move every layer's records so far to the host as one block per field (between steps: on a GPU they would
         otherwise stay on the device until the batch ends)."""
         for st in self.layers.values():
-            if st.records:
+            if st.records and st.col_sum.device.type not in self.host_devices:
                 st.chunks.append(self._stack(st.records))
                 st.records = []
 
