@@ -40,9 +40,9 @@ def prompts_of(tokenizer, batch: int, length: int, seed: int = 0) -> list[Prompt
 
 
 def plain_generate(model, prompts, new: int, pad: int):
-    from catchtag.generation import _left_padded
+    from catchtag.scan import _batch_tensors
 
-    ids, mask = _left_padded(prompts, pad, model.device)
+    ids, mask = _batch_tensors(prompts, None, model.device, left=True, pad=pad)
     config = generation_config(model, new - 1, greedy=True, pad_token_id=pad)  # new - 1 + 1 = new passes
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from catchtag.data.prompts import Prompt
 from catchtag.engine.reference import reference_scan
 from catchtag.engine.request import SinkSettings
-from catchtag.generation import _left_padded, generate, generation_config, track_generation
+from catchtag.generation import generate, generation_config, track_generation
+from catchtag.scan import _batch_tensors
 from catchtag.tiny import tiny_config, tiny_tokenizer
 
 from conftest import EPS, MIN_ROWS
@@ -36,7 +37,7 @@ def _prompts(tok, texts=TEXTS):
 
 def _plain(model, prompts, new: int, pad: int, cache=None):
     """The model's own greedy tokens (SDPA where the model has it, else eager), without catchtag."""
-    ids, mask = _left_padded(prompts, pad, "cpu")
+    ids, mask = _batch_tensors(prompts, None, "cpu", left=True, pad=pad)
     try:
         model.set_attn_implementation("sdpa")
     except ValueError:

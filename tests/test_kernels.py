@@ -489,7 +489,8 @@ def test_the_fused_decoding_step_equals_the_torch_step(arch):
     from transformers import AutoModelForCausalLM, StoppingCriteriaList
 
     from catchtag.engine.decode import SinkTracker, tracking
-    from catchtag.generation import _left_padded, generation_config
+    from catchtag.generation import generation_config
+    from catchtag.scan import _batch_tensors
     from catchtag.scan import using_catchtag
     from catchtag.tiny import tiny_config, tiny_tokenizer
     from catchtag.data.prompts import Prompt
@@ -498,7 +499,7 @@ def test_the_fused_decoding_step_equals_the_torch_step(arch):
     tok = tiny_tokenizer()
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
     prompts = [Prompt(i, tok(t)["input_ids"], t) for i, t in enumerate(["The quick brown fox jumps over it.", "Hi"])]
-    ids, mask = _left_padded(prompts, tok.pad_token_id, "cpu")
+    ids, mask = _batch_tensors(prompts, tok, "cpu", left=True)
     n = 14
 
     class SwitchOff:

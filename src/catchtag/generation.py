@@ -118,16 +118,6 @@ class _FollowEnds:
         return ended
 
 
-def _left_padded(prompts: list[Prompt], pad: int, device):
-    T = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p.input_ids):] = torch.tensor(p.input_ids)
-        mask[b, T - len(p.input_ids):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def generate_batch(model, tokenizer, batch: list[Prompt], settings: SinkSettings, gen: dict, keep: int = 8,
                    bar=None, decoded: dict | None = None):
     """One batch: (prompts, steps, sinks, final) tables of ``GenerationResult`` for these prompts."""
@@ -140,11 +130,11 @@ def track_generation(model, tokenizer, batch: list[Prompt], settings: SinkSettin
     """The model's generate() on one left-padded batch with a SinkTracker following it: (tracker, sequences (B, T)
     on the CPU, left padding per sequence, prompt length T0, end tokens)."""
     from catchtag.engine.decode import SinkTracker, tracking
-    from catchtag.scan import _input_device, using_catchtag
+    from catchtag.scan import _batch_tensors, _input_device, using_catchtag
 
     eos = end_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    ids, mask = _left_padded(batch, pad, _input_device(model))
+    ids, mask = _batch_tensors(batch, tokenizer, _input_device(model), left=True, pad=pad)
     B, T0 = ids.shape
     n_new = int(gen["max_new_tokens"])
     tracker = SinkTracker(settings, capacity=T0 + n_new + 1, keep=keep)
@@ -169,14 +159,13 @@ def batch_tables(tokenizer, batch: list[Prompt], settings: SinkSettings, tracker
 
     decoded = {} if decoded is None else decoded
     n_new = tracker.capacity - T0 - 1
-    rows = tracker.records(min(tracker.layers))
-    read = rows["row"].numpy()  # frame positions whose rows the model read
+    last_read = tracker.layers[min(tracker.layers)].rows - 1  # the last frame position whose row the model read
     prompt_rows, strings, ends = [], {}, []
     for b, p in enumerate(batch):
         new = seqs[b, T0:T0 + n_new].tolist()
         cut = next((i + 1 for i, x in enumerate(new) if x in eos), None)
         kept = new[:cut] if cut is not None else new
-        kept = kept[:int(read.max()) - T0 + 1]  # generation stopped early for every sequence
+        kept = kept[:last_read - T0 + 1]  # generation stopped early for every sequence
         full = list(p.input_ids) + kept
         strings[p.prompt_id] = _token_strings(tokenizer, full, decoded)
         ends.append(pads[b] + len(full) - 1)  # last frame position that belongs to the sequence

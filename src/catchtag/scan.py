@@ -80,12 +80,16 @@ def _join_split_characters(tokenizer, ids: list[int], strings: list[str], longes
     return strings
 
 
-def _batch_tensors(prompts: list[Prompt], tokenizer, device):
+def _batch_tensors(prompts: list[Prompt], tokenizer, device, left: bool | None = None, pad: int | None = None):
+    """(input ids, attention mask) of a padded batch: padded on the tokenizer's side (left=True: on the left, as
+    generation needs) with its pad token (or ``pad``)."""
     T = max(len(p.input_ids) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    if left is None:
+        left = getattr(tokenizer, "padding_side", "right") == "left"
     for b, p in enumerate(prompts):
         n = len(p.input_ids)
         sl = slice(T - n, T) if left else slice(0, n)

@@ -99,8 +99,7 @@ class SinkTracker:
         st = self.layers.get(layer)
         if st is None and klen > n and (mask is None or not bool(_visible_beyond(mask, n))):
             # a static cache hands its whole preallocated length to the prompt's pass: slots past it are empty
-            key, value = key[:, :, :n], value[:, :, :n]
-            mask = None if mask is None else mask[..., :n]
+            key, value, mask = _first_keys(key, value, mask, n)
             klen = n
         if st is None:
             if n != klen:
@@ -148,8 +147,7 @@ class SinkTracker:
         if t >= self.capacity:
             raise CatchtagError(f"generation went past the {self.capacity} positions the tracker was made for")
         if klen > t + 1:  # a static cache: slots past the new token are empty (and masked)
-            k, v = k[:, :, :t + 1], v[:, :, :t + 1]
-            mask = None if mask is None else mask[..., :t + 1]
+            k, v, mask = _first_keys(k, v, mask, t + 1)
             klen = t + 1
         p0 = t + 1 - klen  # the keys are the last klen positions (a sliding window keeps the tail)
         if p0 > st.first_key:
@@ -368,6 +366,11 @@ def _last_row(mask):
         mask = mask[:, 0]
     row = mask[:, -1]
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+def _first_keys(k, v, mask, n: int):
+    """Keys, values and mask cut to the first n positions (a static cache's filled slots)."""
+    return k[:, :, :n], v[:, :, :n], None if mask is None else mask[..., :n]
 
 
 def _visible_beyond(mask, n: int) -> torch.Tensor:

@@ -63,7 +63,6 @@ def run(c: GenerateConfig) -> dict:
     from catchtag.inputs import resolve_model
     from catchtag.progress import progress_bar
     from catchtag.runs import PhaseParts, prompts_sha1, save_figure_file, versions, write_table, write_text
-    from catchtag.scan import _token_strings
     from catchtag.summaries import GenerateSummary
 
     import torch
@@ -127,8 +126,7 @@ def run(c: GenerateConfig) -> dict:
                                    int(first["n_prompt_tokens"]), title=f"{name}: sinks while prompt "
                                    f"{int(first['prompt_id'])} is written")
         summary.figures = [str(save_figure_file(fig, folder / "sink_timeline.png"))]
-        strings = {int(r.prompt_id): _token_strings(tok, [int(x) for x in r.token_ids], decoded)
-                   for r in result.prompts.itertuples()}
+        strings = {int(k): list(v) for k, v in result.scan.prompts.set_index("prompt_id")["tokens"].items()}
         page = generation_page(result.prompts, result.steps, result.sinks, summary.to_json(), strings, heads)
         summary.figures.append(str(write_text(folder / "generation.html", page)))
     summary.write(folder)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 
-import numpy as np
 import pandas as pd
 
 from catchtag.report.figures import figure_html, new_figure
@@ -110,8 +109,3 @@ def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFr
              ".legend span{margin-right:.6em;padding:0 .3em} figure{margin:0} img{max-width:100%}")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>catchtag generate</title><style>{style}'
             f'</style></head><body>{"".join(parts)}</body></html>')
-
-
-def mean_sinks_over_steps(steps: pd.DataFrame) -> np.ndarray:
-    """Mean number of sinks per head at each step (for a one-line summary of how sinks grow while writing)."""
-    return steps.groupby("step")["n_sinks"].mean().to_numpy()
