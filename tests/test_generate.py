@@ -179,10 +179,13 @@ def test_generate_command_end_to_end_resumes_and_refuses(tmp_path):
     steps = pd.read_parquet(out / "steps.parquet")
     assert not steps.duplicated(["prompt_id", "step", "layer", "head"]).any()
     assert "<img" in (out / "generation.html").read_text()
+    view = (out / "view.html").read_text()  # the token viewer of the first text, with the step slider
+    assert 'id="step"' in view and 'max="12"' in view and '"steps":{"prompt":' in view
     res = cli.invoke(app, ["report", str(out), "--out", str(tmp_path / "report.html")])
     assert res.exit_code == 0, res.output[-2000:]
     page = (tmp_path / "report.html").read_text()
     assert "While the model writes" in page and page.count("<img") >= 3
+    assert "Token viewer of prompt 0" in page and "&lt;input type=&quot;range&quot; id=&quot;step&quot;" in page
     (out / "parts" / "steps-00001.parquet").unlink()  # an interrupted run lost its last batch
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output[-2000:]
@@ -213,3 +216,9 @@ def test_generate_in_python_returns_the_text_and_samples_reproducibly():
     assert set(one.steps["step"]) == set(range(0, 11))
     with pytest.raises(catchtag.CatchtagError, match="max_new_tokens"):
         catchtag.generate(model, tok, "Hi", max_new_tokens=0)
+    # the step-by-step viewer needs the scan of the finished text, and a prompt the result has
+    with pytest.raises(catchtag.CatchtagError, match="scan_final=True"):
+        catchtag.show_generation(model, tok, one)
+    with pytest.raises(catchtag.CatchtagError, match="no prompt_id 7"):
+        catchtag.show_generation(model, tok, catchtag.generate(model, tok, "Hi there", max_new_tokens=3, chat=False,
+                                                               eps=EPS, min_rows=2, progress=False), prompt_id=7)

@@ -241,3 +241,49 @@ def test_viewer_shows_right_to_left_text_in_order(browser, llama, tmp_path):
     # the VE grid has its colour scale, in the cells' colours
     assert "linear-gradient" in english.locator("#scale").evaluate("e => e.style.background")
     assert errors == []
+
+
+def test_generation_viewer_steps_through_the_written_text(browser, llama, tmp_path):
+    """The viewer of a written text (catchtag.show_generation): at step k it shows the prompt and the first k written
+    tokens, and each head's sinks are those a scan of exactly that text finds (a scan run here, not the tracker's
+    tables); after the last step, the scan of the finished text's. The play button walks the steps."""
+    import catchtag
+    from catchtag.data.prompts import Prompt
+
+    net, tok = llama
+    result = catchtag.generate(net, tok, TEXT[:60], max_new_tokens=24, eps=EPS, min_rows=MIN_ROWS, keep=64,
+                               chat=False, progress=False)
+    path = catchtag.show_generation(net, tok, result).save(tmp_path / "gen.html")
+    row = result.prompts.iloc[0]
+    P, ids = int(row["n_prompt_tokens"]), [int(x) for x in row["token_ids"]]
+    page, errors, requests = open_page(browser, path)
+
+    def shown():
+        return tuple(sorted(int(s.get_attribute("data-i")) for s in page.locator("span.t.sink").all()))
+
+    heads = [(0, 0), (1, 2), (2, 3)]
+    for k in (0, 9, 24):
+        prefix = scan(net, tok, [Prompt(0, ids[:P + k])], eps=EPS, min_rows=MIN_ROWS, progress=False).heads
+        page.evaluate(f"window.catchtagView.setStep({k})")
+        assert page.locator("span.t:visible").count() == P + k
+        for layer, head in heads:
+            page.select_option("#layer", str(layer))
+            page.select_option("#head", str(head))
+            want = prefix[(prefix["layer"] == layer) & (prefix["head"] == head)].iloc[0]["sink_positions"]
+            assert shown() == tuple(sorted(int(p) for p in want)), (k, layer, head)
+            assert f"step {k} of 24" in page.inner_text("#info")
+    final = result.scan.heads
+    for layer, head in heads:
+        page.select_option("#layer", str(layer))
+        page.select_option("#head", str(head))
+        want = final[(final["layer"] == layer) & (final["head"] == head)].iloc[0]["sink_positions"]
+        assert shown() == tuple(sorted(int(p) for p in want))
+    # a written token is coloured by the sink it attends to most
+    assert page.locator(f"span.t >> nth={P + 3}").evaluate("e => e.style.backgroundColor") != ""
+    page.evaluate("window.catchtagView.setStep(5)")
+    assert page.locator("span.t:visible").count() == P + 5
+    page.click("#play")
+    page.wait_for_function("() => document.getElementById('step').value === '24'", timeout=10_000)
+    assert page.locator("span.t:visible").count() == P + 24
+    page.screenshot(path=str(tmp_path / "gen.png"))
+    assert errors == [] and requests == []

@@ -21,7 +21,7 @@ _LAZY = {
     "steering_curve": "catchtag.interventions.steering", "SWEEP_EPS": "catchtag.analysis.sweep",
     "sweep_table": "catchtag.analysis.sweep", "kind_shares": "catchtag.analysis.taxonomy",
     "sink_taxonomy": "catchtag.analysis.taxonomy", "write_report": "catchtag.report.html",
-    "token_view": "catchtag.jobs", "show_tokens": "catchtag.jobs",
+    "token_view": "catchtag.jobs", "show_tokens": "catchtag.jobs", "show_generation": "catchtag.jobs",
     "toy": "catchtag.toy:",  # the minimal averaging problem: catchtag.toy.construct_model, train_seeds, ...
 }
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
@@ -29,5 +29,5 @@ __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 __all__ = ["ActivationRequest", "CatchtagError", "GenerationResult", "HeadProbes", "SWEEP_EPS", "ScanResult",
            "SinkSettings", "TagProbe", "answer_logprobs", "available_models", "compare_runs", "generate",
            "kind_shares", "load_model", "pca_picture", "run_generate", "run_probe", "run_scan", "run_steer",
-           "scan", "show_tokens", "sink_taxonomy", "steering_curve", "sweep_table", "tag_geometry",
+           "scan", "show_generation", "show_tokens", "sink_taxonomy", "steering_curve", "sweep_table", "tag_geometry",
            "token_view", "toy", "write_report"]

@@ -232,6 +232,24 @@ def _final_table(fs: dict, layer: int, pid, pads, settings) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=FINAL_COLUMNS)
 
 
+def sink_events(sinks: pd.DataFrame, steps: pd.DataFrame) -> dict:
+    """Each head's sinks over the steps of one prompt, only where they change: {(layer, head): [(step, positions,
+    n_sinks), ...]} (positions as listed in ``sinks``, up to ``keep``; n_sinks counts them all)."""
+    listed = {}
+    for (layer, head, step), part in sinks.groupby(["layer", "head", "step"], sort=False)["position"]:
+        listed[(int(layer), int(head), int(step))] = tuple(sorted(int(p) for p in part))
+    events: dict = {}
+    order = steps.sort_values(["layer", "head", "step"], kind="stable")
+    for layer, head, step, n in zip(order["layer"].to_numpy(), order["head"].to_numpy(), order["step"].to_numpy(),
+                                    order["n_sinks"].to_numpy()):
+        key = (int(layer), int(head))
+        now = (listed.get((key[0], key[1], int(step)), ()), int(n))
+        seen = events.setdefault(key, [])
+        if not seen or (seen[-1][1], seen[-1][2]) != now:
+            seen.append((int(step), *now))
+    return events
+
+
 def check_against_scan(final: pd.DataFrame, heads: pd.DataFrame) -> dict:
     """How far the tracker's last state is from a scan of the finished texts: the share of (prompt, layer, head)
     with the same sinks, and the largest differences of n_tokens, VE and uncentred VE."""

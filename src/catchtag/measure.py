@@ -67,6 +67,28 @@ def tag_geometry(model, tokenizer, text, *, layers=None, n_positions: int = 64, 
                                 n_positions=n_positions)
 
 
+def attention_to_columns(model, tokenizer, prompt, columns: dict, *, max_bytes: float = 2.5e8) -> dict:
+    """Each token's attention to chosen columns of one tokenised prompt, per head: {(layer, head): (T, K) float32},
+    the K columns in the order given. The engine keeps whole T x T patterns (``attention_maps``); they are taken a
+    few heads at a time (at most ``max_bytes`` of patterns per pass) and cut to the columns at once, so a long text
+    costs passes, not memory. Heads with no column are left out."""
+    from catchtag.engine.request import ActivationRequest
+    from catchtag.scan import scan
+
+    pairs = sorted((int(layer), int(head)) for (layer, head), cols in columns.items() if len(cols))
+    T = len(prompt.input_ids)
+    group = max(1, int(max_bytes // (4 * T * T)))
+    found = {}
+    for start in range(0, len(pairs), group):
+        chunk = pairs[start:start + group]
+        result = scan(model, tokenizer, [prompt], request=ActivationRequest(layers=[], attention_maps=chunk),
+                      progress=False)
+        for layer, head in chunk:
+            pattern = result.cache.get("pattern", layer=layer, head=head, prompt=prompt.prompt_id)
+            found[(layer, head)] = np.asarray(pattern, dtype=np.float32)[:, [int(c) for c in columns[(layer, head)]]]
+    return found
+
+
 def answer_logprobs(model, tokenizer, prompts, answer_ids: Sequence[int], *, edit=None,
                     batch_size: int = 8, progress: bool = False, desc: str = "answers") -> np.ndarray:
     """Log-probabilities of the answer tokens at the last real token of each prompt.

@@ -52,8 +52,8 @@ ARTIFACTS = {
                 "catchtag.lock"),
     "sweep": ("sweep.csv", "sweep.png", "sweep.json", "scan-*/*", "scan-*/*/*", "catchtag.lock"),
     "generate": ("run.json", "parts/*.parquet", "prompts.parquet", "steps.parquet", "sinks.parquet", "final.parquet",
-                 "summary.json", "sink_timeline.png", "generation.html", "scan/*", "scan/*/*", "catchtag.lock",
-                 "catchtag.files"),
+                 "summary.json", "sink_timeline.png", "generation.html", "view.html", "scan/*", "scan/*/*",
+                 "catchtag.lock", "catchtag.files"),
     "taxonomy": ("taxonomy_tokens_*.csv", "taxonomy_kinds_*.csv", "taxonomy.png", "taxonomy.json", "catchtag.lock"),
 }
 # What a scan writes into its folder, by top-level name (--overwrite removes these and nothing else).

@@ -10,7 +10,7 @@ from catchtag.jobs import (ablate, compare, generate, geometry, pca, probe, rele
                            taxonomy, view)
 from catchtag.jobs.probe import load_probe_inputs
 from catchtag.jobs.scan import write_views
-from catchtag.jobs.view import show_tokens, token_view
+from catchtag.jobs.view import show_generation, show_tokens, token_view
 
 JOBS = {m.JOB.name: m.JOB for m in (scan, pca, compare, sweep, taxonomy, geometry, report, view, probe, steer, ablate,
                                     release, generate)}
@@ -31,4 +31,4 @@ run_generate = generate.JOB.api()
 
 __all__ = ["JOBS", "load_probe_inputs", "run_ablate", "run_compare", "run_generate", "run_geometry", "run_pca",
            "run_probe", "run_release", "run_report", "run_scan", "run_steer", "run_sweep", "run_taxonomy", "run_view",
-           "show_tokens", "token_view", "write_views"]
+           "show_generation", "show_tokens", "token_view", "write_views"]

@@ -17,7 +17,8 @@ from catchtag.jobs.options import (Job, JobConfig, at_least, batch_size_setting,
 class GenerateConfig(JobConfig):
     """Let the model write after each prompt (its own generate(), with a KV cache) and follow the sinks at every step:
     per step, layer and head the sinks then and the new token's catch and tag; at the end a scan of the finished
-    texts (OUT/scan) and a page of sink timelines (OUT/generation.html)."""
+    texts (OUT/scan), a page of sink timelines (OUT/generation.html) and the token viewer of the first text with a step
+    slider (OUT/view.html)."""
 
     command = "generate"
     positional = ("model", "out")
@@ -129,6 +130,9 @@ def run(c: GenerateConfig) -> dict:
         strings = {int(k): list(v) for k, v in result.scan.prompts.set_index("prompt_id")["tokens"].items()}
         page = generation_page(result.prompts, result.steps, result.sinks, summary.to_json(), strings, heads)
         summary.figures.append(str(write_text(folder / "generation.html", page)))
+        from catchtag.jobs.view import show_generation
+
+        summary.figures.append(str(show_generation(net, tok, result, name=name).save(folder / "view.html")))
     summary.write(folder)
     return summary
 
@@ -144,7 +148,8 @@ def lines(s: dict, c: GenerateConfig) -> list[str]:
             f"tracker vs scan of the finished texts: same sinks in {check['same_sinks']:.1%} of "
             f"{check['heads_compared']} heads, VE within {check['max_abs_ve_diff']:.1e}",
             f"wrote {c.out}/: prompts, steps, sinks, final (.parquet), scan/, summary.json"
-            + (", sink_timeline.png, generation.html" if c.figures else "")]
+            + (", sink_timeline.png, generation.html, view.html (the token viewer, step by step)" if c.figures
+               else "")]
     return rows
 
 

@@ -68,6 +68,41 @@ def token_view(model, tokenizer, text, out, *, eps: float = SinkSettings.eps, mi
                        start=start).save(out)
 
 
+def show_generation(model, tokenizer, result, *, prompt_id: int | None = None, name: str | None = None,
+                    start: tuple[int, int] | None = None, height: int = 640) -> TokenView:
+    """The token viewer of one written text (a GenerationResult of ``catchtag.generate``) with a step slider: at
+    step k the text up to the k-th written token, each head's sinks then (what a scan of that text finds), each
+    token coloured by the sink it attends to most. One more pass over the finished text (a few for a long one)
+    keeps each token's attention to every position that was ever a sink; ``.save(path)`` writes the page."""
+    from catchtag.data.prompts import Prompt
+    from catchtag.errors import CatchtagError
+    from catchtag.generation import sink_events
+    from catchtag.measure import attention_to_columns
+    from catchtag.models import display_name
+    from catchtag.report.viewer import TokenView, generation_view_data, render_view
+
+    if getattr(result, "scan", None) is None:
+        raise CatchtagError("this GenerationResult has no scan of the finished texts, which the viewer reads. Fix: "
+                            "catchtag.generate(..., scan_final=True)")
+    prompts = result.prompts.set_index("prompt_id")
+    pid = int(prompts.index[0]) if prompt_id is None else prompt_id
+    if pid not in prompts.index:
+        raise CatchtagError(f"no prompt_id {pid!r} in this generation (it has {list(prompts.index)[:8]}). Fix: "
+                            f"prompt_id={int(prompts.index[0])}")
+    row = prompts.loc[pid]
+    steps = result.steps[result.steps["prompt_id"] == pid]
+    events = sink_events(result.sinks[result.sinks["prompt_id"] == pid], steps)
+    last = result.scan.heads[result.scan.heads["prompt_id"] == pid]
+    columns = {key: sorted({p for _, positions, _ in events.get(key, []) for p in positions} |
+                           {int(p) for p in sinks})
+               for key, sinks in zip(zip(last["layer"].astype(int), last["head"].astype(int)), last["sink_positions"])}
+    text = Prompt(pid, [int(x) for x in row["token_ids"]], text=str(row["prompt"]) + str(row["completion"]))
+    attention = attention_to_columns(model, tokenizer, text, columns)
+    data = generation_view_data(result.scan, pid, attention, columns, events, int(row["n_prompt_tokens"]),
+                                int(steps["step"].max()), model=display_name(model, name), start=start)
+    return TokenView(render_view(data, title=f"catchtag generate: {data['model']}, prompt {pid}"), height=height)
+
+
 def lines(s: dict, config: ViewConfig) -> list[str]:
     return [f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)"]
 

@@ -193,6 +193,7 @@ def _generation_sections(folders: list[Path]) -> list[str]:
     """Sinks while the model writes: for each `catchtag generate` folder, the sink timelines of the heads whose sinks
     move most and the written text coloured by the sink that tags each token (its first prompt)."""
     from catchtag.report.generation import coloured_tokens_html, moving_heads, sink_timeline_figure
+    from catchtag.report.viewer import TokenView
     from catchtag.summaries import GenerateSummary
 
     parts = ["<h2 id='writing'>While the model writes</h2>",
@@ -219,6 +220,10 @@ def _generation_sections(folders: list[Path]) -> list[str]:
         strings = list(tokens.loc[pid])
         for layer, head in heads[:3]:
             parts.append(coloured_tokens_html(steps, pid, layer, head, strings[:n_prompt]))
+        if (folder / "view.html").is_file():
+            parts += [f"<p class='note'>Token viewer of prompt {pid}: move the step slider (or press play) to see the "
+                      "text written token by token and each head's sinks as a scan of the text so far finds them.</p>",
+                      TokenView((folder / "view.html").read_text(encoding="utf-8"), height=560)._repr_html_()]
     return parts
 
 

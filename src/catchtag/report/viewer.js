@@ -3,6 +3,11 @@
   "use strict";
   const D = JSON.parse(document.getElementById("catchtag-data").textContent);
   const T = D.tokens.length, L = D.n_layers, H = D.n_heads;
+  // a written text (catchtag generate) has steps: at step k the page shows the text up to the k-th written token
+  // (step 0: the prompt) and each head's sinks then; a head's attention bytes then cover every position that was
+  // ever one of its sinks (info.u), and info.ev lists its sinks whenever they change: [step, positions, n_sinks]
+  const G = D.steps || null;
+  let step = G ? G.last : null;
   const PALETTE = [[214, 39, 40], [31, 119, 180], [44, 160, 44], [255, 127, 14], [148, 103, 189], [140, 86, 75], [227, 119, 194], [23, 190, 207], [188, 189, 34]];
   const cache = new Map();
   function attn(l, h) { // Uint8Array T*K (row-major), value/255 = attention of token i to sink k
@@ -36,16 +41,24 @@
   function veText(ve, vu) {
     return `VE centred ${ve.toFixed(3)}` + (vu === null || vu === undefined || isNaN(vu) ? "" : `, uncentred ${vu.toFixed(3)}`);
   }
+  function sinksAt(info) {  // [positions, n_sinks] of the head at the current step
+    if (!G) return [info.s, info.s.length];
+    let cur = [[], 0];
+    for (const e of info.ev) { if (e[0] > step) break; cur = [e[1], e[2]]; }
+    return cur;
+  }
   function compute(layer, head) {
     const ls = layer === "all" ? [...Array(L).keys()] : [+layer];
     const hs = head === "all" ? [...Array(H).keys()] : [+head];
     const acc = new Map(), nheads = new Map();
-    let n = 0, veSum = 0, vuSum = 0;
+    let n = 0, veSum = 0, vuSum = 0, unlisted = 0;
     for (const l of ls) for (const h of hs) {
-      const info = D.heads[l][h], K = info.s.length, a = attn(l, h);
+      const info = D.heads[l][h], cols = info.u || info.s, K = cols.length, a = attn(l, h);
+      const [now, count] = sinksAt(info);
+      unlisted += count - now.length;
       n++; veSum += info.ve; vuSum += info.vu === null ? NaN : info.vu;
-      for (let k = 0; k < K; k++) {
-        const p = info.s[k];
+      for (const p of now) {
+        const k = cols.indexOf(p);
         if (!acc.has(p)) { acc.set(p, new Float32Array(T)); nheads.set(p, 0); }
         nheads.set(p, nheads.get(p) + 1);
         const w = acc.get(p);
@@ -54,14 +67,16 @@
     }
     for (const w of acc.values()) for (let i = 0; i < T; i++) w[i] /= n;
     const sinks = [...acc.keys()].sort((x, y) => nheads.get(y) - nheads.get(x) || x - y);
-    return { sinks, acc, nheads, n, ve: veSum / n, vu: vuSum / n, single: n === 1 ? D.heads[ls[0]][hs[0]] : null, ls, hs };
+    return { sinks, acc, nheads, n, unlisted, ve: veSum / n, vu: vuSum / n, single: n === 1 ? D.heads[ls[0]][hs[0]] : null, ls, hs };
   }
   function render() {
     view = compute(layerSel.value, headSel.value);
     const colorOf = new Map();
     view.sinks.forEach((p, j) => colorOf.set(p, j < PALETTE.length ? PALETTE[j] : [120, 120, 120]));
     const isSink = new Set(view.sinks);
+    const shownT = G ? G.prompt + step : T;
     for (let i = 0; i < T; i++) {
+      spans[i].style.display = i < shownT ? "" : "none";
       let best = -1, bw = 0;
       for (const p of view.sinks) { const w = view.acc.get(p)[i]; if (w > bw) { bw = w; best = p; } }
       const s = spans[i];
@@ -80,9 +95,13 @@
       legend.appendChild(k);
     });
     if (view.sinks.length > 24) legend.appendChild(document.createTextNode(` … ${view.sinks.length - 24} more`));
+    const stepText = G ? `step ${step} of ${G.last} (` + (step === 0 ? "the prompt" : `written token ${JSON.stringify(D.tokens[G.prompt + step - 1])}`) + `, ${shownT} tokens): ` : "";
+    const unlistedText = view.unlisted > 0 ? ` (${view.unlisted} more not listed: raise --keep)` : "";
+    const scoresText = view.single && !G ? `, column scores ${view.single.sc.map((x) => x.toFixed(2)).join(", ") || "-"}` : "";
+    const veWhen = G ? " after the last step" : "";
     const what = view.n === 1 ? `layer ${view.ls[0]}, head ${view.hs[0]}` : `${view.n} heads (mean attention over them)`;
-    document.getElementById("info").textContent = `${what}: ${view.sinks.length} sink(s), ` +
-      (view.single ? `${veText(view.single.ve, view.single.vu)}, column scores ${view.single.sc.map((x) => x.toFixed(2)).join(", ") || "-"}` : `mean ${veText(view.ve, view.vu)}`) +
+    document.getElementById("info").textContent = `${stepText}${what}: ${view.sinks.length} sink(s)${unlistedText}, ` +
+      (view.single ? `${veText(view.single.ve, view.single.vu)}${veWhen}${scoresText}` : `mean ${veText(view.ve, view.vu)}${veWhen}`) +
       `. Token colour: the sink it attends to most, stronger = more attention.`;
     document.querySelectorAll("#grid td").forEach((td) => {
       const l = +td.dataset.l, h = +td.dataset.h;
@@ -111,6 +130,21 @@
     const td = e.target.closest("td"); if (!td) return;
     layerSel.value = td.dataset.l; headSel.value = td.dataset.h; render();
   });
+  if (G) {  // the step slider, and a button that plays the steps from the start
+    const slider = document.getElementById("step"), play = document.getElementById("play");
+    let timer = null;
+    const stop = () => { clearInterval(timer); timer = null; play.textContent = "\u25B6"; };
+    slider.addEventListener("input", () => { step = +slider.value; render(); });
+    play.addEventListener("click", () => {
+      if (timer) { stop(); return; }
+      if (step >= G.last) step = 0;
+      play.textContent = "\u23F8";
+      timer = setInterval(() => {
+        slider.value = String(step); render();
+        if (step >= G.last) stop(); else step++;
+      }, 150);
+    });
+  }
   layerSel.addEventListener("change", render);
   headSel.addEventListener("change", render);
   // hover: attention this token pays to each sink of the current view
@@ -132,5 +166,5 @@
   // start on the requested head
   layerSel.value = String(D.start[0]); headSel.value = String(D.start[1]);
   render();
-  window.catchtagView = { render, compute, data: D };
+  window.catchtagView = { render, compute, data: D, setStep: (k) => { step = k; if (G) document.getElementById("step").value = String(k); render(); } };
 })();

@@ -34,22 +34,54 @@ def view_data(result, model: str = "", prompt_id: int | None = None, start: tupl
     heads = [[None] * H for _ in range(L)]
     for row in h.itertuples(index=False):
         a = result.cache.get("sink_attention", layer=row.layer, head=row.head, prompt=prompt_id)
-        q = np.clip(np.rint(np.asarray(a, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
-        heads[row.layer][row.head] = {"s": [int(x) for x in row.sink_positions],
-                                      "sc": [round(float(x), 4) for x in row.sink_scores],
-                                      "ve": round(float(row.ve), 4),
-                                      "vu": _rounded(getattr(row, "ve_uncentred", None)),
-                                      "a": base64.b64encode(q.tobytes(order="C")).decode("ascii")}
-    if start is None:  # the highest-VE head with a sink beyond the first token, else the highest-VE head
+        heads[row.layer][row.head] = _head_entry(row, a)
+    return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
+            "min_rows": result.settings.get("min_rows"), "n_layers": L, "n_heads": H, "tokens": tokens,
+            "heads": heads, "start": _start(result, start)}
+
+
+def generation_view_data(result, prompt_id: int, attention: dict, columns: dict, events: dict, n_prompt: int,
+                         last_step: int, model: str = "", start: tuple[int, int] | None = None) -> dict:
+    """What the page shows for a written text, with a step slider: ``result`` is the scan of the finished text
+    (its heads table gives each head's last sinks and VE), ``events`` each head's sinks over the steps as
+    [step, positions, n_sinks] whenever they change, ``attention`` / ``columns`` each token's attention to every
+    position that was ever a sink of the head. At step k the page shows the text up to the k-th written token
+    (step 0: the prompt) and the sinks a scan of that text finds."""
+    h = result.heads[result.heads["prompt_id"] == prompt_id]
+    tokens = list(result.prompts.set_index("prompt_id").loc[prompt_id, "tokens"])
+    heads = [[None] * result.n_heads for _ in range(result.n_layers)]
+    for row in h.itertuples(index=False):
+        key = (int(row.layer), int(row.head))
+        cols = [int(c) for c in columns.get(key, [])]
+        entry = _head_entry(row, attention.get(key, np.zeros((len(tokens), 0), np.float32)))
+        entry.update(u=cols, ev=[[int(k), [int(p) for p in pos], int(n)] for k, pos, n in events.get(key, [])])
+        heads[key[0]][key[1]] = entry
+    return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
+            "min_rows": result.settings.get("min_rows"), "n_layers": result.n_layers, "n_heads": result.n_heads,
+            "tokens": tokens, "heads": heads, "start": _start(result, start),
+            "steps": {"prompt": int(n_prompt), "last": int(last_step)}}
+
+
+def _head_entry(row, attention) -> dict:
+    """One head's part of the page: its sinks, scores, both VE forms, and each token's attention to the columns
+    (bytes: 1/255 steps, base64)."""
+    q = np.clip(np.rint(np.asarray(attention, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+    return {"s": [int(x) for x in row.sink_positions], "sc": [round(float(x), 4) for x in row.sink_scores],
+            "ve": round(float(row.ve), 4), "vu": _rounded(getattr(row, "ve_uncentred", None)),
+            "a": base64.b64encode(q.tobytes(order="C")).decode("ascii")}
+
+
+def _start(result, start) -> list[int]:
+    """The head to open on: the one asked for, else the highest-VE head with a sink beyond the first token, else
+    the highest-VE head."""
+    if start is None:
         from catchtag.analysis.pca import choose_head
 
         try:
             start = choose_head(result)
         except Exception:
             start = (0, 0)
-    return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
-            "min_rows": result.settings.get("min_rows"), "n_layers": L, "n_heads": H, "tokens": tokens,
-            "heads": heads, "start": [int(start[0]), int(start[1])]}
+    return [int(start[0]), int(start[1])]
 
 
 def _rounded(x) -> float | None:
@@ -72,6 +104,7 @@ def render_view(data: dict, title: str | None = None) -> str:
 <div class="controls">
 <label>Layer <select id="layer"></select></label>
 <label>Head <select id="head"></select></label>
+{_step_controls(data)}
 <span class="note">Framed tokens are sinks; every other token takes the colour of the sink it attends to most
 (stronger colour = more attention). Hover a token for its attention to each sink (bytes: 1/255 steps).</span>
 </div>
@@ -84,6 +117,15 @@ def render_view(data: dict, title: str | None = None) -> str:
 <script>{js}</script>
 </body></html>
 """
+
+
+def _step_controls(data: dict) -> str:
+    """The step slider and play button of a written text's page (nothing for a scan's)."""
+    steps = data.get("steps")
+    if not steps:
+        return ""
+    return (f'<label>Step <input type="range" id="step" min="0" max="{steps["last"]}" value="{steps["last"]}">'
+            f'</label><button id="play" type="button" title="play the steps">&#9654;</button>\n')
 
 
 class TokenView:
