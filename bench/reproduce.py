@@ -50,10 +50,12 @@ def numbers(obj, prefix=""):
 
 
 def csv_numbers(text: str) -> dict:
-    """Every numeric cell of a CSV as {"row i.column": number}."""
+    """Every numeric cell of a CSV as {"row i.column": number}, without the columns that hold times."""
     found = {}
     for i, row in enumerate(csv.DictReader(io.StringIO(text))):
         for key, value in row.items():
+            if key in SKIP_KEYS or key.endswith("_seconds") or key.startswith("sec_"):
+                continue
             try:
                 found[f"row {i}.{key}"] = float(value)
             except (TypeError, ValueError):
