@@ -57,6 +57,10 @@ def place(tmp_path_factory):
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     (root / "notext.jsonl").write_text('{"prompt": "no text field here"}\n')
     (root / "prompts.txt").write_text("The cat sat on the mat and looked at the dog for a while.\n")
+    from catchtag.jobs import run_generate
+
+    run_generate("tiny:llama", root / "gen", prompt="The cat sat on the mat.", max_new_tokens=3, eps=EPS,
+                 min_rows=MIN_ROWS, figures=False, progress=False)
     return root
 
 
@@ -200,6 +204,12 @@ CASES = [
     (["view", *M, *LOW, *TEXT, "--max-tokens", "-1", "--out", "{new}.html"], "--max-tokens must be >= 0"),
     (["view", *M, *TEXT, "--eps", "-0.2", "--out", "{new}.html"], "eps must lie in (0, 1)"),
     (["view", *M, *TEXT, "--min-rows", "0", "--out", "{new}.html"], "--min-rows must be >= 1"),
+    (["view", "--generation", "{folder}", "--out", "{new}.html"], "is not a finished `catchtag generate` folder"),
+    (["view", "--generation", "{run}", "--out", "{new}.html"], "is not a finished `catchtag generate` folder"),
+    (["view", "--generation", "{gen}", *TEXT, "--out", "{new}.html"], "--text, --text-file and --data do not apply"),
+    (["view", "--generation", "{gen}", "-m", "tiny:qwen2", "--out", "{new}.html"], "was written by tiny:llama"),
+    (["view", "--generation", "{gen}", "--prompt", "5", "--out", "{new}.html"], "the run wrote texts for prompts [0]"),
+    (["view", "--generation", "{gen}", "--eps", "0.3", "--out", "{new}.html"], "found its sinks with --eps"),
     *[([cmd, *M, *LOW, "--text-file", f, "--out", "{new}"], msg) for cmd in ("pca", "geometry")
       for f, msg in BAD_TEXT_FILE],
     *[(["view", *M, *LOW, "--text-file", f, "--out", "{new}.html"], msg) for f, msg in BAD_TEXT_FILE],

@@ -186,6 +186,9 @@ def test_generate_command_end_to_end_resumes_and_refuses(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "While the model writes" in page and page.count("<img") >= 3
     assert "Token viewer of prompt 0" in page and "&lt;input type=&quot;range&quot; id=&quot;step&quot;" in page
+    res = cli.invoke(app, ["view", "--generation", str(out), "--prompt", "2", "--out", str(tmp_path / "v2.html")])
+    assert res.exit_code == 0 and "12 written, step by step" in res.output, res.output[-2000:]
+    assert 'max="12"' in (tmp_path / "v2.html").read_text() and "prompt 2" in (tmp_path / "v2.html").read_text()
     (out / "parts" / "steps-00001.parquet").unlink()  # an interrupted run lost its last batch
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output[-2000:]

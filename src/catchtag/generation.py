@@ -47,6 +47,29 @@ class GenerationResult:
     check: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
+    @classmethod
+    def load(cls, folder) -> "GenerationResult":
+        """What a folder written by `catchtag generate` holds: its four tables, the scan of the finished texts, the
+        check and the settings (from summary.json). A folder of another kind, or one whose run did not finish, is
+        one line."""
+        from pathlib import Path
+
+        from catchtag.result import ScanResult
+        from catchtag.summaries import GenerateSummary
+
+        folder = Path(folder)
+        names = ("prompts", "steps", "sinks", "final")
+        missing = [f"{n}.parquet" for n in names if not (folder / f"{n}.parquet").is_file()]
+        if missing or not (folder / "scan" / "run.json").is_file() or not (folder / "summary.json").is_file():
+            raise CatchtagError(f"{folder} is not a finished `catchtag generate` folder (no "
+                                f"{', '.join(missing) or 'scan/ or summary.json'}). Fix: run `catchtag generate ... "
+                                f"--out {folder}` to the end first")
+        summary = GenerateSummary.read(folder)
+        tables = [pd.read_parquet(folder / f"{n}.parquet") for n in names]
+        return cls(*tables, scan=ScanResult.load(folder / "scan"), check=dict(summary["check"]),
+                   settings={"model": summary["model"], "eps": summary["eps"], "min_rows": summary["min_rows"],
+                             **dict(summary["generation"])})
+
     @property
     def texts(self) -> list[str]:
         return list(self.prompts["completion"])

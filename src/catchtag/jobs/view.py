@@ -22,6 +22,9 @@ class ViewConfig(OnePromptConfig):
 
     eps: float = eps_setting()
     min_rows: int = min_rows_setting()
+    generation: Optional[Path] = setting(None, "a `catchtag generate` folder: the viewer of its text number --prompt "
+                                         "with a step slider (the model and sink rule are the run's)", "--generation",
+                                         cli=Optional[Path])
     layer: Optional[int] = setting(None, "layer to open on (with --head)", "--layer", "-l")
     head: Optional[int] = setting(None, "head to open on", "--head")
     out: Path = file_out("view.html")
@@ -30,6 +33,14 @@ class ViewConfig(OnePromptConfig):
 
     def check_together(self) -> None:
         check_layer_and_head(self.layer, self.head)
+        if self.generation is not None:
+            from catchtag.errors import CatchtagError
+            from catchtag.models import default_data
+
+            if self.text is not None or self.text_file is not None or self.data != default_data(self.model):
+                raise CatchtagError("--generation shows the texts the run wrote, so --text, --text-file and --data do "
+                                    "not apply. Fix: leave them out")
+            return
         super().check_together()
 
 
@@ -37,12 +48,44 @@ def run(c: ViewConfig) -> dict:
     """Write the interactive token viewer for one prompt (opens on --layer/--head if given)."""
     from catchtag.inputs import check_head, resolve_model, resolve_text
 
+    if c.generation is not None:
+        return _generation_view(c)
     name, net, tok = resolve_model(c.model, c.device, c.dtype)
     check_head(net, c.layer, c.head)
     p = resolve_text(tok, net, c.text, c.text_file, c.data, c.prompt, c.max_tokens)
     path = token_view(net, tok, p, c.out, eps=c.eps, min_rows=c.min_rows, name=name,
                       start=None if c.layer is None else (c.layer, c.head))
     return {"out": str(path), "n_tokens": len(p.input_ids), "bytes": Path(path).stat().st_size}
+
+
+def _generation_view(c: ViewConfig) -> dict:
+    """`catchtag view --generation RUN`: the step-by-step viewer of one text a generate run wrote."""
+    from catchtag.errors import CatchtagError
+    from catchtag.generation import GenerationResult
+    from catchtag.inputs import check_head, resolve_model
+
+    result = GenerationResult.load(c.generation)
+    model = result.settings["model"]
+    default = ViewConfig.__dataclass_fields__["model"].default
+    if c.model not in (default, model):
+        raise CatchtagError(f"{c.generation} was written by {model}, not {c.model}. Fix: leave out --model (the "
+                            f"run's model is used)")
+    for name, given, used in (("--eps", c.eps, result.settings["eps"]),
+                              ("--min-rows", c.min_rows, result.settings["min_rows"])):
+        if given != ViewConfig.__dataclass_fields__[name[2:].replace("-", "_")].default and given != used:
+            raise CatchtagError(f"{name} {given}, but the run found its sinks with {name} {used}. Fix: leave out "
+                                f"{name}")
+    ids = [int(x) for x in result.prompts["prompt_id"]]
+    if c.prompt not in ids:
+        raise CatchtagError(f"--prompt {c.prompt}: the run wrote texts for prompts {ids[:8]}"
+                            f"{' ...' if len(ids) > 8 else ''}. Fix: --prompt {ids[0]}")
+    name, net, tok = resolve_model(model, c.device, c.dtype)
+    check_head(net, c.layer, c.head)
+    path = show_generation(net, tok, result, prompt_id=c.prompt, name=name,
+                           start=None if c.layer is None else (c.layer, c.head)).save(c.out)
+    n = int(result.prompts.set_index("prompt_id").loc[c.prompt, "n_new_tokens"])
+    return {"out": str(path), "n_tokens": len(result.prompts.set_index("prompt_id").loc[c.prompt, "token_ids"]),
+            "n_steps": n, "bytes": Path(path).stat().st_size}
 
 
 def show_tokens(model, tokenizer, text, *, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
@@ -104,7 +147,8 @@ def show_generation(model, tokenizer, result, *, prompt_id: int | None = None, n
 
 
 def lines(s: dict, config: ViewConfig) -> list[str]:
-    return [f"wrote {s['out']} ({s['n_tokens']} tokens, {s['bytes'] / 1e6:.2f} MB)"]
+    steps = f", {s['n_steps']} written, step by step" if "n_steps" in s else ""
+    return [f"wrote {s['out']} ({s['n_tokens']} tokens{steps}, {s['bytes'] / 1e6:.2f} MB)"]
 
 
 JOB = Job(ViewConfig, run, lines)
