@@ -178,7 +178,8 @@ def test_generate_command_end_to_end_resumes_and_refuses(tmp_path):
     assert summary["n_prompts"] == 3 and summary["check"]["same_sinks"] == 1.0
     steps = pd.read_parquet(out / "steps.parquet")
     assert not steps.duplicated(["prompt_id", "step", "layer", "head"]).any()
-    assert "<img" in (out / "generation.html").read_text()
+    page = (out / "generation.html").read_text()
+    assert "<img" in page and 'href="view.html"' in page
     view = (out / "view.html").read_text()  # the token viewer of the first text, with the step slider
     assert 'id="step"' in view and 'max="12"' in view and '"steps":{"prompt":' in view
     res = cli.invoke(app, ["report", str(out), "--out", str(tmp_path / "report.html")])

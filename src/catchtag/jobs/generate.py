@@ -128,7 +128,8 @@ def run(c: GenerateConfig) -> dict:
                                    f"{int(first['prompt_id'])} is written")
         summary.figures = [str(save_figure_file(fig, folder / "sink_timeline.png"))]
         strings = {int(k): list(v) for k, v in result.scan.prompts.set_index("prompt_id")["tokens"].items()}
-        page = generation_page(result.prompts, result.steps, result.sinks, summary.to_json(), strings, heads)
+        page = generation_page(result.prompts, result.steps, result.sinks, summary.to_json(), strings, heads,
+                               viewer="view.html")
         summary.figures.append(str(write_text(folder / "generation.html", page)))
         from catchtag.jobs.view import show_generation
 

@@ -83,14 +83,19 @@ def coloured_tokens_html(steps: pd.DataFrame, prompt_id: int, layer: int, head: 
 
 
 def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFrame, summary: dict,
-                    token_strings: dict[int, list[str]], heads=None, max_prompts: int = 4) -> str:
+                    token_strings: dict[int, list[str]], heads=None, max_prompts: int = 4,
+                    viewer: str | None = None) -> str:
     """A self-contained HTML page: per prompt, the sink timelines of the heads whose sinks move most, and the written
-    text coloured by the sink that tags each token in those heads."""
+    text coloured by the sink that tags each token in those heads. viewer: a relative link to the step-by-step token
+    viewer, named at the top."""
     heads = heads or moving_heads(sinks, steps)
     parts = [f"<h1>catchtag generate: {html.escape(str(summary.get('model', '')))}</h1>",
              f"<p>{summary.get('n_prompts')} prompt(s), {summary.get('new_tokens')} tokens written; sinks at eps "
              f"{summary.get('eps')}, min_rows {summary.get('min_rows')}. Heads shown: the {len(heads)} whose sinks "
              f"move most while the text is written.</p>"]
+    if viewer:
+        parts.append(f'<p>Step through the first text in the token viewer: <a href="{html.escape(viewer)}">'
+                     f'{html.escape(viewer)}</a> (any head, a step slider).</p>')
     check = summary.get("check") or {}
     if check:
         parts.append(f"<p>Tracker against a scan of the finished texts: same sinks in {check['same_sinks']:.1%} of "
