@@ -71,6 +71,31 @@ def test_the_check_can_fail(monkeypatch):
     assert coverage.check("inkling_text", seed=1).status == "refused"
 
 
+def test_an_moe_routing_flip_draws_other_inputs(monkeypatch):
+    """kolibri1 (384 experts, 4 per token) at seed 1071546537: float32 rounding sends one token to other experts with
+    catchtag than in the eager pass, and that token and every later one differ by 5e-2. The check draws other inputs
+    (same weights) and compares one whose routing agrees; with one draw allowed the flip is what it sees."""
+    from types import SimpleNamespace
+
+    assert coverage.check("kolibri1", seed=1071546537).status == "parity"
+    monkeypatch.setattr(coverage, "ROUTE_DRAWS", 1)
+    row = coverage.check("kolibri1", seed=1071546537)
+    assert row.status == "refused" and "differ" in row.reason
+    # what counts as a flip: another top-k set at a real token, in any layer
+    text = SimpleNamespace(num_experts_per_tok=2)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[1, 0] = False  # padding
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.0]]).repeat(6, 1)
+    flipped = logits.clone()
+    flipped[3] = torch.tensor([4.0, 1.0, 3.0, 0.0])  # sequence 1, position 0: padding
+    same = SimpleNamespace(router_logits=(logits, logits))
+    assert not coverage.route_differs(same, same, valid, text)
+    assert not coverage.route_differs(SimpleNamespace(router_logits=(logits, flipped)), same, valid, text)
+    flipped[4] = torch.tensor([4.0, 1.0, 3.0, 0.0])  # sequence 1, position 1: a real token
+    assert coverage.route_differs(SimpleNamespace(router_logits=(logits, flipped)), same, valid, text)
+    assert not coverage.route_differs(SimpleNamespace(router_logits=None), same, valid, text)
+
+
 def test_a_model_type_the_matrix_does_not_know_is_checked_on_load(monkeypatch):
     """enable() runs the self-check for a type with no status: a model whose attention catchtag computes passes, one
     that computes attention in its own code is refused in one line."""

@@ -26,6 +26,7 @@ import torch
 
 from catchtag.errors import CatchtagError
 
+ROUTE_DRAWS = 3  # input draws tried while an MoE's routing differs between the two passes (route_differs)
 LOGIT_RTOL = 1e-5  # logits with catchtag against the model's own eager attention, relative (logits_rel)
 STAT_TOL = 1e-4  # column scores, VE, R^2 against the float64 reference (float32 arithmetic)
 MAX_PARAMS = 40_000_000  # a tiny model above this is not built (a config the generic rules could not shrink)
@@ -99,6 +100,39 @@ def logits_rel(got, want, valid) -> float:
     return float((got - want)[valid].double().norm() / want[valid].double().norm().clamp_min(1e-30))
 
 
+def _forward(model, ids, mask):
+    """The model's outputs, with its routers' logits where it is a mixture of experts that returns them."""
+    if getattr(model.config.get_text_config(), "output_router_logits", None) is not None:
+        try:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False, output_router_logits=True)
+        except TypeError:
+            pass
+    return model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def route_differs(got, want, valid, text_config) -> bool:
+    """Whether the two passes sent some real token to other experts in some layer (False: the same everywhere, or no
+    router logits to compare). Two top-k choices of an MoE router can lie closer than float32 rounding; one token's
+    flip then changes it and every later token (they attend to it) by far more than rounding, in any two
+    implementations of the same attention. ``check`` then draws other inputs: a draw with the same routing is
+    compared exactly, and a wrong attention would change the routing in every draw, so it still fails."""
+    a, b = getattr(got, "router_logits", None), getattr(want, "router_logits", None)
+    k = int(getattr(text_config, "num_experts_per_tok", 0) or 0)
+    if not a or not b or len(a) != len(b) or k < 1:
+        return False
+    B, T = valid.shape
+    for x, y in zip(a, b):
+        if x is None or y is None or x.shape != y.shape or x.numel() % (B * T):
+            return False
+        x, y = x.reshape(B, T, -1).float(), y.reshape(B, T, -1).float()
+        kk = min(k, x.shape[-1])
+        pick_x = x.topk(kk, dim=-1).indices.sort(dim=-1).values
+        pick_y = y.topk(kk, dim=-1).indices.sort(dim=-1).values
+        if ((pick_x != pick_y).any(dim=-1).to(valid.device) & valid).any():
+            return True
+    return False
+
+
 def _build(model_type: str, seed: int):
     from transformers import AutoModelForCausalLM
 
@@ -135,26 +169,32 @@ def check(model_type: str, seed: int | None = None, device: str = "cpu", backend
     row = Coverage(model_type, "refused", families=families(model, config))
     text = config.get_text_config()
     vocab = min(int(getattr(text, "vocab_size", 256) or 256), 256)
-    ids, mask = (x.to(device) for x in padded_batch([T, T - 9, T - 5], ["right", "right", "left"], T, seed, vocab))
-    try:
-        with torch.no_grad():
-            want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    except Exception as err:  # noqa: BLE001
-        row.reason = f"not verified: its tiny model does not run ({type(err).__name__}: " \
-                     f"{' '.join(str(err).split())[:120]})"
-        return row
     settings = SinkSettings(eps=0.08, min_rows=4, chunk_rows=11)
     request = ActivationRequest(positions="last", space="both")
-    try:
-        enable(model, verified_only=False)
-        with torch.no_grad(), capture(settings, request, backend=backend) as cap:
-            got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    except CatchtagError as err:
-        row.reason = str(err).split(". Fix:")[0]
-        return row
-    except Exception as err:  # noqa: BLE001
-        row.reason = f"fails inside catchtag ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
-        return row
+    for draw in range(ROUTE_DRAWS):  # inputs drawn again (same weights) while an MoE routing flips, see route_differs
+        ids, mask = (x.to(device) for x in padded_batch([T, T - 9, T - 5], ["right", "right", "left"], T,
+                                                         seed + draw, vocab))
+        try:
+            with torch.no_grad():
+                want_out = _forward(model, ids, mask)
+                want = want_out.logits.float()
+        except Exception as err:  # noqa: BLE001
+            row.reason = f"not verified: its tiny model does not run ({type(err).__name__}: " \
+                         f"{' '.join(str(err).split())[:120]})"
+            return row
+        try:
+            enable(model, verified_only=False)
+            with torch.no_grad(), capture(settings, request, backend=backend) as cap:
+                got_out = _forward(model, ids, mask)
+                got = got_out.logits.float()
+        except CatchtagError as err:
+            row.reason = str(err).split(". Fix:")[0]
+            return row
+        except Exception as err:  # noqa: BLE001
+            row.reason = f"fails inside catchtag ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+            return row
+        if not route_differs(got_out, want_out, mask.bool(), text):
+            break
     n_layers = int(getattr(text, "num_hidden_layers", 0) or 0)
     row.layers = f"{len(cap.layers)}/{n_layers}"
     if not cap.layers:
@@ -284,6 +324,9 @@ def write(rows: list[Coverage], matrix: Path, docs: Path) -> None:
         f"tiny random model built from its default config: logits with catchtag equal the model's own eager "
         f"attention (float32, relative {LOGIT_RTOL:g}), column scores, sinks, VE, R^2, the learned sink share and the "
         f"heads' writes into the residual stream equal the float64 eager reference, and `catchtag scan` runs. "
+        f"Where float32 rounding sends a token to other experts of a mixture of experts in one pass than in the "
+        f"other (two router logits closer than rounding), the check draws other inputs for the same weights (up to "
+        f"{ROUTE_DRAWS} draws). "
         f"**{n_ok} types reach parity**; every other type is refused by catchtag in one line naming the reason "
         f"below (`catchtag.load_model`, `catchtag.scan` and every command refuse it), never run with numbers that "
         f"differ from the model's own.",
