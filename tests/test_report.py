@@ -243,16 +243,17 @@ def test_viewer_shows_right_to_left_text_in_order(browser, llama, tmp_path):
     assert errors == []
 
 
-def test_generation_viewer_steps_through_the_written_text(browser, llama, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers, sinks leave the window
+def test_generation_viewer_steps_through_the_written_text(browser, tiny_models, arch, tmp_path):
     """The viewer of a written text (catchtag.show_generation): at step k it shows the prompt and the first k written
     tokens, and each head's sinks are those a scan of exactly that text finds (a scan run here, not the tracker's
     tables); after the last step, the scan of the finished text's. The play button walks the steps."""
     import catchtag
     from catchtag.data.prompts import Prompt
 
-    net, tok = llama
-    result = catchtag.generate(net, tok, TEXT[:60], max_new_tokens=24, eps=EPS, min_rows=MIN_ROWS, keep=64,
-                               chat=False, progress=False)
+    net, tok = tiny_models(arch)
+    result = catchtag.generate(net, tok, TEXT[:60], max_new_tokens=24, eps=EPS, min_rows=MIN_ROWS, keep=256,
+                               chat=False, progress=False)  # keep: every sink listed (gemma3's window: ~all columns)
     path = catchtag.show_generation(net, tok, result).save(tmp_path / "gen.html")
     row = result.prompts.iloc[0]
     P, ids = int(row["n_prompt_tokens"]), [int(x) for x in row["token_ids"]]
@@ -285,5 +286,10 @@ def test_generation_viewer_steps_through_the_written_text(browser, llama, tmp_pa
     page.click("#play")
     page.wait_for_function("() => document.getElementById('step').value === '24'", timeout=10_000)
     assert page.locator("span.t:visible").count() == P + 24
+    # a head with more sinks than were listed says so
+    page.evaluate("window.catchtagView.data.heads[0][0].ev.push([24, [0], 5])")
+    page.select_option("#layer", "0")
+    page.select_option("#head", "0")
+    assert "(4 more not listed: raise --keep)" in page.inner_text("#info")
     page.screenshot(path=str(tmp_path / "gen.png"))
     assert errors == [] and requests == []
