@@ -147,6 +147,12 @@ def main() -> None:
             for side, t, m in (("plain", t_plain, m_plain), ("catchtag", t_ct, m_ct)):
                 if best[side] is None or t < best[side][0]:
                     best[side] = (t, m)
+        prefill_peak = {"plain": None, "catchtag": None}
+        if device.type == "cuda":  # the prompt's pass alone (one pass, no decoding step): where the peak comes from
+            _, _, prefill_peak["plain"] = timed(lambda: plain_generate(model, prompts, 1, pad), device)
+            _, _, prefill_peak["catchtag"] = timed(
+                lambda: track_generation(model, tok, prompts, settings, dict(gen, max_new_tokens=0)), device)
+            model.set_attn_implementation("sdpa")
         tps = {k: batch * args.new / v[0] for k, v in best.items()}
         kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * (args.prefill + args.new) * \
             getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * model.dtype.itemsize
@@ -154,13 +160,17 @@ def main() -> None:
                "catchtag_tokens_per_s": tps["catchtag"], "ratio": tps["catchtag"] / tps["plain"],
                "plain_seconds": best["plain"][0], "catchtag_seconds": best["catchtag"][0],
                "plain_peak_bytes": best["plain"][1], "catchtag_peak_bytes": best["catchtag"][1], "kv_cache_bytes": kv,
+               "plain_prefill_peak_bytes": prefill_peak["plain"],
+               "catchtag_prefill_peak_bytes": prefill_peak["catchtag"],
+               "weights_bytes": sum(t.numel() * t.element_size() for t in model.parameters()),
                "tables_seconds": tables_seconds,
                "ratio_with_tables": best["plain"][0] / (best["catchtag"][0] + tables_seconds)}
         rows.append(row)
         mem = ""
         if device.type == "cuda":
             mem = (f"; peak memory {row['plain_peak_bytes'] / 2**30:.2f} -> {row['catchtag_peak_bytes'] / 2**30:.2f} "
-                   f"GiB (KV cache {kv / 2**30:.2f} GiB)")
+                   f"GiB (KV cache {kv / 2**30:.2f} GiB); the prompt's pass alone "
+                   f"{prefill_peak['plain'] / 2**30:.2f} -> {prefill_peak['catchtag'] / 2**30:.2f} GiB")
         print(f"batch {batch:>2} prefill {args.prefill} new {args.new}: plain {tps['plain']:.1f} tok/s, catchtag "
               f"{tps['catchtag']:.1f} tok/s, ratio {row['ratio']:.3f} (with the step tables: "
               f"{row['ratio_with_tables']:.3f}){mem}", flush=True)
