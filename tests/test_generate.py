@@ -226,3 +226,17 @@ def test_generate_in_python_returns_the_text_and_samples_reproducibly():
     with pytest.raises(catchtag.CatchtagError, match="no prompt_id 7"):
         catchtag.show_generation(model, tok, catchtag.generate(model, tok, "Hi there", max_new_tokens=3, chat=False,
                                                                eps=EPS, min_rows=2, progress=False), prompt_id=7)
+
+
+def test_the_page_colours_written_tokens_by_their_sink_and_names_it():
+    """coloured_tokens_html: each written token takes the colour of its tagging sink; the legend names every sink by
+    its token, a written one too; a token no sink caught stays white."""
+    from catchtag.report.generation import coloured_tokens_html
+
+    rows = [(1, 3, " cat", 0), (2, 4, " the", 0), (3, 5, " dog", 4), (4, 6, " ran", -1)]  # step, position, token, sink
+    steps = pd.DataFrame([{"prompt_id": 0, "step": k, "position": p, "token": t, "layer": 1, "head": 0, "n_sinks": 1,
+                           "caught": 0.5, "tag_share": 0.1, "explained": 0.1, "tagging_sink": s}
+                          for k, p, t, s in rows])
+    page = coloured_tokens_html(steps, 0, 1, 0, ["<s>", " A", " big"])
+    assert "sink at 0: &lt;s&gt;" in page and "sink at 4:  the" in page
+    assert page.count("background:#ffffff") == 1 and "step 3: caught 0.50 by the sink at 4" in page

@@ -73,8 +73,10 @@ def coloured_tokens_html(steps: pd.DataFrame, prompt_id: int, layer: int, head: 
         tip = f"step {r.step}: caught {r.caught:.2f}" + (f" by the sink at {sink}" if sink >= 0 else " (no sink)")
         spans.append(f'<span style="background:{colour}55" title="{html.escape(tip)}">{html.escape(str(r.token))}'
                      f'</span>')
+    written = dict(zip(st["position"].astype(int), st["token"].astype(str)))
+
     def name(p: int) -> str:
-        return html.escape(prompt_tokens[p]) if p < len(prompt_tokens) else "(written)"
+        return html.escape(prompt_tokens[p] if p < len(prompt_tokens) else written.get(p, "(written)"))
 
     legend = " ".join(f'<span style="background:{c}55">sink at {p}: {name(p)}</span>'
                       for p, c in sorted(colours.items()) if p >= 0)
