@@ -83,9 +83,9 @@ def _generation_view(c: ViewConfig) -> dict:
     check_head(net, c.layer, c.head)
     path = show_generation(net, tok, result, prompt_id=c.prompt, name=name,
                            start=None if c.layer is None else (c.layer, c.head)).save(c.out)
-    n = int(result.prompts.set_index("prompt_id").loc[c.prompt, "n_new_tokens"])
-    return {"out": str(path), "n_tokens": len(result.prompts.set_index("prompt_id").loc[c.prompt, "token_ids"]),
-            "n_steps": n, "bytes": Path(path).stat().st_size}
+    row = result.prompts.set_index("prompt_id").loc[c.prompt]
+    return {"out": str(path), "n_tokens": len(row["token_ids"]), "n_steps": int(row["n_new_tokens"]),
+            "bytes": Path(path).stat().st_size}
 
 
 def show_tokens(model, tokenizer, text, *, eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows,
