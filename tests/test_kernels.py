@@ -531,7 +531,10 @@ def test_the_fused_decoding_step_equals_the_torch_step(arch):
             torch.testing.assert_close(a[name].double(), b[name].double(), atol=1e-4, rtol=1e-4,
                                        msg=lambda m: f"seed {seed} layer {layer} {name}: {m}")
         fa, fb = t_torch.final_stats(layer), t_fused.final_stats(layer)
-        torch.testing.assert_close(fa["col_scores"], fb["col_scores"], atol=1e-6, rtol=0, equal_nan=True)
+        # each step's probabilities differ by float32 rounding between the kernel and torch, and a column's score
+        # sums them over its rows: a few 1e-6 relative on a score of 0.3 (seen: 1.1e-6 absolute)
+        torch.testing.assert_close(fa["col_scores"], fb["col_scores"], atol=1e-6, rtol=1e-5, equal_nan=True,
+                                   msg=lambda m: f"seed {seed} layer {layer} col_scores: {m}")
         assert torch.equal(fa["n_sinks"], fb["n_sinks"]), (seed, layer)
         torch.testing.assert_close(fa["ve"], fb["ve"], atol=1e-5, rtol=0)
         torch.testing.assert_close(fa["ve_uncentred"], fb["ve_uncentred"], atol=1e-5, rtol=0)
