@@ -26,6 +26,7 @@ import torch
 
 from catchtag.errors import CatchtagError
 
+TIE_TOL = 1e-6  # a column score this close to eps is a tie: float32 and the float64 reference may split it
 ROUTE_DRAWS = 3  # input draws tried while an MoE's routing differs between the two passes (route_differs)
 LOGIT_RTOL = 1e-5  # logits with catchtag against the model's own eager attention, relative (logits_rel)
 STAT_TOL = 1e-4  # column scores, VE, R^2 against the float64 reference (float32 arithmetic)
@@ -247,10 +248,12 @@ def _compare_reference(model, ids, mask, cap, settings) -> str | None:
             return f"{where}: column scores differ from the reference by {np.nanmax(np.abs(scores - r['scores'])):.1e}"
         first = int(valid.float().argmax())
         sinks = sorted((st.sink_idx[b, h][st.sink_ok[b, h]] - first).tolist())
-        if sinks != r["sinks"]:
+        # a column whose score ties with eps (within float32 rounding of the reference's) may fall either side
+        apart = [c for c in set(sinks) ^ set(r["sinks"]) if not abs(r["scores"][c] - settings.eps) <= TIE_TOL]
+        if apart:
             return f"{where}: sinks {sinks} differ from the reference's {r['sinks']}"
         tol = STAT_TOL * max(1.0, min(r["conditioning"], 1e3) ** 2 / 1e2)
-        for name in ("ve", "r2", "ve_uncentred"):
+        for name in (("ve", "r2", "ve_uncentred") if sinks == r["sinks"] else ()):  # a tie: other sinks, other VE
             if abs(float(getattr(st, name)[b, h]) - r[name]) > tol:
                 got = float(getattr(st, name)[b, h])
                 return f"{where}: {name} {got:.6f} differs from the reference's {r[name]:.6f}"
