@@ -25,19 +25,10 @@ def view_data(result, model: str = "", prompt_id: int | None = None, start: tupl
 
         raise CatchtagError("this ScanResult has no sink attention. Scan with "
                             "request=ActivationRequest(layers=[], sink_attention=True)")
-    h = result.heads
     if prompt_id is None:
-        prompt_id = int(h["prompt_id"].iloc[0])
-    h = h[h["prompt_id"] == prompt_id]
-    tokens = list(result.prompts.set_index("prompt_id").loc[prompt_id, "tokens"])
-    L, H = result.n_layers, result.n_heads
-    heads = [[None] * H for _ in range(L)]
-    for row in h.itertuples(index=False):
-        a = result.cache.get("sink_attention", layer=row.layer, head=row.head, prompt=prompt_id)
-        heads[row.layer][row.head] = _head_entry(row, a)
-    return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
-            "min_rows": result.settings.get("min_rows"), "n_layers": L, "n_heads": H, "tokens": tokens,
-            "heads": heads, "start": _start(result, start)}
+        prompt_id = int(result.heads["prompt_id"].iloc[0])
+    return _page(result, prompt_id, model, start, lambda row, n_tokens: _head_entry(
+        row, result.cache.get("sink_attention", layer=row.layer, head=row.head, prompt=prompt_id)))
 
 
 def generation_view_data(result, prompt_id: int, attention: dict, columns: dict, events: dict, n_prompt: int,
@@ -47,19 +38,27 @@ def generation_view_data(result, prompt_id: int, attention: dict, columns: dict,
     [step, positions, n_sinks] whenever they change, ``attention`` / ``columns`` each token's attention to every
     position that was ever a sink of the head. At step k the page shows the text up to the k-th written token
     (step 0: the prompt) and the sinks a scan of that text finds."""
-    h = result.heads[result.heads["prompt_id"] == prompt_id]
+    def entry(row, n_tokens: int) -> dict:
+        key = (int(row.layer), int(row.head))
+        found = _head_entry(row, attention.get(key, np.zeros((n_tokens, 0), np.float32)))
+        found.update(u=[int(c) for c in columns.get(key, [])],
+                     ev=[[int(k), [int(p) for p in pos], int(n)] for k, pos, n in events.get(key, [])])
+        return found
+
+    data = _page(result, prompt_id, model, start, entry)
+    data["steps"] = {"prompt": int(n_prompt), "last": int(last_step)}
+    return data
+
+
+def _page(result, prompt_id: int, model: str, start, entry) -> dict:
+    """The page's data for one prompt of ``result``: its tokens, and ``entry(row, n_tokens)`` for each head."""
     tokens = list(result.prompts.set_index("prompt_id").loc[prompt_id, "tokens"])
     heads = [[None] * result.n_heads for _ in range(result.n_layers)]
-    for row in h.itertuples(index=False):
-        key = (int(row.layer), int(row.head))
-        cols = [int(c) for c in columns.get(key, [])]
-        entry = _head_entry(row, attention.get(key, np.zeros((len(tokens), 0), np.float32)))
-        entry.update(u=cols, ev=[[int(k), [int(p) for p in pos], int(n)] for k, pos, n in events.get(key, [])])
-        heads[key[0]][key[1]] = entry
+    for row in result.heads[result.heads["prompt_id"] == prompt_id].itertuples(index=False):
+        heads[row.layer][row.head] = entry(row, len(tokens))
     return {"model": model or result.settings.get("model", ""), "eps": result.settings.get("eps"),
             "min_rows": result.settings.get("min_rows"), "n_layers": result.n_layers, "n_heads": result.n_heads,
-            "tokens": tokens, "heads": heads, "start": _start(result, start),
-            "steps": {"prompt": int(n_prompt), "last": int(last_step)}}
+            "tokens": tokens, "heads": heads, "start": _start(result, start)}
 
 
 def _head_entry(row, attention) -> dict:
