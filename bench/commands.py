@@ -60,6 +60,15 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
         ("report-ablate", ["report", str(out / "scan"), "--out", str(out / "report2.html")], ["report2.html"]),
         ("release", ["release", "-m", model, "--limit", "6", "--max-tokens", "64", "--heads", "0.1,1.2", "--folds",
                      "3", "--out", str(out / "release"), *LOW, *dev], ["release/release_decoding.csv"]),
+        ("generate", ["generate", "-m", model, "--out", str(out / "gen"), "--limit", "3", "--max-tokens", "24",
+                      "--max-new-tokens", "24", *LOW, *dev],
+         ["gen/steps.parquet", "gen/scan/heads.parquet", "gen/view.html"]),
+        ("generate-window", ["generate", "-m", "tiny:gemma3", "--out", str(out / "gen2"), "--prompt",
+                             "Once upon a time there was a", "--max-new-tokens", "40", "--sample", "--tracker-ve",
+                             *LOW, *dev],
+         ["gen2/final.parquet", "gen2/generation.html"]),
+        ("view-generation", ["view", "--generation", str(out / "gen"), "--prompt", "2", "--out",
+                             str(out / "gen_view.html")], ["gen_view.html"]),
     ]
 
 
@@ -69,6 +78,8 @@ def main() -> int:
     ap.add_argument("--model", default="tiny:llama")
     ap.add_argument("--out", default="", help="folder for the outputs (default: a new temporary one)")
     ap.add_argument("--json", default="", help="write the per-command results here")
+    ap.add_argument("--only", default="", help="run only the commands whose names start with one of these "
+                    "(comma-separated, e.g. generate,view-generation)")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="catchtag-commands-"))
     if out.exists() and any(out.iterdir()):  # a scan would resume there and run nothing, so nothing would be checked
@@ -79,7 +90,10 @@ def main() -> int:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     results, failed = [], None
+    only = tuple(x for x in a.only.split(",") if x)
     for name, args, promised in commands(out, a.device, a.model):
+        if only and not name.startswith(only):
+            continue
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "catchtag", *args], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
@@ -90,6 +104,11 @@ def main() -> int:
             note = f"device {settings['device']}, backends {'+'.join(settings.get('backends_used', []))}"
             if a.device.startswith("cuda") and "triton" not in settings.get("backends_used", []):
                 missing.append("the triton backend did not run")
+        if proc.returncode == 0 and name.startswith("generate"):  # the tracker's last state against the scan
+            check = json.loads((Path(args[args.index("--out") + 1]) / "summary.json").read_text())["check"]
+            note = f"same sinks {check['same_sinks']:.3f}, VE diff {check['max_abs_ve_diff']}"
+            if check["same_sinks"] != 1.0 or not check["same_lengths"]:
+                missing.append("the tracker's last state differs from the scan")
         ok = proc.returncode == 0 and not missing
         results.append(dict(command=name, ok=ok, seconds=round(seconds, 1), rc=proc.returncode, note=note))
         print(f"{'ok  ' if ok else 'FAIL'} {name:<12} {seconds:6.1f} s  rc={proc.returncode}  {note}", flush=True)

@@ -39,11 +39,13 @@ def prompts_of(tokenizer, batch: int, length: int, seed: int = 0) -> list[Prompt
     return [Prompt(b, ids[b * length:(b + 1) * length]) for b in range(batch)]
 
 
-def plain_generate(model, prompts, new: int, pad: int):
+def plain_generate(model, prompts, new: int, pad: int, cache: str | None = None):
     from catchtag.scan import _batch_tensors
 
     ids, mask = _batch_tensors(prompts, None, model.device, left=True, pad=pad)
     config = generation_config(model, new - 1, greedy=True, pad_token_id=pad)  # new - 1 + 1 = new passes
+    if cache:
+        config.cache_implementation = cache
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
@@ -61,7 +63,8 @@ def timed(fn, device):
 
 def check_archs(archs, device: str, json_path: str | None) -> None:
     """Tiny random models on ``device``: catchtag's greedy tokens equal the model's own (SDPA, else eager) and the
-    tracker's last state equals a scan of the finished texts (sinks and VE), with padding and sliding windows."""
+    tracker's last state (its own VE kept) equals a scan of the finished texts (sinks and VE), with padding and
+    sliding windows. An arch written TYPE:CACHE (e.g. llama:static) decodes with that cache class on both sides."""
     from transformers import AutoModelForCausalLM
 
     from catchtag.generation import generate
@@ -69,7 +72,8 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
 
     tok = tiny_tokenizer()
     rows = []
-    for arch in archs:
+    for spec in archs:
+        arch, _, cache = spec.partition(":")
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(device).eval()
         texts = ["The quick brown fox jumps over the lazy dog, again.", "Hello there"]
@@ -78,12 +82,14 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
             model.set_attn_implementation("sdpa")
         except ValueError:
             model.set_attn_implementation("eager")
-        plain = plain_generate(model, prompts, 16, tok.pad_token_id)
-        got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False)
+        plain = plain_generate(model, prompts, 16, tok.pad_token_id, cache or None)
+        if cache:
+            model.generation_config.cache_implementation = cache
+        got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False, tracker_ve=True)
         t0 = plain.shape[1] - 16
         same = all(list(r.token_ids)[len(p.input_ids):] == plain[b, t0:t0 + r.n_new_tokens].tolist()
                    for b, (p, r) in enumerate(zip(prompts, got.prompts.itertuples())))  # up to an end token
-        rows.append({"arch": arch, "greedy_same_tokens": bool(same), **got.check})
+        rows.append({"arch": spec, "greedy_same_tokens": bool(same), **got.check})
         print(rows[-1], flush=True)
     if json_path:
         with open(json_path, "w") as f:
@@ -100,6 +106,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (the best is kept)")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--tracker-ve", action="store_true", help="the tracker also keeps its Gram matrices (its own VE), "
+                    "as `catchtag generate --tracker-ve`; default: as the command runs, the VE from the scan")
     ap.add_argument("--archs", help="instead: tiny models of these types on --device, greedy tokens against the model "
                     "without catchtag and the tracker's last state against a scan (e.g. llama,gemma3,gpt_oss)")
     ap.add_argument("--json")
@@ -122,7 +130,7 @@ def main() -> None:
         prompts = prompts_of(tok, 2, min(args.prefill, 64))
         model.set_attn_implementation("sdpa")
         plain = plain_generate(model, prompts, 32, pad)
-        got = generate(model, tok, prompts, max_new_tokens=31, progress=False)
+        got = generate(model, tok, prompts, max_new_tokens=31, progress=False, tracker_ve=True)
         t0 = len(prompts[0].input_ids)
         same = all(list(r.token_ids)[t0:] == plain[b, t0:t0 + r.n_new_tokens].tolist()
                    for b, r in enumerate(got.prompts.itertuples()))
@@ -133,14 +141,15 @@ def main() -> None:
         gen = dict(max_new_tokens=args.new - 1, greedy=True)
         model.set_attn_implementation("sdpa")
         plain_generate(model, prompts, 4, pad)  # warm up both
-        generate_batch(model, tok, prompts, settings, dict(gen, max_new_tokens=3))
+        generate_batch(model, tok, prompts, settings, dict(gen, max_new_tokens=3), ve=args.tracker_ve)
         model.set_attn_implementation("sdpa")
         best = {"plain": None, "catchtag": None}
         tables_seconds = None
         for _ in range(args.repeats):
             model.set_attn_implementation("sdpa")
             _, t_plain, m_plain = timed(lambda: plain_generate(model, prompts, args.new, pad), device)
-            got, t_ct, m_ct = timed(lambda: track_generation(model, tok, prompts, settings, gen), device)
+            got, t_ct, m_ct = timed(lambda: track_generation(model, tok, prompts, settings, gen, ve=args.tracker_ve),
+                                    device)
             _, t_tables, _ = timed(lambda got=got: batch_tables(tok, prompts, settings, *got), device)
             del got
             tables_seconds = t_tables if tables_seconds is None else min(tables_seconds, t_tables)
@@ -151,12 +160,14 @@ def main() -> None:
         if device.type == "cuda":  # the prompt's pass alone (one pass, no decoding step): where the peak comes from
             _, _, prefill_peak["plain"] = timed(lambda: plain_generate(model, prompts, 1, pad), device)
             _, _, prefill_peak["catchtag"] = timed(
-                lambda: track_generation(model, tok, prompts, settings, dict(gen, max_new_tokens=0)), device)
+                lambda: track_generation(model, tok, prompts, settings, dict(gen, max_new_tokens=0),
+                                         ve=args.tracker_ve), device)
             model.set_attn_implementation("sdpa")
         tps = {k: batch * args.new / v[0] for k, v in best.items()}
         kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * (args.prefill + args.new) * \
             getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * model.dtype.itemsize
-        row = {"batch": batch, "prefill": args.prefill, "new": args.new, "plain_tokens_per_s": tps["plain"],
+        row = {"batch": batch, "tracker_ve": args.tracker_ve, "prefill": args.prefill, "new": args.new,
+               "plain_tokens_per_s": tps["plain"],
                "catchtag_tokens_per_s": tps["catchtag"], "ratio": tps["catchtag"] / tps["plain"],
                "plain_seconds": best["plain"][0], "catchtag_seconds": best["catchtag"][0],
                "plain_peak_bytes": best["plain"][1], "catchtag_peak_bytes": best["catchtag"][1], "kv_cache_bytes": kv,

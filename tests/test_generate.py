@@ -85,7 +85,11 @@ def test_the_last_state_equals_the_reference_on_the_final_texts(arch, cache):
                 checked += 1
     assert checked >= 2 * len(prompts) * 2  # prompts x thresholds x at least two heads
     if arch == "gemma3":  # the window really dropped sink columns whose values the tracker had to keep
-        assert max(int(st.evicted_n.max()) for st in tracker.layers.values()) > 0
+        assert max(int(st.evicted_n.max()) for st in tracker.layers.values() if st.evicted_n is not None) > 0
+        full = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
+        assert full and all(tracker.layers[i].evicted_v is None for i in full)  # room only where a window drops
+    if arch == "llama":  # no window: no room is made for dropped values
+        assert all(st.evicted_v is None for st in tracker.layers.values())
 
 
 def test_a_steps_sinks_are_the_references_on_the_prefix(monkeypatch):
@@ -133,13 +137,32 @@ def test_a_sequence_that_ends_adds_no_rows_and_matches_its_scan():
     model = _model("llama")
     first = _plain(model, _prompts(tok), 8, tok.pad_token_id)
     model.generation_config.eos_token_id = int(first[1, 3])  # prompt 1's 4th token (not in prompt 0's first 4)
-    result = generate(model, tok, TEXTS, max_new_tokens=30, eps=EPS, min_rows=MIN_ROWS, chat=False, progress=False)
+    result = generate(model, tok, TEXTS, max_new_tokens=30, eps=EPS, min_rows=MIN_ROWS, chat=False, progress=False,
+                      tracker_ve=True)
     ended = result.prompts.set_index("prompt_id")
     assert ended.loc[1, "ended"] == "eos" and ended.loc[1, "n_new_tokens"] <= 4
     assert list(ended.loc[1, "token_ids"])[-1] == int(first[1, 3])
     assert int(result.steps[result.steps["prompt_id"] == 1]["step"].max()) == ended.loc[1, "n_new_tokens"]
     assert result.check["same_sinks"] == 1.0 and result.check["same_lengths"]
     assert result.check["max_abs_ve_diff"] < 1e-5
+
+
+def test_without_its_own_ve_the_tracker_keeps_no_gram_and_the_scan_gives_the_ve():
+    """generate()'s default with a scan of the finished texts: the tracker keeps no Gram matrix (its memory stays
+    O(layers x heads x T)), its last state still has the scan's sinks, its VE is NaN and the check says the VE was
+    not compared (NaN), not 0; the scan's VE is there."""
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    result = generate(model, tok, TEXTS, max_new_tokens=20, eps=EPS, min_rows=MIN_ROWS, chat=False, progress=False)
+    assert result.final["ve"].isna().all() and result.final["ve_uncentred"].isna().all()
+    assert result.check["same_sinks"] == 1.0 and result.check["same_lengths"]
+    assert np.isnan(result.check["max_abs_ve_diff"]) and np.isnan(result.check["max_abs_ve_uncentred_diff"])
+    assert result.scan.heads["ve"].notna().all() and (result.scan.heads["n_sinks"] > 0).any()
+    gen = dict(max_new_tokens=5, greedy=True)
+    for ve in (False, True):
+        tracker = track_generation(model, tok, _prompts(tok), SETTINGS, gen, ve=ve)[0]
+        assert all((st.gram is not None) == ve and (st.out_sum is not None) == ve for st in tracker.layers.values())
+        assert ve or not any(st.pending for st in tracker.layers.values())
 
 
 def test_the_tracker_refuses_what_it_cannot_follow():
@@ -187,6 +210,12 @@ def test_generate_command_end_to_end_resumes_and_refuses(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "While the model writes" in page and page.count("<img") >= 3
     assert "Token viewer of prompt 0" in page and "&lt;input type=&quot;range&quot; id=&quot;step&quot;" in page
+    assert "the VE from the scan (the tracker kept none" in page  # not "VE within nan"
+    res = cli.invoke(app, args[:-1] + [str(tmp_path / "gen_ve"), "--limit", "1", "--tracker-ve"])
+    assert res.exit_code == 0 and "VE within " in res.output, res.output[-2000:]
+    checked = json.loads((tmp_path / "gen_ve" / "summary.json").read_text())["check"]
+    assert checked["same_sinks"] == 1.0 and checked["max_abs_ve_diff"] < 1e-5
+    assert "VE within" in (tmp_path / "gen_ve" / "generation.html").read_text()
     res = cli.invoke(app, ["view", "--generation", str(out), "--prompt", "2", "--out", str(tmp_path / "v2.html")])
     assert res.exit_code == 0 and "12 written, step by step" in res.output, res.output[-2000:]
     assert 'max="12"' in (tmp_path / "v2.html").read_text() and "prompt 2" in (tmp_path / "v2.html").read_text()

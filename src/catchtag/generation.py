@@ -142,16 +142,17 @@ class _FollowEnds:
 
 
 def generate_batch(model, tokenizer, batch: list[Prompt], settings: SinkSettings, gen: dict, keep: int = 8,
-                   bar=None, decoded: dict | None = None):
+                   bar=None, decoded: dict | None = None, ve: bool = True):
     """One batch: (prompts, steps, sinks, final) tables of ``GenerationResult`` for these prompts."""
     return batch_tables(tokenizer, batch, settings, *track_generation(model, tokenizer, batch, settings, gen, keep,
-                                                                        bar), decoded=decoded)
+                                                                        bar, ve), decoded=decoded)
 
 
 def track_generation(model, tokenizer, batch: list[Prompt], settings: SinkSettings, gen: dict, keep: int = 8,
-                     bar=None):
+                     bar=None, ve: bool = True):
     """The model's generate() on one left-padded batch with a SinkTracker following it: (tracker, sequences (B, T)
-    on the CPU, left padding per sequence, prompt length T0, end tokens)."""
+    on the CPU, left padding per sequence, prompt length T0, end tokens). ve: the tracker keeps what its VE needs
+    (SinkTracker's ``ve``)."""
     from catchtag.engine.decode import SinkTracker, tracking
     from catchtag.scan import _batch_tensors, _input_device, using_catchtag
 
@@ -160,7 +161,7 @@ def track_generation(model, tokenizer, batch: list[Prompt], settings: SinkSettin
     ids, mask = _batch_tensors(batch, tokenizer, _input_device(model), left=True, pad=pad)
     B, T0 = ids.shape
     n_new = int(gen["max_new_tokens"])
-    tracker = SinkTracker(settings, capacity=T0 + n_new + 1, keep=keep)
+    tracker = SinkTracker(settings, capacity=T0 + n_new + 1, keep=keep, ve=ve)
     criterion = _FollowEnds(tracker, T0, eos, bar)
     config = generation_config(model, pad_token_id=pad, **gen)
     from transformers import StoppingCriteriaList
@@ -275,13 +276,16 @@ def sink_events(sinks: pd.DataFrame, steps: pd.DataFrame) -> dict:
 
 def check_against_scan(final: pd.DataFrame, heads: pd.DataFrame) -> dict:
     """How far the tracker's last state is from a scan of the finished texts: the share of (prompt, layer, head)
-    with the same sinks, and the largest differences of n_tokens, VE and uncentred VE."""
+    with the same sinks, and the largest differences of n_tokens, VE and uncentred VE (NaN: not compared, where the
+    tracker kept no VE, or any head's VE is missing)."""
     m = final.merge(heads, on=["prompt_id", "layer", "head"], suffixes=("", "_scan"))
     same = [list(a) == list(b) for a, b in zip(m["sink_positions"], m["sink_positions_scan"])]
+
+    def largest(col: str) -> float:
+        return float((m[col] - m[f"{col}_scan"]).abs().max(skipna=False)) if len(m) else float("nan")
+
     return {"heads_compared": int(len(m)), "same_sinks": float(np.mean(same)) if len(m) else float("nan"),
-            "max_abs_ve_diff": float((m["ve"] - m["ve_scan"]).abs().max()) if len(m) else float("nan"),
-            "max_abs_ve_uncentred_diff": float((m["ve_uncentred"] - m["ve_uncentred_scan"]).abs().max())
-            if len(m) else float("nan"),
+            "max_abs_ve_diff": largest("ve"), "max_abs_ve_uncentred_diff": largest("ve_uncentred"),
             "same_lengths": bool((m["n_tokens"] == m["n_tokens_scan"]).all())}
 
 
@@ -309,19 +313,23 @@ def as_prompts(texts, tokenizer, chat: bool | None) -> list[Prompt]:
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, greedy: bool = True, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 50, seed: int = 0, chat: bool | None = None,
              eps: float = SinkSettings.eps, min_rows: int = SinkSettings.min_rows, batch_size: int = 8,
-             keep: int = 8, scan_final: bool = True, progress: bool = True) -> GenerationResult:
+             keep: int = 8, scan_final: bool = True, tracker_ve: bool | None = None,
+             progress: bool = True) -> GenerationResult:
     """Let ``model`` write after each prompt with its own ``generate()``, following catch and tag at every step.
 
     prompts: a string, a list of strings (through the tokenizer's chat template when it has one, unless
     chat=False) or a list of ``Prompt``. greedy=False samples (temperature, top_p, top_k; seeded with ``seed``).
     eps / min_rows: the sink rule of a scan. keep: sinks listed per head and step. scan_final: also scan the
-    finished texts (GenerationResult.scan) and check the tracker's last state against it."""
+    finished texts (GenerationResult.scan) and check the tracker's last state against it. tracker_ve: the tracker
+    also keeps each head's Gram matrix so ``final`` has its own VE (layers x heads x head_dim^2 float64 numbers per
+    sequence, more than the KV cache of a short text); default: only without scan_final (the scan gives the VE)."""
     for name, value, kinds, example in (("max_new_tokens", max_new_tokens, (int,), 64), ("batch_size", batch_size,
                                         (int,), 8), ("keep", keep, (int,), 8), ("seed", seed, (int,), 0)):
         check_type(name, value, kinds, "a whole number >= 1", example)
         if value < (0 if name == "seed" else 1):
             raise CatchtagError(f"{name} must be >= 1, got {value}. Fix: e.g. {name}={example}")
     settings = SinkSettings(eps=eps, min_rows=min_rows)
+    ve = not scan_final if tracker_ve is None else bool(tracker_ve)
     prompt_list = as_prompts(prompts, tokenizer, chat)
     gen = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k)
     from catchtag.progress import progress_bar
@@ -332,7 +340,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, greedy: boo
     parts, decoded = [], {}
     for k, batch in enumerate(batches):
         torch.manual_seed(seed + k)
-        parts.append(generate_batch(model, tokenizer, batch, settings, gen, keep, bar, decoded))
+        parts.append(generate_batch(model, tokenizer, batch, settings, gen, keep, bar, decoded, ve))
     bar.close()
     tables = [pd.concat([p[i] for p in parts], ignore_index=True) for i in range(4)]
     return finish(model, tokenizer, *tables, settings=settings, scan_final=scan_final, batch_size=batch_size,

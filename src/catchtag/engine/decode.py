@@ -4,8 +4,10 @@ A scan sees a whole text in one forward pass. During generation every pass after
 sequence, and everything the sink rule needs is a running sum over rows: each column's summed attention and the
 number of rows that see it (so the sinks after any step are the sinks a scan of the text so far finds), and the sum
 and Gram matrix of each head's outputs (so the variance the sinks' values explain can be read at the end for any
-sink set, without a T x T map or the past queries). A step costs O(T) per head; the state is
-O(layers x heads x (T + Dv^2)) beside the cache, plus the values of sinks a sliding window has dropped.
+sink set, without a T x T map or the past queries). A step costs O(T) per head; the state is O(layers x heads x T)
+beside the cache, plus the values of sinks a sliding window has dropped (only where one drops columns), plus
+O(layers x heads x Dv^2) for the Gram matrices when the VE is to come from the tracker (``ve=True``; a scan of the
+finished text gives it otherwise).
 
 ``SinkTracker`` is that state (one per batch of sequences); inside ``tracking(tracker)`` catchtag's attention function
 (engine.attention) hands every attention call to it while ``model.generate`` runs.
@@ -33,17 +35,18 @@ class LayerState:
     col_sum: torch.Tensor  # (B,H,C) attention each column got, summed over the rows so far
     row_counts: torch.Tensor  # (B,C) rows that saw each column
     token_valid: torch.Tensor  # (B,C) real tokens (not padding, not past a sequence's end)
-    gram: torch.Tensor  # (B,H,Dv,Dv) float64: sum over rows of o o^T
-    out_sum: torch.Tensor  # (B,H,Dv) float64: sum over rows of o
+    gram: torch.Tensor | None  # (B,H,Dv,Dv) float64: sum over rows of o o^T (None: the tracker keeps no VE)
+    out_sum: torch.Tensor | None  # (B,H,Dv) float64: sum over rows of o
     n_rows: torch.Tensor  # (B,) float64
     rows: int  # rows seen (the next row's frame position)
     values: torch.Tensor  # the last call's value tensor (B,KV,klen,Dv): the cache's values
     first_key: int  # frame position of values[:, :, 0]
     tail: torch.Tensor  # values the next call may find dropped, from position tail_first on
     tail_first: int
-    evicted_v: torch.Tensor  # (B,H,M+1,Dv) values of sink candidates a sliding window dropped (last slot: discarded)
-    evicted_pos: torch.Tensor  # (B,H,M+1) their positions (-1: empty)
-    evicted_n: torch.Tensor  # (B,H) slots used
+    evicted_v: torch.Tensor | None = None  # (B,H,M+1,Dv) values of sink candidates a sliding window dropped (last
+    # slot: discarded); made when a window first drops a column
+    evicted_pos: torch.Tensor | None = None  # (B,H,M+1) their positions (-1: empty)
+    evicted_n: torch.Tensor | None = None  # (B,H) slots used
     evicted_bound: int = 0  # columns dropped so far: a bound on evicted_n known without asking the device
     records: list = field(default_factory=list)  # one dict of device tensors per row added (see SinkTracker)
     pending: list = field(default_factory=list)  # outputs (B,H,Dv) not yet in gram / out_sum (see _flush)
@@ -53,7 +56,7 @@ class LayerState:
 def _flush(st: LayerState) -> None:
     """Add the pending rows' outputs to the Gram matrix and the sum in one product (a block of rows at a time is a
     matrix product; one row at a time would be an outer product per step)."""
-    if st.pending:
+    if st.pending and st.gram is not None:
         o = torch.stack(st.pending, dim=2).double()  # (B,H,n,Dv)
         st.gram += o.transpose(-1, -2) @ o
         st.out_sum += o.sum(dim=2)
@@ -68,9 +71,12 @@ class SinkTracker:
     token per sequence. Each row added leaves a record: the sinks at that moment (their number and the ``keep``
     highest-scoring columns), and for the new token the attention it puts on them (caught), its tag (attention to
     the sinks times their values) and its output's energy. ``active`` (set by the caller between steps) says which
-    sequences' new rows count: a sequence that has ended adds nothing."""
+    sequences' new rows count: a sequence that has ended adds nothing. ``ve``: keep each head's output sum and Gram
+    matrix, so ``final_stats`` gives the VE (O(layers x heads x Dv^2) float64 more memory); without it the VE of
+    ``final_stats`` is NaN and comes from a scan of the finished text."""
 
-    def __init__(self, settings: SinkSettings, capacity: int, keep: int = 8, backend: str = "auto"):
+    def __init__(self, settings: SinkSettings, capacity: int, keep: int = 8, backend: str = "auto",
+                 ve: bool = True):
         if backend not in ("auto", "torch", "triton"):
             raise CatchtagError(f"backend must be auto, torch or triton, got {backend!r}")
         self.backend = backend  # a decoding step's statistics: the fused Triton kernel ("auto": on a GPU) or torch
@@ -78,6 +84,7 @@ class SinkTracker:
         self.settings = settings
         self.capacity = int(capacity)
         self.keep = int(keep)
+        self.ve = bool(ve)
         self.layers: dict[int, LayerState] = {}
         self.active: torch.Tensor | None = None  # (B,) bool; None: every sequence
         self._order: dict[int, int] = {}
@@ -120,21 +127,19 @@ class SinkTracker:
             raise CatchtagError(f"the prompt has {T} tokens, the tracker room for {self.capacity}")
         _, _, _, out, _, col_sum, row_counts, token_valid, _, _ = attention_and_column_sums(
             q, k, v, mask, scaling, softcap, self.settings, sinks=sinks)
-        dev, C, Dv = q.device, self.capacity, v.shape[-1]
+        dev, C = q.device, self.capacity
         st = LayerState(col_sum=torch.zeros(B, H, C, device=dev), row_counts=torch.zeros(B, C, dtype=torch.long,
                                                                                          device=dev),
                         token_valid=torch.zeros(B, C, dtype=torch.bool, device=dev),
                         gram=None, out_sum=None, n_rows=token_valid.sum(dim=-1).double(), rows=T, values=v,
-                        first_key=0, tail=v, tail_first=0,
-                        evicted_v=torch.zeros(B, H, EVICTED_SLOTS + 1, Dv, device=dev),
-                        evicted_pos=torch.full((B, H, EVICTED_SLOTS + 1), -1, dtype=torch.long, device=dev),
-                        evicted_n=torch.zeros(B, H, dtype=torch.long, device=dev))
+                        first_key=0, tail=v, tail_first=0)
         st.col_sum[..., :T] = col_sum
         st.row_counts[:, :T] = row_counts
         st.token_valid[:, :T] = token_valid
-        o = out.double() * token_valid[:, None, :, None]
-        st.gram = torch.matmul(o.transpose(-1, -2), o)
-        st.out_sum = o.sum(dim=2)
+        if self.ve:
+            o = out.double() * token_valid[:, None, :, None]
+            st.gram = torch.matmul(o.transpose(-1, -2), o)
+            st.out_sum = o.sum(dim=2)
         self.layers[layer] = st
         # the record of the prompt's last row (left padding: the last frame position is every sequence's last token)
         a = _row_attention(q[:, :, -1:], k, _last_row(mask), scaling, softcap, sinks)
@@ -164,10 +169,11 @@ class SinkTracker:
             a = _row_attention(q, k, visible, scaling, softcap, sinks)
             st.col_sum[..., p0:t + 1] += a[:, :, 0] if act is None else a[:, :, 0] * act[:, None, None]
             o = self._record(st, a, v, p0, t, act)
-        st.pending.append(o if act is None else o * act[:, None, None])
+        if self.ve:
+            st.pending.append(o if act is None else o * act[:, None, None])
+            if len(st.pending) == GRAM_BLOCK:
+                _flush(st)
         st.n_rows += 1 if act is None else act.double()
-        if len(st.pending) == GRAM_BLOCK:
-            _flush(st)
         st.tail, st.tail_first = v[:, :, :1].clone(), p0  # a sliding window may drop this column next step
         st.values, st.first_key = v, p0
         return o[:, :, None]
@@ -223,7 +229,7 @@ class SinkTracker:
             raise CatchtagError("the KV cache dropped more than one token in a step; catchtag cannot follow it")
         s = self.settings
         B, H = st.col_sum.shape[:2]
-        _make_room(st, hi - lo)
+        _make_room(st, hi - lo, st.tail.shape[-1])
         slots = st.evicted_v.shape[2] - 1  # the last slot takes what is not kept
         rc = st.row_counts[:, lo:hi]
         score = st.col_sum[..., lo:hi] / rc.clamp_min(1)[:, None]
@@ -274,7 +280,8 @@ class SinkTracker:
     def final_stats(self, layer: int) -> dict:
         """What a scan of the sequences so far gives for this layer, from the running sums alone, on the CPU:
         col_scores (B,H,T), row_counts and token_valid (B,T), and per threshold of settings.all_eps (last axis):
-        n_sinks, ve and ve_uncentred (the projection forms of docs/method.md), plus sink_idx / sink_ok (B,H,K) at
+        n_sinks, ve and ve_uncentred (the projection forms of docs/method.md; NaN where the tracker keeps no Gram
+        matrices: ve=False), plus sink_idx / sink_ok (B,H,K) at
         the main eps. (R^2 needs every past row's attention to the final sinks: a scan of the text gives it.)"""
         from catchtag.engine.stats import _span_basis, span_rtol
 
@@ -289,7 +296,8 @@ class SinkTracker:
         E = len(s.all_eps)
         K = int((scores0 > s.all_eps[0]).sum(dim=-1).max()) if T else 0
         n_sinks = torch.zeros(B, H, E, dtype=torch.long)
-        ve, ve_raw = torch.zeros(B, H, E, dtype=torch.float64), torch.zeros(B, H, E, dtype=torch.float64)
+        ve, ve_raw = (torch.full((B, H, E), 0.0 if st.gram is not None else float("nan"), dtype=torch.float64)
+                      for _ in range(2))
         result = {"col_scores": col_scores.cpu(), "row_counts": rc.cpu(), "token_valid": tv.cpu(), "n_sinks": n_sinks,
                   "ve": ve, "ve_uncentred": ve_raw, "sink_idx": torch.zeros(B, H, 0, dtype=torch.long),
                   "sink_ok": torch.zeros(B, H, 0, dtype=torch.bool)}
@@ -298,6 +306,12 @@ class SinkTracker:
         top, idx = scores0.topk(K, dim=-1)
         idx, order = idx.sort(dim=-1)
         top = top.gather(-1, order)
+        main_ok = top > float(s.eps)
+        result.update(sink_idx=idx.cpu(), sink_ok=main_ok.cpu())
+        if st.gram is None:  # no Gram matrices kept: the sinks only, the VE from a scan of the text
+            for e_i, e in enumerate(s.all_eps):
+                n_sinks[..., e_i] = (top > e).sum(dim=-1).cpu()
+            return result
         v_s = self._sink_values(st, idx, top > s.all_eps[0])
         gram = st.gram
         n = st.n_rows.clamp_min(1)[:, None, None, None]
@@ -318,8 +332,6 @@ class SinkTracker:
             n_sinks[..., e_i] = ok.sum(dim=-1).cpu()
             ve[..., e_i] = torch.where(has, proj / total.clamp_min(1e-30), torch.zeros_like(proj)).cpu()
             ve_raw[..., e_i] = torch.where(has, proj_raw / total_raw.clamp_min(1e-30), torch.zeros_like(proj)).cpu()
-        main_ok = top > float(s.eps)
-        result.update(sink_idx=idx.cpu(), sink_ok=main_ok.cpu())
         return result
 
     @staticmethod
@@ -332,18 +344,28 @@ class SinkTracker:
         in_cache = idx >= st.first_key
         from_cache = vals.gather(2, (idx - st.first_key).clamp(0, klen - 1)[..., None].expand(*idx.shape,
                                                                                           vals.shape[-1]))
-        match = st.evicted_pos[:, :, None, :] == idx[..., None]  # (B,H,K,M+1)
-        match[..., -1] = False
-        from_kept = match.double() @ st.evicted_v.double()
+        if st.evicted_v is None:  # no window has dropped a column
+            match = torch.zeros_like(idx, dtype=torch.bool)[..., None]
+            from_kept = torch.zeros_like(from_cache, dtype=torch.float64)
+        else:
+            match = st.evicted_pos[:, :, None, :] == idx[..., None]  # (B,H,K,M+1)
+            match[..., -1] = False
+            from_kept = match.double() @ st.evicted_v.double()
         if bool((wanted & ~in_cache & ~match.any(dim=-1)).any()):
             raise CatchtagError("a sink's value left the sliding window unrecorded (a bug: please report it)")
         return torch.where(in_cache[..., None], from_cache.double(), from_kept)
 
 
-def _make_room(st: LayerState, n: int) -> None:
-    """Room for n more kept values in every head's slots. The count of columns dropped so far bounds the slots used
-    without asking the device; only when that bound would overflow is the true count read (one synchronisation),
-    and the slots doubled if it is needed."""
+def _make_room(st: LayerState, n: int, Dv: int) -> None:
+    """Room for n more kept values in every head's slots (made at the first column a window drops: a model without
+    a sliding window never pays for them). The count of columns dropped so far bounds the slots used without asking
+    the device; only when that bound would overflow is the true count read (one synchronisation), and the slots
+    doubled if it is needed."""
+    if st.evicted_v is None:
+        B, H, dev = st.col_sum.shape[0], st.col_sum.shape[1], st.col_sum.device
+        st.evicted_v = torch.zeros(B, H, EVICTED_SLOTS + 1, Dv, device=dev)
+        st.evicted_pos = torch.full((B, H, EVICTED_SLOTS + 1), -1, dtype=torch.long, device=dev)
+        st.evicted_n = torch.zeros(B, H, dtype=torch.long, device=dev)
     slots = st.evicted_v.shape[2] - 1
     if st.evicted_bound + n <= slots:
         st.evicted_bound += n
@@ -351,7 +373,7 @@ def _make_room(st: LayerState, n: int) -> None:
     used = int(st.evicted_n.max())
     if used + n > slots:
         grow = max(2 * slots, used + n + slots) - slots
-        B, H, _, Dv = st.evicted_v.shape
+        B, H = st.evicted_v.shape[:2]
         st.evicted_v = torch.cat([st.evicted_v[:, :, :slots], st.evicted_v.new_zeros(B, H, grow + 1, Dv)], dim=2)
         st.evicted_pos = torch.cat([st.evicted_pos[:, :, :slots], st.evicted_pos.new_full((B, H, grow + 1), -1)],
                                    dim=2)

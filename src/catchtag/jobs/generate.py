@@ -42,6 +42,9 @@ class GenerateConfig(JobConfig):
     eps: float = eps_setting()
     min_rows: int = min_rows_setting()
     keep: int = setting(8, "sinks listed per head and step (highest scores)", check=at_least(1, 8))
+    tracker_ve: bool = setting(False, "also keep each head's Gram matrix while writing, so the tracker's own VE is "
+                               "checked against the scan (memory: layers x heads x head_dim^2 float64 per sequence)",
+                               "--tracker-ve")
     batch_size: int = batch_size_setting()
     out: Path = folder_out("runs/generate", "folder to write the tables, the scan and the page into", required=True)
     device: str = device_setting()
@@ -84,7 +87,8 @@ def run(c: GenerateConfig) -> dict:
                top_k=c.top_k)
     folder = Path(c.out)
     manifest = {"model": name, "prompts_sha1": prompts_sha1(prompts), "eps": c.eps, "min_rows": c.min_rows,
-                "keep": c.keep, "batch_size": c.batch_size, "seed": c.seed, "dtype": c.dtype, **gen}
+                "keep": c.keep, "tracker_ve": c.tracker_ve, "batch_size": c.batch_size, "seed": c.seed,
+                "dtype": c.dtype, **gen}
     parts = PhaseParts(folder, manifest, what="a generation")
     batches = [prompts[i:i + c.batch_size] for i in range(0, len(prompts), c.batch_size)]
     bar = progress_bar(total=len(batches) * (c.max_new_tokens + 1), desc="generate", unit="step",
@@ -93,7 +97,7 @@ def run(c: GenerateConfig) -> dict:
 
     def one_batch(batch):
         torch.manual_seed(c.seed + batches.index(batch))
-        return generate_batch(net, tok, batch, settings, gen, c.keep, bar, decoded)
+        return generate_batch(net, tok, batch, settings, gen, c.keep, bar, decoded, ve=c.tracker_ve)
 
     t0 = time.perf_counter()
     tables = parts.run(("prompts", "steps", "sinks", "final"), batches, one_batch, desc="generate", progress=False)
@@ -147,7 +151,8 @@ def lines(s: dict, c: GenerateConfig) -> list[str]:
             f"{r['sinks_per_head_at_end']:.2f} at the end; written tokens put {r['mean_caught_written']:.3f} of their "
             f"attention on sinks (tag share {r['mean_tag_share_written']:.3f})",
             f"tracker vs scan of the finished texts: same sinks in {check['same_sinks']:.1%} of "
-            f"{check['heads_compared']} heads, VE within {check['max_abs_ve_diff']:.1e}",
+            f"{check['heads_compared']} heads, " + (f"VE within {check['max_abs_ve_diff']:.1e}" if c.tracker_ve else
+                                                    "VE from the scan (--tracker-ve also checks the tracker's)"),
             f"wrote {c.out}/: prompts, steps, sinks, final (.parquet), scan/, summary.json"
             + (", sink_timeline.png, generation.html, view.html (the token viewer, step by step)" if c.figures
                else "")]

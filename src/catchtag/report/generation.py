@@ -84,6 +84,16 @@ def coloured_tokens_html(steps: pd.DataFrame, prompt_id: int, layer: int, head: 
             f'<p class="text">{"".join(spans)}</p>')
 
 
+def check_sentence(check: dict) -> str:
+    """The check of the tracker's last state against the scan of the finished texts, in words (the VE difference
+    only where the tracker kept its own VE: --tracker-ve)."""
+    ve = check.get("max_abs_ve_diff")
+    ve = ("the VE from the scan (the tracker kept none: --tracker-ve compares it)" if ve is None or ve != ve
+          else f"VE within {ve:.1e}")
+    return (f"The step-by-step state against a scan of the finished texts: the same sinks in "
+            f"{check['same_sinks']:.1%} of {check['heads_compared']} (prompt, layer, head); {ve}.")
+
+
 def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFrame, summary: dict,
                     token_strings: dict[int, list[str]], heads=None, max_prompts: int = 4,
                     viewer: str | None = None) -> str:
@@ -100,9 +110,7 @@ def generation_page(prompts: pd.DataFrame, steps: pd.DataFrame, sinks: pd.DataFr
                      f'{html.escape(viewer)}</a> (any head, a step slider).</p>')
     check = summary.get("check") or {}
     if check:
-        parts.append(f"<p>Tracker against a scan of the finished texts: same sinks in {check['same_sinks']:.1%} of "
-                     f"{check['heads_compared']} (prompt, layer, head); largest VE difference "
-                     f"{check['max_abs_ve_diff']:.1e}.</p>")
+        parts.append(f"<p>{check_sentence(check)}</p>")
     for r in prompts.head(max_prompts).itertuples():
         strings = token_strings[int(r.prompt_id)]
         fig = sink_timeline_figure(sinks, steps, int(r.prompt_id), heads, int(r.n_prompt_tokens))

@@ -192,7 +192,8 @@ def is_generation(folder: Path) -> bool:
 def _generation_sections(folders: list[Path]) -> list[str]:
     """Sinks while the model writes: for each `catchtag generate` folder, the sink timelines of the heads whose sinks
     move most and the written text coloured by the sink that tags each token (its first prompt)."""
-    from catchtag.report.generation import coloured_tokens_html, moving_heads, sink_timeline_figure
+    from catchtag.report.generation import (check_sentence, coloured_tokens_html, moving_heads,
+                                             sink_timeline_figure)
     from catchtag.report.viewer import TokenView
     from catchtag.summaries import GenerateSummary
 
@@ -211,9 +212,8 @@ def _generation_sections(folders: list[Path]) -> list[str]:
         pid, n_prompt = int(first["prompt_id"]), int(first["n_prompt_tokens"])
         check = summary["check"]
         parts += [f"<h3>{html.escape(str(summary['model']))}: {html.escape(folder.name)}</h3>",
-                  f"<p>{summary['n_prompts']} prompt(s), {summary['new_tokens']} tokens written; the step-by-step "
-                  f"state against a scan of the finished texts: the same sinks in {check['same_sinks']:.1%} of "
-                  f"{check['heads_compared']} (prompt, layer, head), VE within {check['max_abs_ve_diff']:.1e}.</p>",
+                  f"<p>{summary['n_prompts']} prompt(s), {summary['new_tokens']} tokens written. "
+                  f"{check_sentence(check)}</p>",
                   _figure(sink_timeline_figure(sinks, steps, pid, heads, n_prompt),
                           f"Prompt {pid}: at each step (x), the positions of the sinks then (y), coloured by their "
                           f"score, for the {len(heads)} heads whose sinks move most; dashed: where the prompt ends.")]
