@@ -61,11 +61,14 @@ def commands(out: Path, device: str, model: str) -> list[tuple[str, list[str], l
         ("release", ["release", "-m", model, "--limit", "6", "--max-tokens", "64", "--heads", "0.1,1.2", "--folds",
                      "3", "--out", str(out / "release"), *LOW, *dev], ["release/release_decoding.csv"]),
         ("generate", ["generate", "-m", model, "--out", str(out / "gen"), "--limit", "3", "--max-tokens", "24",
-                      "--max-new-tokens", "24", *LOW, *dev],
+                      "--max-new-tokens", "24", "--dtype", "float32", *LOW, *dev],
          ["gen/steps.parquet", "gen/scan/heads.parquet", "gen/view.html"]),
+        # the default dtype (bfloat16 on a GPU): reported, not required to match (see the check below)
+        ("generate-auto", ["generate", "-m", model, "--out", str(out / "gen_auto"), "--limit", "3", "--max-tokens",
+                           "24", "--max-new-tokens", "24", *LOW, *dev], ["gen_auto/steps.parquet"]),
         ("generate-window", ["generate", "-m", "tiny:gemma3", "--out", str(out / "gen2"), "--prompt",
                              "Once upon a time there was a", "--max-new-tokens", "40", "--sample", "--tracker-ve",
-                             *LOW, *dev],
+                             "--dtype", "float32", *LOW, *dev],
          ["gen2/final.parquet", "gen2/generation.html"]),
         ("view-generation", ["view", "--generation", str(out / "gen"), "--prompt", "2", "--out",
                              str(out / "gen_view.html")], ["gen_view.html"]),
@@ -107,7 +110,10 @@ def main() -> int:
         if proc.returncode == 0 and name.startswith("generate"):  # the tracker's last state against the scan
             check = json.loads((Path(args[args.index("--out") + 1]) / "summary.json").read_text())["check"]
             note = f"same sinks {check['same_sinks']:.3f}, VE diff {check['max_abs_ve_diff']}"
-            if check["same_sinks"] != 1.0 or not check["same_lengths"]:
+            # in float32 the step-by-step state must equal the scan; in bfloat16 the model's own keys differ between
+            # one-token steps and one pass over the text, so columns near eps may fall either side
+            exact = a.device == "cpu" or "float32" in args
+            if not check["same_lengths"] or (exact and check["same_sinks"] != 1.0):
                 missing.append("the tracker's last state differs from the scan")
         ok = proc.returncode == 0 and not missing
         results.append(dict(command=name, ok=ok, seconds=round(seconds, 1), rc=proc.returncode, note=note))

@@ -82,10 +82,16 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
             model.set_attn_implementation("sdpa")
         except ValueError:
             model.set_attn_implementation("eager")
-        plain = plain_generate(model, prompts, 16, tok.pad_token_id, cache or None)
-        if cache:
-            model.generation_config.cache_implementation = cache
-        got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False, tracker_ve=True)
+        try:
+            plain = plain_generate(model, prompts, 16, tok.pad_token_id, cache or None)
+            if cache:
+                model.generation_config.cache_implementation = cache
+            got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False,
+                           tracker_ve=True)
+        except Exception as e:  # one architecture's failure is a row, the others still run
+            rows.append({"arch": spec, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            print(rows[-1], flush=True)
+            continue
         t0 = plain.shape[1] - 16
         same = all(list(r.token_ids)[len(p.input_ids):] == plain[b, t0:t0 + r.n_new_tokens].tolist()
                    for b, (p, r) in enumerate(zip(prompts, got.prompts.itertuples())))  # up to an end token
@@ -94,6 +100,8 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": device, "archs": rows}, f, indent=1)
+    if any("error" in r or not (r["greedy_same_tokens"] and r["same_sinks"] == 1.0) for r in rows):
+        raise SystemExit(1)
 
 
 def main() -> None:

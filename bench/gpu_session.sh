@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device-tool call that checks the engine on a CUDA machine and times it; everything lands in $OUT.
-#   bash bench/gpu_session.sh [quick|full|checks|families|generate|generate-ve]
+#   bash bench/gpu_session.sh [quick|full|checks|families|generate|generate-checks|generate-ve]
 # checks: the coverage matrix's families on CUDA (bench/coverage_cuda.py), the triton/torch check (softcap included),
 # every command on CUDA (bench/commands.py), the interventions' checks and timing (bench/interventions.py);
-# generate, generate-ve: generation with the tracker (bench/generate.py: CUDA checks, the 7B and 135M timings);
+# generate, generate-checks, generate-ve: generation with the tracker (bench/generate.py: CUDA checks, the 7B and
+# 135M timings);
 # families: learned sinks' cost on the 7B shape and the Gemma-2-9B softcap table at 4x1024 and 1x4096;
 # quick: the checks, then the planted-sinks table at 4x1024 and 1x4096 with the end-to-end scan row; full: the same
 # with both tables (planted, none) at every size. SPEED_MODEL: the model bench/interventions.py times.
@@ -18,11 +19,13 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
-if [ "$MODE" = generate ]; then  # generation with the tracker: checks on CUDA, then the 7B target as the command runs
+if [ "$MODE" = generate ] || [ "$MODE" = generate-checks ]; then  # generation with the tracker: checks on CUDA,
+  # then (generate) the 7B target as the command runs
   python3 bench/generate.py --archs llama,llama:static,gemma3,gemma3:static,gemma3:sliding_window,llama:offloaded,gemma3:offloaded_static,gpt_oss,gemma2,qwen2,qwen3_next,mistral,gpt2 \
     --device cuda --json "$OUT/generate_archs.json" 2>&1 | grep -v Warning | tee "$OUT/generate_archs.log" || status=1
   python3 bench/commands.py --device cuda --only generate,view-generation --json "$OUT/generate_commands.json" 2>&1 \
     | tee "$OUT/generate_commands.log" || status=1
+  [ "$MODE" = generate-checks ] && exit $status
   python3 bench/generate.py --model random:qwen2.5-7b --device cuda --dtype bfloat16 --batches 1,32 --prefill 1024 \
     --new 512 --repeats 1 --check --json "$OUT/generate_7b.json" 2>&1 | grep -v Warning | tee "$OUT/generate_7b.log" || status=1
   exit $status

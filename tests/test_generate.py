@@ -165,6 +165,27 @@ def test_without_its_own_ve_the_tracker_keeps_no_gram_and_the_scan_gives_the_ve(
         assert ve or not any(st.pending for st in tracker.layers.values())
 
 
+def test_a_static_cache_is_not_compiled_under_the_tracker(monkeypatch):
+    """transformers compiles a static cache's forward on its own (on a GPU; here forced on the CPU as its tests do):
+    the tracker's host state cannot live in a compiled graph (on CUDA inductor failed on the Triton step), so
+    catchtag's generation decodes eagerly, with the same tokens as the model's own compiled-or-not generate()."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    tok = tiny_tokenizer()
+    model = _model("llama")
+    compiled = []
+    monkeypatch.setattr(type(model), "get_compiled_call", lambda self, config: compiled.append(config) or self.__call__)
+    config = CompileConfig()
+    config._compile_all_devices = True
+    model.generation_config = GenerationConfig(cache_implementation="static", compile_config=config)
+    want = _plain(model, _prompts(tok), 8, tok.pad_token_id, "static")
+    assert compiled  # the model's own generate() would compile here
+    compiled.clear()
+    tracker, seqs, pads, T0, _ = track_generation(model, tok, _prompts(tok), SETTINGS, dict(max_new_tokens=8))
+    assert not compiled and torch.equal(seqs[:, T0:T0 + 8], want[:, :8])
+
+
 def test_the_tracker_refuses_what_it_cannot_follow():
     """A pass adding several tokens to a filled cache (assisted or chunked decoding) is refused in one line."""
     from catchtag.engine.decode import SinkTracker, tracking

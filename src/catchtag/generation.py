@@ -164,6 +164,9 @@ def track_generation(model, tokenizer, batch: list[Prompt], settings: SinkSettin
     tracker = SinkTracker(settings, capacity=T0 + n_new + 1, keep=keep, ve=ve)
     criterion = _FollowEnds(tracker, T0, eos, bar)
     config = generation_config(model, pad_token_id=pad, **gen)
+    # transformers compiles the forward of a static cache on a GPU by itself; the tracker keeps host state (the step,
+    # its records) that a compiled graph would freeze, and its Triton step is not for inductor: decode eagerly
+    config.disable_compile = True
     from transformers import StoppingCriteriaList
 
     with using_catchtag(model), tracking(tracker), torch.no_grad():
