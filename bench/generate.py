@@ -44,8 +44,8 @@ def plain_generate(model, prompts, new: int, pad: int, cache: str | None = None)
 
     ids, mask = _batch_tensors(prompts, None, model.device, left=True, pad=pad)
     config = generation_config(model, new - 1, greedy=True, pad_token_id=pad)  # new - 1 + 1 = new passes
-    if cache:
-        config.cache_implementation = cache
+    if cache:  # eagerly, as catchtag decodes (transformers would compile a static cache's forward on a GPU)
+        config.cache_implementation, config.disable_compile = cache, True
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
