@@ -88,6 +88,8 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
                 model.generation_config.cache_implementation = cache
             got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False,
                            tracker_ve=True)
+            lean = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False,
+                            tracker_ve=False)  # as the command runs: no Gram matrices, no dropped values kept
         except Exception as e:  # one architecture's failure is a row, the others still run
             rows.append({"arch": spec, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(rows[-1], flush=True)
@@ -95,12 +97,17 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
         t0 = plain.shape[1] - 16
         same = all(list(r.token_ids)[len(p.input_ids):] == plain[b, t0:t0 + r.n_new_tokens].tolist()
                    for b, (p, r) in enumerate(zip(prompts, got.prompts.itertuples())))  # up to an end token
-        rows.append({"arch": spec, "greedy_same_tokens": bool(same), **got.check})
+        rows.append({"arch": spec, "greedy_same_tokens": bool(same), **got.check,
+                     "same_sinks_without_tracker_ve": lean.check["same_sinks"],
+                     "same_tokens_without_tracker_ve": lean.prompts["token_ids"].map(list).tolist()
+                     == got.prompts["token_ids"].map(list).tolist()})
         print(rows[-1], flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": device, "archs": rows}, f, indent=1)
-    if any("error" in r or not (r["greedy_same_tokens"] and r["same_sinks"] == 1.0) for r in rows):
+    if any("error" in r or not (r["greedy_same_tokens"] and r["same_sinks"] == 1.0
+                                and r["same_sinks_without_tracker_ve"] == 1.0 and r["same_tokens_without_tracker_ve"])
+           for r in rows):
         raise SystemExit(1)
 
 
