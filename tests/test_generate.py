@@ -163,12 +163,11 @@ def test_without_its_own_ve_the_tracker_keeps_no_gram_and_the_scan_gives_the_ve(
         tracker = track_generation(model, tok, _prompts(tok), SETTINGS, gen, ve=ve)[0]
         assert all((st.gram is not None) == ve and (st.out_sum is not None) == ve for st in tracker.layers.values())
         assert ve or not any(st.pending for st in tracker.layers.values())
-    # a sliding window drops sink columns: without the tracker's VE their values are not kept, the sinks still count
+    # a sliding window drops sink columns: without the tracker's VE the sinks still equal the scan's
     gemma = _model("gemma3")
     result = generate(gemma, tok, TEXTS, max_new_tokens=40, eps=EPS, min_rows=MIN_ROWS, chat=False, progress=False)
     assert result.check["same_sinks"] == 1.0 and result.final["ve"].isna().all()
     tracker = track_generation(gemma, tok, _prompts(tok), SETTINGS, dict(max_new_tokens=40), ve=False)[0]
-    assert all(st.evicted_v is None and st.tail is None for st in tracker.layers.values())
     assert any(st.first_key > 0 for st in tracker.layers.values())  # the window did drop columns
 
 

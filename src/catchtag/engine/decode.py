@@ -41,10 +41,8 @@ class LayerState:
     rows: int  # rows seen (the next row's frame position)
     values: torch.Tensor  # the last call's value tensor (B,KV,klen,Dv): the cache's values
     first_key: int  # frame position of values[:, :, 0]
-    tail: torch.Tensor | None  # values the next call may find dropped, from position tail_first on (kept for the VE
-    # only: None without it)
+    tail: torch.Tensor  # values the next call may find dropped, from position tail_first on
     tail_first: int
-    tail_len: int  # positions the next call may find dropped
     evicted_v: torch.Tensor | None = None  # (B,H,M+1,Dv) values of sink candidates a sliding window dropped (last
     # slot: discarded); made when a window first drops a column
     evicted_pos: torch.Tensor | None = None  # (B,H,M+1) their positions (-1: empty)
@@ -134,7 +132,7 @@ class SinkTracker:
                                                                                          device=dev),
                         token_valid=torch.zeros(B, C, dtype=torch.bool, device=dev),
                         gram=None, out_sum=None, n_rows=token_valid.sum(dim=-1).double(), rows=T, values=v,
-                        first_key=0, tail=v if self.ve else None, tail_first=0, tail_len=T)
+                        first_key=0, tail=v, tail_first=0)
         st.col_sum[..., :T] = col_sum
         st.row_counts[:, :T] = row_counts
         st.token_valid[:, :T] = token_valid
@@ -176,9 +174,7 @@ class SinkTracker:
             if len(st.pending) == GRAM_BLOCK:
                 _flush(st)
         st.n_rows += 1 if act is None else act.double()
-        if self.ve:  # a sliding window may drop this column next step: its value may be a sink's
-            st.tail = v[:, :, :1].clone()
-        st.tail_first, st.tail_len = p0, 1
+        st.tail, st.tail_first = v[:, :, :1].clone(), p0  # a sliding window may drop this column next step
         st.values, st.first_key = v, p0
         return o[:, :, None]
 
@@ -227,12 +223,10 @@ class SinkTracker:
         return o
 
     def _evict(self, st: LayerState, lo: int, hi: int) -> None:
-        """Columns lo..hi-1 left the window: their scores are final; for the VE (``ve``) keep the values of those
-        that are sinks at the lowest threshold (every threshold's sink set lies inside that one)."""
-        if lo < st.tail_first or hi > st.tail_first + st.tail_len:
+        """Columns lo..hi-1 left the window: their scores are final; keep the values of those that are sinks at the
+        lowest threshold (every threshold's sink set lies inside that one)."""
+        if lo < st.tail_first or hi > st.tail_first + st.tail.shape[2]:
             raise CatchtagError("the KV cache dropped more than one token in a step; catchtag cannot follow it")
-        if not self.ve:  # the scores of the dropped columns stay in col_sum; their values serve only the VE
-            return
         s = self.settings
         B, H = st.col_sum.shape[:2]
         _make_room(st, hi - lo, st.tail.shape[-1])
