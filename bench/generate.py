@@ -89,7 +89,7 @@ def check_archs(archs, device: str, json_path: str | None) -> None:
             got = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False,
                            tracker_ve=True)
             lean = generate(model, tok, prompts, max_new_tokens=15, eps=0.03, min_rows=4, progress=False,
-                            tracker_ve=False)  # as the command runs: no Gram matrices, no dropped values kept
+                            tracker_ve=False)  # as the command runs: no Gram matrices
         except Exception as e:  # one architecture's failure is a row, the others still run
             rows.append({"arch": spec, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(rows[-1], flush=True)

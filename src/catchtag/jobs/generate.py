@@ -143,6 +143,8 @@ def run(c: GenerateConfig) -> dict:
 
 
 def lines(s: dict, c: GenerateConfig) -> list[str]:
+    from catchtag.report.generation import check_sentence
+
     check, r = s["check"], s["result"]
     ended = ", ".join(f"{v} by {k}" for k, v in s["ended"].items())
     rows = [f"\n{s['n_prompts']} prompt(s), {s['new_tokens']} tokens written ({ended}) in "
@@ -150,9 +152,7 @@ def lines(s: dict, c: GenerateConfig) -> list[str]:
             f"sinks per head: {r['sinks_per_head_after_prompt']:.2f} after the prompt, "
             f"{r['sinks_per_head_at_end']:.2f} at the end; written tokens put {r['mean_caught_written']:.3f} of their "
             f"attention on sinks (tag share {r['mean_tag_share_written']:.3f})",
-            f"tracker vs scan of the finished texts: same sinks in {check['same_sinks']:.1%} of "
-            f"{check['heads_compared']} heads, " + (f"VE within {check['max_abs_ve_diff']:.1e}" if c.tracker_ve else
-                                                    "VE from the scan (--tracker-ve also checks the tracker's)"),
+            check_sentence(check),
             f"wrote {c.out}/: prompts, steps, sinks, final (.parquet), scan/, summary.json"
             + (", sink_timeline.png, generation.html, view.html (the token viewer, step by step)" if c.figures
                else "")]
