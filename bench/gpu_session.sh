@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device-tool call that checks the engine on a CUDA machine and times it; everything lands in $OUT.
-#   bash bench/gpu_session.sh [quick|full|checks|families|generate|generate-checks|generate-ve]
+#   bash bench/gpu_session.sh [quick|full|checks|families|generate|generate-checks|generate-ve|calibration]
 # checks: the coverage matrix's families on CUDA (bench/coverage_cuda.py), the triton/torch check (softcap included),
 # every command on CUDA (bench/commands.py), the interventions' checks and timing (bench/interventions.py);
 # generate, generate-checks, generate-ve: generation with the tracker (bench/generate.py: CUDA checks, the 7B and
 # 135M timings);
+# calibration: ablate and release on the toy: models with a known answer, held to tests/test_toy_lm.py's thresholds
+# (bench/calibration.py), in the commands' default dtype (bfloat16 on a GPU) and in float32;
 # families: learned sinks' cost on the 7B shape and the Gemma-2-9B softcap table at 4x1024 and 1x4096;
 # quick: the checks, then the planted-sinks table at 4x1024 and 1x4096 with the end-to-end scan row; full: the same
 # with both tables (planted, none) at every size. SPEED_MODEL: the model bench/interventions.py times.
@@ -35,6 +37,12 @@ elif [ "$MODE" = generate-ve ]; then  # the tracker's own VE kept (--tracker-ve)
     | tee "$OUT/generate_7b_ve.log" || status=1
   python3 bench/generate.py --model random:smollm2-135m --device cuda --dtype float32 --batches 1,8 --prefill 32 \
     --new 256 --repeats 2 --json "$OUT/generate_135m.json" 2>&1 | grep -v Warning | tee "$OUT/generate_135m.log" || status=1
+  exit $status
+fi
+if [ "$MODE" = calibration ]; then
+  python3 bench/calibration.py --json "$OUT/calibration_auto.json" 2>&1 | tee "$OUT/calibration_auto.log" || status=1
+  python3 bench/calibration.py --dtype float32 --json "$OUT/calibration_float32.json" 2>&1 \
+    | tee "$OUT/calibration_float32.log" || status=1
   exit $status
 fi
 if [ "$MODE" = families ]; then

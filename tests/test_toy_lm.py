@@ -10,7 +10,7 @@ from catchtag.errors import CatchtagError
 
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory):
-    """A fresh model cache: the models are trained here (about 35 s each), not read from the user's cache."""
+    """A fresh model cache: the models are trained here (about 50 s each), not read from the user's cache."""
     mp = pytest.MonkeyPatch()
     mp.setenv("CATCHTAG_CACHE", str(tmp_path_factory.mktemp("toy-cache")))
     yield
@@ -144,3 +144,23 @@ def test_toy_names_are_listed_and_unknown_ones_refused():
     assert {"toy:average", "toy:average-all", "toy:average-cut", "toy:average-two-sink"} <= names
     with pytest.raises(CatchtagError, match="unknown toy model"):
         load_model("toy:nope")
+
+
+def test_training_does_not_depend_on_the_thread_count():
+    """PyTorch splits sums by the thread count; a model trained with 4 threads would differ in the last digits after
+    a few steps (and by up to 0.35 after the full 1000), so training runs on one thread whatever the caller set."""
+    import torch
+
+    from catchtag.toy import lm
+
+    before = torch.get_num_threads()
+    weights = {}
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            model = lm.train("average", steps=30)
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+            weights[n] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[1], weights[4])

@@ -2,7 +2,7 @@
 
 ``catchtag.toy`` studies the minimal problem in its own two-layer model. Here the same problem is a text that any
 command reads: a Hugging Face ``LlamaForCausalLM`` (2 layers, 1 head each, the ordinary attention classes) over a
-word-level vocabulary of 23 tokens, trained on the CPU in about a minute, cached after the first use:
+word-level vocabulary of 23 tokens, trained on one CPU thread in about a minute, cached after the first use:
 
     <bos> 4 7 1 ... [SEP] 9 2 5 ... ? =5
 
@@ -50,7 +50,7 @@ TWO_SINK = "average-two-sink"
 def vocab(task: str) -> list[str]:
     """The task's words, by token id."""
     return VOCAB + ["[SEP2]"] if task == TWO_SINK else VOCAB
-VERSION = 1  # bump when the task, the architecture or the training changes: the cache keys on it
+VERSION = 2  # bump when the task, the architecture or the training changes: the cache keys on it (2: one thread)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,22 @@ def _pad(seqs: list[list[int]]):
 def train(task: str, seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3, progress=None):
     """A toy LM trained on ``task`` from a seeded initialisation on seeded batches (AdamW, warm-up then cosine
     decay): the ordinary next-token loss over every token plus the loss of the answer alone (one token in 40 would
-    otherwise teach it slowly). ``progress``: a callable(step, loss) or None."""
+    otherwise teach it slowly). ``progress``: a callable(step, loss) or None.
+
+    Trains on one CPU thread: with more, PyTorch splits sums by the thread count, and the last-digit differences
+    grow over 1000 steps into other weights (8 threads against 1: weights apart by up to 0.35), so a model would
+    depend on the machine's core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(task, seed, steps, batch_size, lr, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(task, seed, steps, batch_size, lr, progress):
     import torch
     from transformers import LlamaForCausalLM
 
