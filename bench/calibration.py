@@ -7,7 +7,7 @@ thresholds to what they write, so that a GPU run (bfloat16 by default there) is 
     PYTHONPATH=src python3 bench/calibration.py                       # default device and dtype (cuda: bfloat16)
     PYTHONPATH=src python3 bench/calibration.py --dtype float32 --json out.json
 
-The toy models train on the CPU on first use (catchtag's cache; about 35 s each). Exits 1 when a check fails.
+The toy models train on one CPU thread on first use (catchtag's cache; about 50 s each). Exits 1 when a check fails.
 """
 
 from __future__ import annotations

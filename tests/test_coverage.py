@@ -74,23 +74,23 @@ def test_the_check_can_fail(monkeypatch):
 def _tie(model_type, seed):
     """An eps just above a column's float64 reference score (by one float64 step) that the column's float32 score
     still exceeds: catchtag (score > eps) calls it a sink, the reference does not. Which column that is depends on
-    the CPU's rounding, so it is looked up here rather than fixed."""
+    the CPU's rounding, so it is looked up here, on the inputs and capture of check() itself, rather than fixed."""
     import numpy as np
 
-    from catchtag.engine.attention import capture, enable
     from catchtag.engine.reference import reference_scan
-    from catchtag.engine.request import ActivationRequest, SinkSettings
-    from catchtag.tiny import padded_batch
 
-    model, config = coverage._build(model_type, seed)
-    vocab = min(int(getattr(config.get_text_config(), "vocab_size", 256) or 256), 256)
-    T = coverage.T
-    ids, mask = padded_batch([T, T - 9, T - 5], ["right", "right", "left"], T, seed, vocab)
-    settings = SinkSettings(eps=0.08, min_rows=4, chunk_rows=11)  # as check() runs it; eps does not move the scores
-    enable(model, verified_only=False)
-    with torch.no_grad(), capture(settings, ActivationRequest(positions="last", space="both")) as cap:
-        coverage._forward(model, ids, mask)
-    ref_rows, _ = reference_scan(model, ids, mask, eps=settings.eps, min_rows=settings.min_rows)
+    seen, compare = {}, coverage._compare_reference
+
+    def spy(model, ids, mask, cap, settings):
+        seen.update(model=model, ids=ids, mask=mask, cap=cap, settings=settings)
+        return compare(model, ids, mask, cap, settings)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(coverage, "_compare_reference", spy)
+        assert coverage.check(model_type, seed=seed).status == "parity"
+    settings, cap = seen["settings"], seen["cap"]
+    ref_rows, _ = reference_scan(seen["model"], seen["ids"], seen["mask"], eps=settings.eps,
+                                 min_rows=settings.min_rows)
     for r in ref_rows:
         st = cap.layers[r["layer"]].stats
         got = st.col_scores[r["prompt"], r["head"]][st.token_valid[r["prompt"]]].numpy()
